@@ -1,0 +1,29 @@
+"""Backends: who computes the derivatives of the Bellman expansion (SPEC section 6).
+
+Installed as the subpackage ``ocnopt.backends``. Each backend implements ``forward`` (nominal
+pass) and ``backward`` (value recursion) for a chain of stages; see ``base.Backend``.
+"""
+
+from __future__ import annotations
+
+from .autograd import AutogradBackend
+from .base import Backend
+
+BACKENDS: dict[str, type[Backend]] = {"autograd": AutogradBackend}
+PLANNED = {"backpack": "BackPACK Kronecker factors", "lowrank": "low-rank Gauss-Newton"}
+
+
+def make_backend(name: str | Backend) -> Backend:
+    if isinstance(name, Backend):
+        return name
+    if name in BACKENDS:
+        return BACKENDS[name]()
+    if name in PLANNED:
+        raise NotImplementedError(
+            f"backend={name!r} ({PLANNED[name]}) is not implemented yet; available: "
+            f"{sorted(BACKENDS)}"
+        )
+    raise ValueError(f"invalid backend={name!r}: accepted {sorted(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Backend", "AutogradBackend", "make_backend"]

@@ -1,0 +1,25 @@
+"""The backend interface: the nominal forward pass and the backward value recursion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ocnopt.engine import QExpansion, Terminal, Trajectory
+from ocnopt.stages import Stage
+
+
+class Backend:
+    """Computes, per stage, the terms of the Q expansion from the value at the next stage."""
+
+    name = "base"
+
+    def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
+                ) -> Trajectory:
+        raise NotImplementedError
+
+    def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
+                 need_stats: Sequence[bool], keep_values: bool = False
+                 ) -> tuple[list[QExpansion], list[Tensor | None]]:
+        raise NotImplementedError

@@ -1,0 +1,69 @@
+"""M = diag(sqrt(vhat)) + eps with direction mhat: first-order mode equals ``torch.optim.Adam``
+(amsgrad included) and, with decoupled weight decay, ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..stages import Stage
+from .base import CurvatureModel, State, StageStatistics, check_nonneg, require
+
+
+class Adam(CurvatureModel):
+    name = "adam"
+    decoupled = False
+    defaults = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False}
+
+    def check(self, hp: dict[str, Any]) -> None:
+        betas = hp["betas"]
+        require(isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas),
+                "betas", betas, "a pair (beta1, beta2) with each in [0, 1)")
+        check_nonneg(hp, "eps")
+        require(isinstance(hp["amsgrad"], bool), "amsgrad", hp["amsgrad"], "True or False")
+
+    def coupled_weight_decay(self, hp: dict[str, Any]) -> bool:
+        return not self.decoupled
+
+    def _denominator(self, state: State, hp: dict[str, Any]) -> Tensor:
+        beta2 = hp["betas"][1]
+        v = state["max_exp_avg_sq"] if hp["amsgrad"] else state["exp_avg_sq"]
+        bc2_sqrt = math.sqrt(1 - beta2 ** float(state["step"]))
+        return (v.sqrt() / bc2_sqrt).add_(hp["eps"])
+
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+               stats: StageStatistics | None, hp: dict[str, Any], step: int
+               ) -> tuple[list[State], list[Tensor]]:
+        beta1, beta2 = hp["betas"]
+        wd = hp["weight_decay"]
+        new_states, dirs = [], []
+        for st, g, p in zip(states, grads, params):
+            k = float(st["step"]) + 1 if "step" in st else 1.0
+            new: State = {
+                "step": torch.tensor(k),
+                "exp_avg": st.get("exp_avg", torch.zeros_like(g)).lerp(g, 1 - beta1),
+                "exp_avg_sq": st.get("exp_avg_sq", torch.zeros_like(g)).mul(beta2)
+                .addcmul_(g, g, value=1 - beta2),
+            }
+            if hp["amsgrad"]:
+                new["max_exp_avg_sq"] = torch.maximum(
+                    st.get("max_exp_avg_sq", torch.zeros_like(g)), new["exp_avg_sq"])
+            d = new["exp_avg"] / (1 - beta1**k) / self._denominator(new, hp)
+            if self.decoupled and wd != 0:
+                d = d.add(p, alpha=wd)  # u <- u(1 - lr wd) - lr d
+            new_states.append(new)
+            dirs.append(d)
+        return new_states, dirs
+
+    def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return [x / self._denominator(st, hp) for st, x in zip(states, v)]
+
+
+class AdamW(Adam):
+    name = "adamw"
+    decoupled = True
+    defaults = {**Adam.defaults, "weight_decay": 1e-2}

@@ -1,0 +1,129 @@
+"""Curvature models M_t of Q_uu (SPEC section 5): small objects with explicit state.
+
+optax-style: ``update`` is a pure function of (state, Qbar_u, statistics, hyper-parameters)
+returning the new state and the open-loop direction d with du = -lr * d; it never mutates its
+inputs, so the optimizer can drop the new state when a step is not finite. ``solve`` applies
+M^{-1} (including damping) to any control-shaped vector: the feedback and value-correction
+terms of order 2 use it, and the moment buffers never see those terms (SPEC 5, choice).
+
+State is a list of dicts, one per parameter of the stage (the dicts of
+``torch.optim.Optimizer.state``), so ``state_dict()`` round-trips it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..stages import Stage
+
+State = dict[str, Any]
+
+
+@dataclass
+class StageStatistics:
+    """What a Kronecker curvature model needs from one stage's backward pass.
+
+    a: input-factor rows (B, P, d_in); g: output-factor rows (B, r, P, d_out), un-normalised
+    per-sample cotangents (the value gradient for the empirical Fisher, propagated terminal
+    factors otherwise). A = sum_{b,p} a a^T / (B P) and G = sum_{b,r,p} g g^T / B.
+    """
+
+    a: Tensor
+    g: Tensor
+
+
+class CurvatureModel:
+    """A curvature model M of Q_uu for one stage. Subclasses define the arithmetic."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_kronecker: ClassVar[bool] = False
+
+    def check(self, hp: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for an invalid hyper-parameter (named, with accepted values)."""
+
+    def coupled_weight_decay(self, hp: dict[str, Any]) -> bool:
+        """Whether weight decay belongs to the objective (l_u = wd*u in Q_u, as torch does for
+        SGD/RMSprop/Adam) rather than being applied decoupled (AdamW)."""
+        return True
+
+    def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
+        """Whether this step must deliver ``StageStatistics`` to ``update``."""
+        return False
+
+    def update(
+        self,
+        stage: Stage,
+        states: list[State],
+        grads: list[Tensor],
+        params: list[Tensor],
+        stats: StageStatistics | None,
+        hp: dict[str, Any],
+        step: int,
+    ) -> tuple[list[State], list[Tensor]]:
+        raise NotImplementedError
+
+    def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        """M^{-1} v for the current state (no moment buffers)."""
+        raise NotImplementedError
+
+
+# ---- validation helpers ---------------------------------------------------------------------
+def require(cond: bool, name: str, value: Any, accepted: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid {name}={value!r}: accepted {accepted}")
+
+
+def check_nonneg(hp: dict[str, Any], *names: str) -> None:
+    for n in names:
+        v = hp[n]
+        require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                n, v, "a finite number >= 0")
+
+
+def check_unit(hp: dict[str, Any], name: str) -> None:
+    v = hp[name]
+    require(isinstance(v, (int, float)) and 0.0 <= v < 1.0, name, v, "a number in [0, 1)")
+
+
+def check_period(hp: dict[str, Any], name: str) -> None:
+    v = hp[name]
+    require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "an integer >= 1")
+
+
+def check_damping(hp: dict[str, Any]) -> None:
+    d = hp["damping"]
+    if callable(d):
+        return
+    require(isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and d >= 0,
+            "damping", d, "a finite number >= 0 or a callable of the step returning one")
+
+
+def damping_at(hp: dict[str, Any], step: int) -> float:
+    d = hp["damping"]
+    value = d(step) if callable(d) else d
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"invalid damping={value!r} returned by the damping callable at step {step}: "
+                         "accepted a finite number >= 0")
+    return value
+
+
+def eigh64(M: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Eigen-decomposition in float64; None when it fails or is not finite."""
+    try:
+        evals, evecs = torch.linalg.eigh(M.to(torch.float64))
+    except RuntimeError:
+        return None
+    if not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()):
+        return None
+    return evals, evecs
+
+
+Registry = dict[str, Callable[[], CurvatureModel]]

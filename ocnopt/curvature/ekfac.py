@@ -1,0 +1,91 @@
+"""EKFAC: K-FAC's eigenbasis with the diagonal re-estimated in that basis (SPEC section 5).
+
+M = (Q_G (x) Q_A) diag(s + damping) (Q_G (x) Q_A)^T with Q_A, Q_G the eigenvectors of the
+K-FAC factors (refreshed every ``inv_every`` steps, in float64, keeping the previous basis if a
+decomposition fails) and s the running average of E_i[(Q_G^T Gw_i Q_A)^2], Gw_i the per-sample
+(per factor column) weight gradient sum_p g_ip a_ip^T. The bias uses Q_G alone. When the basis
+changes, s restarts from the current batch's estimate in the new basis (choice: the old
+diagonal lives in the old basis). Damping is added to the corrected eigenvalues ("exact"
+damping, as curvlinops' EKFAC inverse).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from einops import einsum
+from torch import Tensor
+
+from ..stages import Stage
+from .base import State, StageStatistics, damping_at, eigh64
+from .kfac import KFAC, CurvatureWarning, ema, kronecker_factors
+
+_CHUNK_ELEMENTS = 2**24  # bound on B_chunk * r * d_out * d_in for per-sample gradients
+
+
+def eigenbasis_scales(stats: StageStatistics, QA: Tensor, QG: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch estimates of the corrected eigenvalues for (weight, bias):
+    s_w = mean_b sum_r (Q_G^T Gw_br Q_A)^2 and s_b = mean_b sum_r (Q_G^T sum_p g_brp)^2."""
+    a = stats.a @ QA          # (B, P, d_in)
+    g = stats.g @ QG          # (B, r, P, d_out)
+    B, r, P, d_out = g.shape
+    if P == 1:  # (g_o a_i)^2 = g_o^2 a_i^2: no per-sample gradient needed
+        s_w = einsum(g[:, :, 0].square(), a[:, 0].square(), "b r o, b i -> o i") / B
+    else:
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, r * d_out * a.shape[-1]))
+        s_w = a.new_zeros(d_out, a.shape[-1])
+        for lo in range(0, B, per_chunk):
+            gw = einsum(g[lo:lo + per_chunk], a[lo:lo + per_chunk], "b r p o, b p i -> b r o i")
+            s_w += gw.square().sum((0, 1))
+        s_w /= B
+    s_b = g.sum(2).square().sum((0, 1)) / B
+    return s_w, s_b
+
+
+class EKFAC(KFAC):
+    name = "ekfac"
+    defaults = {**KFAC.defaults}
+
+    def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
+                 hp: dict[str, Any], step: int) -> State:
+        new = dict(st)
+        decay = hp["stat_decay"]
+        if stats is not None:
+            A, G = kronecker_factors(stage, stats)
+            new["A"] = ema(st.get("A"), A, decay)
+            new["G"] = ema(st.get("G"), G, decay)
+        rebased = False
+        if step % hp["inv_every"] == 0 or "QA" not in st:
+            eigs = [eigh64(new["A"]), eigh64(new["G"])]
+            if any(e is None for e in eigs) and "QA" in st:
+                warnings.warn(f"stage {stage.index}: eigen-decomposition of a K-FAC factor failed;"
+                              " keeping the previous eigenbasis", CurvatureWarning, stacklevel=4)
+            elif any(e is None for e in eigs):
+                raise RuntimeError(f"stage {stage.index}: eigen-decomposition of the first K-FAC "
+                                   "factors failed and there is no previous basis to keep")
+            else:
+                new["QA"] = eigs[0][1].to(new["A"].dtype)  # type: ignore[index]
+                new["QG"] = eigs[1][1].to(new["G"].dtype)  # type: ignore[index]
+                rebased = True
+        if stats is not None:
+            s_w, s_b = eigenbasis_scales(stats, new["QA"], new["QG"])
+            fresh = rebased or "scale" not in st
+            new["scale"] = s_w if fresh else ema(st["scale"], s_w, decay)
+            new["scale_bias"] = s_b if fresh else ema(st["scale_bias"], s_b, decay)
+        new["damping"] = damping_at(hp, step)
+        return new
+
+    def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
+        QA, QG, damping = st["QA"], st["QG"], st["damping"]
+        out = []
+        for name, x in zip(stage.param_names, v):
+            if name == "weight":
+                X = QG.T @ x.reshape(x.shape[0], -1) @ QA
+                out.append((QG @ (X / (st["scale"] + damping)) @ QA.T).reshape(x.shape))
+            else:
+                out.append(QG @ ((QG.T @ x) / (st["scale_bias"] + damping)))
+        return out
+
+    def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
+        return step % hp["stat_every"] == 0 or "QA" not in states[0]

@@ -1,0 +1,136 @@
+"""K-FAC: M = (A + damping I) (x) (G + damping I) per Kronecker stage (SPEC section 5).
+
+A = E[a a^T] over samples and weight-sharing positions (divided by P), G = E[g g^T] summed
+over positions and factor columns (curvlinops' "expand" convention), both running averages
+updated every ``stat_every`` steps; the damped inverses are recomputed every ``inv_every``
+steps through float64 eigen-decompositions, keeping the previous inverses if one fails.
+Weight and bias are preconditioned separately: the weight by G^-1 X A^-1, the bias by G^-1
+(curvlinops' ``separate_weight_and_bias=True``). Only stages with Kronecker structure (Linear,
+Conv1d, Conv2d) carry a control among the supported layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from ..stages import Stage
+from .base import (
+    CurvatureModel,
+    State,
+    StageStatistics,
+    check_damping,
+    check_period,
+    check_unit,
+    damping_at,
+    eigh64,
+    require,
+)
+from .sgd import sgd_direction
+
+FISHER_TYPES = ("empirical", "type-2", "mc")
+
+
+class CurvatureWarning(RuntimeWarning):
+    """A curvature factor could not be decomposed; the previous one is kept."""
+
+
+def kronecker_factors(stage: Stage, stats: StageStatistics) -> tuple[Tensor, Tensor]:
+    """Batch estimates A = sum a a^T / (B P), G = sum g g^T / B."""
+    a, g = stats.a, stats.g
+    B, P = a.shape[0], a.shape[1]
+    A = einsum(a, a, "b p i, b p j -> i j") / (B * P)
+    G = einsum(g, g, "b r p i, b r p j -> i j") / B
+    return A, G
+
+
+def ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
+    """Running average; the first estimate is taken as is (no zero-initialisation bias)."""
+    return new if old is None else old.mul(decay).add_(new, alpha=1 - decay)
+
+
+def damped_inverse(M: Tensor, damping: float) -> Tensor | None:
+    """(M + damping I)^{-1} via a float64 eigen-decomposition; None on failure."""
+    eig = eigh64(M)
+    if eig is None:
+        return None
+    evals, evecs = eig
+    inv = (evecs / (evals.clamp_min(0) + damping)) @ evecs.T
+    if not torch.isfinite(inv).all():
+        return None
+    return inv.to(M.dtype)
+
+
+class KFAC(CurvatureModel):
+    name = "kfac"
+    needs_kronecker = True
+    defaults = {"damping": 1e-3, "stat_every": 1, "inv_every": 10, "stat_decay": 0.95,
+                "momentum": 0.0, "fisher_type": "empirical"}
+
+    def check(self, hp: dict[str, Any]) -> None:
+        check_damping(hp)
+        check_period(hp, "stat_every")
+        check_period(hp, "inv_every")
+        check_unit(hp, "stat_decay")
+        check_unit(hp, "momentum")
+        require(hp["fisher_type"] in FISHER_TYPES, "fisher_type", hp["fisher_type"],
+                f"one of {FISHER_TYPES}")
+
+    def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
+        return step % hp["stat_every"] == 0 or "A" not in states[0]
+
+    # -- statistics and inverses --------------------------------------------------------------
+    def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
+                 hp: dict[str, Any], step: int) -> State:
+        new = dict(st)
+        if stats is not None:
+            A, G = kronecker_factors(stage, stats)
+            new["A"] = ema(st.get("A"), A, hp["stat_decay"])
+            new["G"] = ema(st.get("G"), G, hp["stat_decay"])
+        if step % hp["inv_every"] == 0 or "A_inv" not in st:
+            damping = damping_at(hp, step)
+            for key in ("A", "G"):
+                inv = damped_inverse(new[key], damping)
+                if inv is None:
+                    warnings.warn(f"stage {stage.index}: eigen-decomposition of factor {key} "
+                                  "failed; keeping the previous inverse", CurvatureWarning,
+                                  stacklevel=4)
+                    inv = st.get(f"{key}_inv")
+                    if inv is None:  # nothing to keep: damped diagonal
+                        inv = torch.diag(1.0 / (new[key].diagonal().clamp_min(0) + damping
+                                                + torch.finfo(new[key].dtype).tiny))
+                new[f"{key}_inv"] = inv
+        return new
+
+    def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
+        """K-FAC inverse applied to (weight, bias): G^-1 V A^-1 and G^-1 b."""
+        A_inv, G_inv = st["A_inv"], st["G_inv"]
+        out = []
+        for name, x in zip(stage.param_names, v):
+            if name == "weight":
+                X = x.reshape(x.shape[0], -1)
+                out.append((G_inv @ X @ A_inv).reshape(x.shape))
+            else:
+                out.append(G_inv @ x)
+        return out
+
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+               stats: StageStatistics | None, hp: dict[str, Any], step: int
+               ) -> tuple[list[State], list[Tensor]]:
+        if not stage.kronecker:
+            raise NotImplementedError(f"{stage}: no Kronecker factors")
+        head = self._refresh(stage, states[0], stats, hp, step)
+        dirs = self.precondition(stage, head, grads)
+        new_states = [head] + [dict(s) for s in states[1:]]
+        if hp["momentum"] > 0:
+            for i, (s, d) in enumerate(zip(new_states, dirs)):
+                dirs[i], buf = sgd_direction(d, s.get("momentum_buffer"), hp["momentum"], 0.0, False)
+                s["momentum_buffer"] = buf
+        return new_states, dirs
+
+    def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return self.precondition(stage, states[0], v)

@@ -1,0 +1,50 @@
+"""M = diag(sqrt(v)) + eps, v the EMA of g*g: first-order mode equals ``torch.optim.RMSprop``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..stages import Stage
+from .base import CurvatureModel, State, StageStatistics, check_nonneg, require
+
+
+class RMSprop(CurvatureModel):
+    name = "rmsprop"
+    defaults = {"alpha": 0.99, "eps": 1e-8, "centered": False, "momentum": 0.0}
+
+    def check(self, hp: dict[str, Any]) -> None:
+        check_nonneg(hp, "alpha", "eps", "momentum")
+        require(hp["alpha"] <= 1, "alpha", hp["alpha"], "a number in [0, 1]")
+        require(isinstance(hp["centered"], bool), "centered", hp["centered"], "True or False")
+
+    @staticmethod
+    def _denominator(state: State, hp: dict[str, Any]) -> Tensor:
+        v = state["square_avg"]
+        if hp["centered"]:
+            v = v.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
+        return v.sqrt().add_(hp["eps"])
+
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+               stats: StageStatistics | None, hp: dict[str, Any], step: int
+               ) -> tuple[list[State], list[Tensor]]:
+        alpha, new_states, dirs = hp["alpha"], [], []
+        for st, g in zip(states, grads):
+            sq = st.get("square_avg", torch.zeros_like(g))
+            new: State = {"step": st.get("step", 0) + 1,
+                          "square_avg": sq.mul(alpha).addcmul_(g, g, value=1 - alpha)}
+            if hp["centered"]:
+                ga = st.get("grad_avg", torch.zeros_like(g))
+                new["grad_avg"] = ga.lerp(g, 1 - alpha)
+            d = g / self._denominator(new, hp)
+            if hp["momentum"] > 0:
+                buf = st.get("momentum_buffer", torch.zeros_like(g))
+                new["momentum_buffer"] = d = buf.mul(hp["momentum"]).add_(d)
+            new_states.append(new)
+            dirs.append(d)
+        return new_states, dirs
+
+    def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return [x / self._denominator(st, hp) for st, x in zip(states, v)]

@@ -1,0 +1,47 @@
+"""M = I: first-order mode equals ``torch.optim.SGD`` (momentum, dampening, nesterov)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..stages import Stage
+from .base import CurvatureModel, State, StageStatistics, check_nonneg, require
+
+
+def sgd_direction(
+    grad: Tensor, buf: Tensor | None, momentum: float, dampening: float, nesterov: bool
+) -> tuple[Tensor, Tensor | None]:
+    """torch.optim.SGD's direction d (param -= lr * d) and new momentum buffer."""
+    if momentum == 0:
+        return grad, None
+    buf = grad.clone() if buf is None else buf.mul(momentum).add_(grad, alpha=1 - dampening)
+    d = grad.add(buf, alpha=momentum) if nesterov else buf
+    return d, buf
+
+
+class SGD(CurvatureModel):
+    name = "sgd"
+    defaults = {"momentum": 0.0, "dampening": 0.0, "nesterov": False}
+
+    def check(self, hp: dict[str, Any]) -> None:
+        check_nonneg(hp, "momentum", "dampening")
+        require(isinstance(hp["nesterov"], bool), "nesterov", hp["nesterov"], "True or False")
+        if hp["nesterov"]:
+            require(hp["momentum"] > 0 and hp["dampening"] == 0, "nesterov", True,
+                    "only with momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+               stats: StageStatistics | None, hp: dict[str, Any], step: int
+               ) -> tuple[list[State], list[Tensor]]:
+        new_states, dirs = [], []
+        for st, g in zip(states, grads):
+            d, buf = sgd_direction(g, st.get("momentum_buffer"), hp["momentum"], hp["dampening"],
+                                   hp["nesterov"])
+            new_states.append({} if buf is None else {"momentum_buffer": buf})
+            dirs.append(d)
+        return new_states, dirs
+
+    def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return list(v)

@@ -1,0 +1,73 @@
+"""How one layer type differentiates: the generic part shared by every stage.
+
+BackPACK-style split: a ``StageDerivatives`` object knows the derivatives of ONE layer type
+(forward with recorded context, vector-Jacobian and Jacobian-vector products, closed forms
+used by the curvature models) and nothing about which quantity a backend or curvature model
+builds from them.
+
+Shapes: B batch, P weight-sharing positions (1 for a plain Linear on (B, d_in)),
+d_in / d_out the fan-in / fan-out of a Kronecker-factored layer, r factor columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class StageDerivatives:
+    """Generic derivatives of a stage ``x_{t+1} = f(x_t, u_t)`` via ``torch.func``.
+
+    Subclasses override what has a closed form. ``kronecker`` says whether the layer type has
+    Kronecker factors ``A = E[a a^T]`` and ``G = E[g g^T]`` (Linear and convolutions).
+    """
+
+    kronecker: bool = False
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
+        """Nominal forward pass ``f(x, u)``; returns the output and a context that makes the
+        forward pass replayable (e.g. a dropout mask) in the update pass."""
+        if getattr(module, "inplace", False):
+            x = x.clone()
+        return module(x), None
+
+    def replay(self, module: nn.Module, x: Tensor, ctx: Any) -> Tensor:
+        """Forward pass with the randomness of the nominal pass (``ctx``) held fixed."""
+        if getattr(module, "inplace", False):
+            x = x.clone()
+        return module(x)
+
+    def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
+        """``f(x, u)`` as a pure function of ``params`` (for ``torch.func`` transforms)."""
+        if not params:
+            return self.replay(module, x, ctx)
+        return functional_call(module, params, (x,))
+
+    # ---- Kronecker closed forms (Linear / Conv only) ------------------------------------------
+    def kfac_input(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Rows ``a`` of the input factor, shape (B, P, d_in)."""
+        raise NotImplementedError(f"{type(module).__name__} has no Kronecker factors")
+
+    def kfac_output(self, module: nn.Module, g: Tensor) -> Tensor:
+        """Rows ``g`` of the output factor from output cotangents (B, r, *out) -> (B, r, P, d_out)."""
+        raise NotImplementedError(f"{type(module).__name__} has no Kronecker factors")
+
+    def weight_matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+        """(d_out, d_in) of the weight seen as a matrix acting on the rows of ``kfac_input``."""
+        raise NotImplementedError(f"{type(module).__name__} has no Kronecker factors")
+
+
+def param_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters of ``module`` (its control ``u``), by local name."""
+    return {name: p for name, p in module.named_parameters(recurse=True) if p.requires_grad}
+
+
+def as_tuple(v: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+__all__ = ["StageDerivatives", "param_dict", "as_tuple", "torch"]
