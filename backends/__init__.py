@@ -6,18 +6,19 @@ pass) and ``backward`` (value recursion) for a chain of stages; see ``base.Backe
 
 from __future__ import annotations
 
-from .autograd import AutogradBackend
+from .autograd import AutogradBackend, MemoryBudgetError
 from .base import Backend
 
 BACKENDS: dict[str, type[Backend]] = {"autograd": AutogradBackend}
 PLANNED = {"backpack": "BackPACK Kronecker factors", "lowrank": "low-rank Gauss-Newton"}
 
 
-def make_backend(name: str | Backend) -> Backend:
+def make_backend(name: str | Backend, **options: object) -> Backend:
+    """A backend by name (``options`` go to its constructor), or a ``Backend`` instance."""
     if isinstance(name, Backend):
         return name
     if name in BACKENDS:
-        return BACKENDS[name]()
+        return BACKENDS[name](**options)  # type: ignore[arg-type]
     if name in PLANNED:
         raise NotImplementedError(
             f"backend={name!r} ({PLANNED[name]}) is not implemented yet; available: "
@@ -26,4 +27,4 @@ def make_backend(name: str | Backend) -> Backend:
     raise ValueError(f"invalid backend={name!r}: accepted {sorted(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "AutogradBackend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "AutogradBackend", "MemoryBudgetError", "make_backend"]

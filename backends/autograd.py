@@ -1,20 +1,34 @@
 """Exact autograd backend: derivatives of each stage by ``torch.autograd`` / ``torch.func``.
 
-First order (SPEC 4): the nominal pass cuts the autograd graph at every stage input, so the
-backward value recursion is one vector-Jacobian product per stage,
+First-order terms (SPEC 4): the nominal pass cuts the autograd graph at every stage input, so
+the backward value recursion is one vector-Jacobian product per stage,
 
     (Q_x, B * Qbar_u) = (f_x^T V'_x, sum_i f_u^(i)T V'_x^(i)),
 
-which costs exactly one backpropagation. Terminal factors for type-2 / sampled Fisher
-statistics propagate through the same graph pieces column by column (Z_t = f_x^T Z_{t+1}).
+which costs exactly one backpropagation. Order 2 adds, from per-sample Jacobians of the stage
+function (``torch.func.vmap(jacrev)``), the full matrices (SPEC 2)
+
+    Q_xx = f_x^T V'_xx f_x + V'_x . f_xx,   Q_ux = f_u^T V'_xx f_x + V'_x . f_ux,
+    Qbar_uu = E_i[f_u^T V'_xx f_u + V'_x . f_uu],
+
+where the contraction terms V'_x . f_ab are Hessians of psi(x, u) = <V'_x, f(x, u)> and are
+dropped under Gauss-Newton. Works for any stage ``torch.func`` can differentiate.
+
+Cost per stage (n_in, n_out per-sample state sizes, m control size, B batch, e bytes per
+entry): memory e * (B (n_out n_in + n_out m + n_in^2 + m n_in + n_out^2) + m^2 [if Qbar_uu]);
+time O(B n_out (n_in^2 + m n_in)) plus O(B n_out m^2) for Qbar_uu. ``memory_budget`` (bytes)
+bounds the first; a stage over budget is refused with its sizes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import hessian, jacfwd, jacrev, vmap
 
 from ocnopt.curvature.base import StageStatistics
 from ocnopt.engine import QExpansion, Terminal, Trajectory
@@ -22,10 +36,37 @@ from ocnopt.stages import Stage
 
 from .base import Backend
 
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes
+
+
+class MemoryBudgetError(RuntimeError):
+    """The exact backend would need more memory for a stage than its budget allows."""
+
+
+@dataclass
+class SecondOrderTerms:
+    """Per-sample second-order terms of one stage, flattened: f_x (B, n_out, n_in),
+    f_u (B, n_out, m), Q_xx (B, n_in, n_in), Q_ux (B, m, n_in), Qbar_uu (m, m) or None,
+    and psi_uu (m, m) mean contraction term (None under Gauss-Newton)."""
+
+    f_x: Tensor
+    f_u: Tensor | None
+    Q_xx: Tensor
+    Q_ux: Tensor | None
+    Q_uu: Tensor | None
+    psi_uu: Tensor | None
+
 
 class AutogradBackend(Backend):
     name = "autograd"
 
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        if not (isinstance(memory_budget, int) and memory_budget > 0):
+            raise ValueError(f"invalid memory_budget={memory_budget!r}: accepted a positive "
+                             "integer number of bytes")
+        self.memory_budget = memory_budget
+
+    # -- nominal pass ---------------------------------------------------------------------------
     def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
                 ) -> Trajectory:
         states, contexts, pieces = [inputs.detach()], [], []
@@ -39,6 +80,17 @@ class AutogradBackend(Backend):
                 x = out.detach()
                 states.append(x)
         return Trajectory(states, contexts, pieces)
+
+    # -- first order ----------------------------------------------------------------------------
+    def first_order(self, stage: Stage, piece: tuple[Tensor, Tensor], V_x: Tensor, B: int,
+                    retain: bool = False) -> tuple[Tensor | None, list[Tensor]]:
+        """(Q_x, Qbar_u - l_u) = (f_x^T V'_x, (1/B) sum_i f_u^T V'_x) by one VJP."""
+        xin, out = piece
+        wants_x = xin.requires_grad
+        wrt = ([xin] if wants_x else []) + list(stage.params)
+        grads = torch.autograd.grad(out, wrt, grad_outputs=V_x, retain_graph=retain) if wrt else ()
+        Q_x = grads[0] if wants_x else None
+        return Q_x, [g.div_(B) for g in grads[int(wants_x):]]
 
     def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
                  need_stats: Sequence[bool], keep_values: bool = False
@@ -54,24 +106,89 @@ class AutogradBackend(Backend):
         for t in reversed(range(T)):
             stage = stages[t]
             xin, out = traj.handles[t]
-            stats = None
-            if need_stats[t]:
-                g = V_x.unsqueeze(1) if Z is None else Z  # type: ignore[union-attr]
-                d = stage.derivatives
-                stats = StageStatistics(a=d.kfac_input(stage.module, xin.detach()),
-                                        g=d.kfac_output(stage.module, g))
-            wants_x = xin.requires_grad
-            if Z is not None and wants_x and t <= last_stats:
+            stats = kronecker_statistics(stage, xin, V_x, Z) if need_stats[t] else None
+            if Z is not None and xin.requires_grad and t <= last_stats:
                 Z = torch.stack([
                     torch.autograd.grad(out, xin, Z[:, c], retain_graph=True)[0]
                     for c in range(Z.shape[1])
                 ], 1)
-            wrt = ([xin] if wants_x else []) + list(stage.params)
-            grads = torch.autograd.grad(out, wrt, grad_outputs=V_x) if wrt else ()
-            Q_x = grads[0] if wants_x else None
-            Q_u = [g.div_(B) for g in grads[int(wants_x):]]
+            Q_x, Q_u = self.first_order(stage, traj.handles[t], V_x, B)  # type: ignore[arg-type]
             expansions[t] = QExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats)
             V_x = Q_x
             if keep_values:
                 values[t] = Q_x
         return expansions, values
+
+    # -- second order ---------------------------------------------------------------------------
+    def check_budget(self, stage: Stage, x: Tensor, y: Tensor, need_quu: bool) -> None:
+        B, n, n1, m = x.shape[0], x[0].numel(), y[0].numel(), stage.control_size
+        entries = B * (n1 * n + n1 * m + n * n + m * n + n1 * n1) + (m * m if need_quu else 0)
+        need = entries * x.element_size()
+        if need > self.memory_budget:
+            raise MemoryBudgetError(
+                f"exact backend: {stage} needs about {need / 2**20:.1f} MiB for its full "
+                f"matrices (B={B}, n_in={n}, n_out={n1}, m={m}), over memory_budget="
+                f"{self.memory_budget / 2**20:.1f} MiB; raise OCNOpt(memory_budget=...), use a "
+                "smaller batch, or a scalable backend"
+            )
+
+    def second_order(self, stage: Stage, x: Tensor, ctx: Any, y: Tensor, V_x: Tensor,
+                     V_xx: Tensor, *, gauss_newton: bool, need_quu: bool) -> SecondOrderTerms:
+        """Second-order terms of stage ``stage`` at the nominal state ``x`` (B, *n_in) with
+        output ``y``, from V'_x (B, *n_out) and V'_xx (B, n_out, n_out)."""
+        self.check_budget(stage, x, y, need_quu)
+        B, n, n1 = x.shape[0], x[0].numel(), y[0].numel()
+        has_u = stage.has_control
+        u = stage.flatten([p.detach() for p in stage.params]) if has_u else x.new_zeros(0)
+        cdim = 0 if isinstance(ctx, Tensor) else None
+
+        def f(u_flat: Tensor, xi: Tensor, ci: Any) -> Tensor:
+            params = dict(zip(stage.param_names, stage.unflatten(u_flat))) if has_u else {}
+            c = None if ci is None else ci.unsqueeze(0)
+            return stage.functional(params, xi.unsqueeze(0), c).reshape(-1)
+
+        x = x.detach()
+        if has_u:
+            f_u, f_x = vmap(jacrev(f, argnums=(0, 1)), in_dims=(None, 0, cdim))(u, x, ctx)
+            f_u = f_u.reshape(B, n1, -1)
+        else:
+            f_u = None
+            f_x = vmap(jacrev(f, argnums=1), in_dims=(None, 0, cdim))(u, x, ctx)
+        f_x = f_x.reshape(B, n1, n)
+        Vf_x = V_xx @ f_x
+        Q_xx = f_x.transpose(1, 2) @ Vf_x
+        Q_ux = f_u.transpose(1, 2) @ Vf_x if f_u is not None else None
+        Q_uu = None
+        if need_quu and f_u is not None:
+            Q_uu = torch.einsum("bkm,bkl->ml", f_u, V_xx @ f_u) / B
+        psi_uu = None
+        if not gauss_newton:
+            v = V_x.detach().reshape(B, -1)
+
+            def psi(u_flat: Tensor, xi: Tensor, ci: Any, vi: Tensor) -> Tensor:
+                return (vi * f(u_flat, xi, ci)).sum()
+
+            psi_xx = vmap(hessian(psi, argnums=1), in_dims=(None, 0, cdim, 0))(u, x, ctx, v)
+            Q_xx = Q_xx + psi_xx.reshape(B, n, n)
+            if has_u:
+                psi_ux = vmap(jacfwd(jacrev(psi, argnums=0), argnums=1),
+                              in_dims=(None, 0, cdim, 0))(u, x, ctx, v)
+                Q_ux = Q_ux + psi_ux.reshape(B, -1, n)  # type: ignore[operator]
+
+                def psi_sum(u_flat: Tensor) -> Tensor:
+                    return vmap(psi, in_dims=(None, 0, cdim, 0))(u_flat, x, ctx, v).sum() / B
+
+                psi_uu = jacfwd(jacrev(psi_sum))(u)
+                if Q_uu is not None:
+                    Q_uu = Q_uu + psi_uu
+        return SecondOrderTerms(f_x, f_u, Q_xx, Q_ux, Q_uu, psi_uu)
+
+
+def kronecker_statistics(stage: Stage, xin: Tensor, V_x: Tensor | None, Z: Tensor | None
+                         ) -> StageStatistics:
+    """Kronecker factor rows of a stage: inputs, and output cotangents (V'_x for the empirical
+    Fisher, the propagated terminal factor Z otherwise)."""
+    g = V_x.unsqueeze(1) if Z is None else Z  # type: ignore[union-attr]
+    d = stage.derivatives
+    return StageStatistics(a=d.kfac_input(stage.module, xin.detach()),
+                           g=d.kfac_output(stage.module, g))

@@ -50,6 +50,7 @@ class Terminal:
     loss: Tensor
     V_x: Tensor
     factor: Tensor | None = None
+    V_xx: Tensor | None = None  # (B, n, n) flattened terminal Hessian, for order 2
 
 
 @dataclass
@@ -63,6 +64,11 @@ class QExpansion:
     Q_x: Tensor | None
     Q_u: list[Tensor]
     stats: StageStatistics | None = None
+    # second order (exact backend), flattened per sample: Q_xx (B, n, n), Q_ux (B, m, n),
+    # Qbar_uu (m, m) including l_uu (only when computed)
+    Q_xx: Tensor | None = None
+    Q_ux: Tensor | None = None
+    Q_uu: Tensor | None = None
 
 
 @dataclass
@@ -71,6 +77,32 @@ class Policy:
 
     k: list[Tensor]
     feedback: Callable[[Tensor], list[Tensor]] | None = None
+
+
+@dataclass
+class SecondOrderPass:
+    """Result of the second-order backward pass: policies, expansions, values (V_x per sample
+    and V_xx (B, n, n) per stage input, when kept) and the predicted change of the objective
+    sum_t (k_t . Qbar_u + 1/2 k_t^T Qbar_uu k_t)."""
+
+    policies: list[Policy | None]
+    expansions: list[QExpansion | None]
+    V_x: list[Tensor | None]
+    V_xx: list[Tensor | None]
+    predicted_change: float
+
+
+PolicyFn = Callable[[Stage, list[Tensor], StageStatistics | None],
+                    tuple[list[Tensor], Callable[[list[Tensor]], list[Tensor]]]]
+
+
+def psd_clip(V: Tensor) -> Tensor:
+    """Project symmetric matrices (B, n, n) onto the PSD cone (negative eigenvalues -> 0)."""
+    V = 0.5 * (V + V.transpose(1, 2))
+    evals, evecs = torch.linalg.eigh(V)
+    if bool((evals >= 0).all()):
+        return V
+    return (evecs * evals.clamp_min(0).unsqueeze(1)) @ evecs.transpose(1, 2)
 
 
 @dataclass
@@ -109,7 +141,8 @@ class BellmanEngine:
 
     # -- terminal cost -----------------------------------------------------------------------
     def terminal(self, traj: Trajectory, targets: Tensor, *, fisher_type: str | None = None,
-                 generator: torch.Generator | None = None) -> Terminal:
+                 generator: torch.Generator | None = None, hessian: bool = False) -> Terminal:
+        """V_T = phi at x_T: loss, per-sample gradient, and (``hessian``) V_xx = d^2 phi."""
         out = traj.output.detach()
         self.loss.check(out, targets)
         loss, V_x = self.loss.value_gradient(out, targets)
@@ -118,7 +151,8 @@ class BellmanEngine:
             factor = self.loss.hessian_sqrt(out, targets)
         elif fisher_type == "mc":
             factor = self.loss.sample_gradient(out, generator).unsqueeze(1)
-        return Terminal(loss, V_x, factor)
+        V_xx = self.loss.hessian(out, targets) if hessian else None
+        return Terminal(loss, V_x, factor, V_xx)
 
     # -- 2. backward value recursion ----------------------------------------------------------
     def expand(self, traj: Trajectory, terminal: Terminal, *, need_stats: Sequence[bool],
@@ -129,20 +163,124 @@ class BellmanEngine:
         return self.backend.backward(self.stages, traj, terminal, need_stats=need_stats,
                                      keep_values=keep_values)
 
+    def second_order(
+        self,
+        traj: Trajectory,
+        terminal: Terminal,
+        policy_fn: PolicyFn,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        feedback: bool = True,
+        value_correction: bool = True,
+        gauss_newton: bool = True,
+        mu: float = 0.0,
+        clip: bool = True,
+        need_stats: Sequence[bool],
+        need_quu: bool = False,
+        keep: bool = False,
+    ) -> SecondOrderPass:
+        """Second-order backward value recursion (SPEC 2-4) with the policy of every stage.
+
+        Per stage, from V'_x and V'_xx: the Q expansion (backend), the curvature model's step
+        (``policy_fn`` returns the open-loop step k = -lr d and the solver v -> M^{-1} v), the
+        feedback K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i), and the value update
+        V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u, V_xx = Q_xx - (lr/B) Q_ux^T M^{-1} Q_ux (+ mu I,
+        clipped to PSD). ``weight_decay`` is the coupled l_t(u) = wd/2 |u|^2.
+        """
+        from ocnopt.backends.autograd import kronecker_statistics
+
+        backend = self.backend
+        T = len(self.stages)
+        B = terminal.V_x.shape[0]
+        V_x: Tensor = terminal.V_x
+        V_xx = terminal.V_xx
+        if V_xx is None:
+            raise ValueError("second-order pass needs the terminal Hessian (hessian=True)")
+        Z = terminal.factor
+        policies: list[Policy | None] = [None] * T
+        expansions: list[QExpansion | None] = [None] * T
+        Vx_list: list[Tensor | None] = [None] * (T + 1)
+        Vxx_list: list[Tensor | None] = [None] * (T + 1)
+        if keep:
+            Vx_list[T], Vxx_list[T] = V_x, V_xx
+        predicted = V_x.new_zeros(())
+        for t in reversed(range(T)):
+            stage = self.stages[t]
+            piece = traj.handles[t]
+            x, y = traj.states[t], traj.states[t + 1]
+            terms = backend.second_order(stage, x, traj.contexts[t], y, V_x, V_xx,
+                                         gauss_newton=gauss_newton,
+                                         need_quu=need_quu and stage.has_control)
+            m = stage.control_size
+            eye_m = torch.eye(m, dtype=V_x.dtype, device=V_x.device) if m else None
+            Q_uu = terms.Q_uu
+            if Q_uu is not None and weight_decay:
+                Q_uu = Q_uu + weight_decay * eye_m
+            stats = None
+            if need_stats[t]:
+                stats = (kronecker_statistics(stage, piece[0], V_x, Z) if stage.kronecker
+                         else StageStatistics())
+                stats.Q_uu = Q_uu
+            if Z is not None and t > 0:
+                Zf = torch.einsum("bkn,brk->brn", terms.f_x, Z.flatten(2))
+                Z = Zf.reshape(B, Zf.shape[1], *x.shape[1:])
+            Q_x, Q_u = backend.first_order(stage, piece, V_x, B)
+            if Q_x is None:  # input of stage 0 without grad: f_x^T V'_x from the Jacobian
+                Q_x = torch.einsum("bkn,bk->bn", terms.f_x, V_x.reshape(B, -1)).reshape(x.shape)
+            V_x_new, V_xx_new = Q_x, terms.Q_xx
+            if stage.has_control:
+                if weight_decay:
+                    Q_u = [g.add(p.detach(), alpha=weight_decay) for g, p in zip(Q_u, stage.params)]
+                k, minv = policy_fn(stage, Q_u, stats)
+                Q_ux = terms.Q_ux
+                assert Q_ux is not None and terms.f_u is not None
+                k_flat, Qu_flat = stage.flatten(k), stage.flatten(Q_u)
+                fu_k = torch.einsum("bkm,m->bk", terms.f_u, k_flat)
+                quad = torch.einsum("bk,bkl,bl->", fu_k, V_xx, fu_k) / B
+                quad = quad + weight_decay * k_flat.square().sum()
+                if terms.psi_uu is not None:
+                    quad = quad + k_flat @ terms.psi_uu @ k_flat
+                predicted = predicted + k_flat @ Qu_flat + 0.5 * quad
+                policies[t] = Policy(k=k, feedback=_feedback(stage, Q_ux, minv, lr, B)
+                                     if feedback else None)
+                if value_correction:
+                    M_Qu = stage.flatten(minv(Q_u))
+                    V_x_new = Q_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(Q_x.shape)
+                    M_Qux = stage.flatten(minv(stage.unflatten(Q_ux.transpose(1, 2))), lead=2)
+                    V_xx_new = V_xx_new - (lr / B) * torch.einsum("bmn,bkm->bnk", Q_ux, M_Qux)
+            if mu:
+                V_xx_new = V_xx_new + mu * torch.eye(V_xx_new.shape[-1], dtype=V_x.dtype,
+                                                     device=V_x.device)
+            if clip:
+                V_xx_new = psd_clip(V_xx_new)
+            expansions[t] = QExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats, Q_xx=terms.Q_xx,
+                                       Q_ux=terms.Q_ux, Q_uu=Q_uu) if keep else None
+            V_x, V_xx = V_x_new, V_xx_new
+            if keep:
+                Vx_list[t], Vxx_list[t] = V_x, V_xx
+        return SecondOrderPass(policies, expansions, Vx_list, Vxx_list, float(predicted))
+
     # -- 3. forward update pass ---------------------------------------------------------------
     @torch.no_grad()
     def update_pass(self, traj: Trajectory, policies: Sequence[Policy | None],
-                    targets: Tensor | None = None) -> tuple[list[Tensor], float | None]:
-        """Apply du_t = k_t + K_t dx_t stage by stage (dx_0 = 0) and return the new states
-        xhat_t and the loss at xhat_T (None without targets)."""
+                    targets: Tensor | None = None
+                    ) -> tuple[list[Tensor], float | None, list[float]]:
+        """Apply du_t = k_t + K_t dx_t stage by stage (dx_0 = 0); return the new states
+        xhat_t, the loss at xhat_T (None without targets) and the norm of each stage's
+        feedback part K_t dx_t (0 without feedback)."""
         x = traj.states[0]
         states = [x]
+        fb_norms: list[Tensor] = []
         for t, (stage, policy) in enumerate(zip(self.stages, policies)):
             if policy is not None:
                 du = list(policy.k)
                 if policy.feedback is not None:
-                    dx = x - traj.states[t]
-                    du = [a + b for a, b in zip(du, policy.feedback(dx))]
+                    fb = policy.feedback(x - traj.states[t])
+                    fb_norms.append(torch.stack([f.square().sum() for f in fb]).sum().sqrt())
+                    du = [a + b for a, b in zip(du, fb)]
+                else:
+                    fb_norms.append(x.new_zeros(()))
                 for p, d in zip(stage.params, du):
                     p.add_(d)
             x = stage.replay(x, traj.contexts[t])
@@ -150,7 +288,8 @@ class BellmanEngine:
         loss_after = None
         if targets is not None:
             loss_after = float(self.loss.per_sample(x, targets).mean())
-        return states, loss_after
+        norms = torch.stack(fb_norms).tolist() if fb_norms else []
+        return states, loss_after, norms
 
     @torch.no_grad()
     def apply_open_loop(self, policies: Sequence[Policy | None]) -> None:
@@ -159,3 +298,14 @@ class BellmanEngine:
             if policy is not None:
                 for p, d in zip(stage.params, policy.k):
                     p.add_(d)
+
+
+def _feedback(stage: Stage, Q_ux: Tensor, minv: Callable[[list[Tensor]], list[Tensor]],
+              lr: float, B: int) -> Callable[[Tensor], list[Tensor]]:
+    """K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i)."""
+
+    def K(dx: Tensor) -> list[Tensor]:
+        s = torch.einsum("bmn,bn->m", Q_ux, dx.reshape(dx.shape[0], -1)) / B
+        return [v.mul(-lr) for v in minv(stage.unflatten(s))]
+
+    return K

@@ -50,6 +50,11 @@ class Loss:
         S = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)  # (B, n, r)
         return S.transpose(1, 2).reshape(B, -1, *output.shape[1:])
 
+    def hessian(self, output: Tensor, target: Tensor) -> Tensor:
+        """d^2 phi / dx_T^2 per sample, flattened: (B, n, n) with n = output[0].numel()."""
+        S = self.hessian_sqrt(output, target).flatten(2)  # (B, r, n)
+        return S.transpose(1, 2) @ S
+
     def sample_gradient(self, output: Tensor, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError(
             f"fisher_type='mc' needs label sampling, which the loss {self.name!r} does not "

@@ -20,6 +20,7 @@ from .backends import make_backend
 from .curvature import CURVATURES, CurvatureModel
 from .curvature.base import check_nonneg
 from .engine import BellmanEngine, Policy, StageDiagnostics, StepResult
+from .stages import Stage
 from .losses import Loss, make_loss
 from .stages import build_stages
 
@@ -43,9 +44,17 @@ class OCNOpt(torch.optim.Optimizer):
         lr: learning rate (scales open-loop and feedback parts); default per curvature model
             (sgd 1e-3, rmsprop 1e-2, adam/adamw 1e-3, kfac/ekfac 1e-1 ... as ``DEFAULT_LR``).
         curvature: the model M of Q_uu: ``"sgd"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``,
-            ``"kfac"``, ``"ekfac"``.
+            ``"kfac"``, ``"ekfac"``, ``"full"`` (E[Q_uu] from the exact backend).
         backend: who computes the derivatives: ``"autograd"`` (exact).
-        order: 1 (backpropagation: the first-order truncation of the Bellman equation).
+        order: 1 (backpropagation: the first-order truncation of the Bellman equation) or 2
+            (DDP: V_xx propagated, affine feedback policies du = k + K dx applied in the update
+            pass); order 2 needs a backend with second-order terms ("autograd").
+        feedback: order 2: apply the feedback part K dx in the update pass.
+        value_correction: order 2: subtract the policy terms from V_x and V_xx (SPEC 4).
+        gauss_newton: drop the contraction terms V'_x . f_ab (Gauss-Newton) or keep them.
+        psd_clip: clip V_xx to the PSD cone after each stage (eigenvalues < 0 set to 0).
+        mu: value regularisation V_xx + mu I (a hyper-parameter in ``param_groups``).
+        memory_budget: bytes the exact backend may use per stage for full matrices.
         weight_decay: l_t(u) = wd/2 |u|^2 in the objective (decoupled for ``adamw``); default 0
             (1e-2 for ``adamw``, as torch).
         track_loss_after: also compute the loss after the step with an extra forward pass
@@ -55,11 +64,11 @@ class OCNOpt(torch.optim.Optimizer):
             sgd: momentum, dampening, nesterov; rmsprop: alpha, eps, centered, momentum;
             adam/adamw: betas, eps, amsgrad; kfac/ekfac: damping (number or callable of the
             step), stat_every, inv_every, stat_decay, momentum, fisher_type
-            ("empirical", "type-2", "mc").
+            ("empirical", "type-2", "mc"); full: damping, eig_floor.
     """
 
     DEFAULT_LR = {"sgd": 1e-3, "rmsprop": 1e-2, "adam": 1e-3, "adamw": 1e-3,
-                  "kfac": 1e-1, "ekfac": 1e-1}
+                  "kfac": 1e-1, "ekfac": 1e-1, "full": 1.0}
 
     def __init__(
         self,
@@ -70,27 +79,47 @@ class OCNOpt(torch.optim.Optimizer):
         backend: str = "autograd",
         order: int = 1,
         weight_decay: float | None = None,
+        feedback: bool = True,
+        value_correction: bool = True,
+        gauss_newton: bool = True,
+        psd_clip: bool = True,
+        mu: float = 0.0,
+        memory_budget: int | None = None,
         track_loss_after: bool = False,
         seed: int = 0,
         **hyperparameters: Any,
     ):
         if not isinstance(curvature, str) or curvature not in CURVATURES:
             raise ValueError(f"invalid curvature={curvature!r}: accepted {sorted(CURVATURES)}")
-        if order not in (1,):
-            if order == 2:
-                raise NotImplementedError("order=2 (DDP feedback policies) is not implemented "
-                                          "yet; accepted: order=1")
-            raise ValueError(f"invalid order={order!r}: accepted 1")
+        if order not in (1, 2) or isinstance(order, bool):
+            raise ValueError(f"invalid order={order!r}: accepted 1 (backpropagation) or 2 "
+                             "(DDP with feedback)")
+        for name, flag in (("feedback", feedback), ("value_correction", value_correction),
+                           ("gauss_newton", gauss_newton), ("psd_clip", psd_clip),
+                           ("track_loss_after", track_loss_after)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"invalid {name}={flag!r}: accepted True or False")
         self.curvature_name = curvature
         self.model_: CurvatureModel = CURVATURES[curvature]()
-        self.backend = make_backend(backend)
+        if memory_budget is not None and not isinstance(backend, str):
+            raise ValueError("memory_budget applies to a backend given by name; configure the "
+                             "backend instance instead")
+        options = {} if memory_budget is None else {"memory_budget": memory_budget}
+        self.backend = make_backend(backend, **options)
+        if (order == 2 or self.model_.needs_full) and not hasattr(self.backend, "second_order"):
+            raise ValueError(f"order={order} with curvature={curvature!r} needs a backend with "
+                             f"second-order terms; backend={backend!r} has none (use 'autograd')")
+        self.feedback = feedback
+        self.value_correction = value_correction
+        self.gauss_newton = gauss_newton
+        self.psd_clip = psd_clip
         self.loss_fn = make_loss(loss)
         self.order = order
         self.track_loss_after = bool(track_loss_after)
         self.stages = build_stages(model)
         self.engine = BellmanEngine(self.stages, self.loss_fn, self.backend)
 
-        accepted = {**{"weight_decay": 0.0}, **self.model_.defaults}
+        accepted = {"weight_decay": 0.0, "mu": 0.0, **self.model_.defaults}
         unknown = sorted(set(hyperparameters) - set(accepted))
         if unknown:
             raise TypeError(
@@ -99,7 +128,7 @@ class OCNOpt(torch.optim.Optimizer):
             )
         if lr is None:
             lr = self.DEFAULT_LR[curvature]
-        hp = {**accepted, **hyperparameters, "lr": lr}
+        hp = {**accepted, **hyperparameters, "lr": lr, "mu": mu}
         if weight_decay is not None:
             hp["weight_decay"] = weight_decay
         self._check(hp)
@@ -117,7 +146,7 @@ class OCNOpt(torch.optim.Optimizer):
         if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
                 and lr >= 0):
             raise ValueError(f"invalid lr={lr!r}: accepted a finite number >= 0")
-        check_nonneg(hp, "weight_decay")
+        check_nonneg(hp, "weight_decay", "mu")
         self.model_.check(hp)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -160,7 +189,8 @@ class OCNOpt(torch.optim.Optimizer):
         """One Bellman step on the batch (inputs, targets); returns the loss before the step.
 
         ``last_step`` holds the loss after the step (when computed), whether the step was
-        skipped as non-finite, and per-stage diagnostics.
+        skipped as non-finite, the predicted change (second-order pass) and per-stage
+        diagnostics (norms of the open-loop step k and of the feedback part K dx).
         """
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
             raise TypeError(f"step(inputs, targets) takes tensors, got "
@@ -168,18 +198,17 @@ class OCNOpt(torch.optim.Optimizer):
         if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs and targets must share the batch dimension, got shapes "
                              f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
-        group = self.param_groups[0]
-        hp = group
+        hp = self.param_groups[0]
         self._check(hp)
         meta = self.state["ocnopt"]
         k = int(meta["step"])
         model = self.model_
-        stage_states = [[self.state[p] for p in st.params] for st in self.stages]
-        need_stats = [st.has_control and model.wants_statistics(k, hp, s)
-                      for st, s in zip(self.stages, stage_states)]
+        need_stats = [st.has_control and model.wants_statistics(k, hp, [self.state[p] for p in st.params])
+                      for st in self.stages]
         fisher = hp.get("fisher_type") if any(need_stats) else None
         if fisher == "empirical":
             fisher = None
+        second = self.order == 2 or model.needs_full
 
         try:
             traj = self.engine.nominal(inputs)
@@ -187,51 +216,71 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model: {err}"
                              ) from err
         terminal = self.engine.terminal(traj, targets, fisher_type=fisher,
-                                        generator=self.generator)
+                                        generator=self.generator, hessian=second)
         if not torch.isfinite(terminal.loss):
             return self._skip(terminal.loss, "loss")
-        expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats)
 
         lr = float(hp["lr"])
-        coupled = model.coupled_weight_decay(hp)
-        wd = float(hp["weight_decay"])
-        new_states: list[list[dict[str, Any]]] = []
-        policies: list[Policy | None] = []
-        checks: list[Tensor] = []
-        for st, states, exp in zip(self.stages, stage_states, expansions):
-            if not st.has_control:  # no control, no curvature state
-                new_states.append([])
-                policies.append(None)
-                continue
-            Q_u = exp.Q_u
-            if coupled and wd != 0:
-                Q_u = [g.add(p, alpha=wd) for g, p in zip(Q_u, st.params)]
-            with torch.no_grad():
-                states_new, dirs = model.update(st, states, Q_u, st.params, exp.stats, hp, k)
-            new_states.append(states_new)
-            policies.append(Policy(k=[d.mul(-lr) for d in dirs]))
-            checks += [d.sum() for d in dirs]
-        if checks and not bool(torch.isfinite(torch.stack(checks).sum())):
-            return self._skip(terminal.loss, "update")
+        wd = float(hp["weight_decay"]) if model.coupled_weight_decay(hp) else 0.0
+        new_states: dict[int, list[dict[str, Any]]] = {}
 
-        self.engine.apply_open_loop(policies)
-        for st, states in zip(self.stages, new_states):
-            for p, s in zip(st.params, states):
-                self.state[p] = s
-        meta["step"] = k + 1
-        loss_after = None
-        if self.track_loss_after:
+        def policy_fn(stage: Stage, Q_u: list[Tensor], stats: Any
+                      ) -> tuple[list[Tensor], Callable[[list[Tensor]], list[Tensor]]]:
+            states = [self.state[p] for p in stage.params]
             with torch.no_grad():
-                out = self.engine.update_pass(traj, [None] * len(self.stages), targets)
-            loss_after = out[1]
+                upd, dirs = model.update(stage, states, Q_u, stage.params, stats, hp, k)
+            new_states[stage.index] = upd
+            return [d.mul(-lr) for d in dirs], lambda v: model.solve(stage, upd, v, hp)
+
+        predicted = None
+        if second:
+            with torch.no_grad():
+                result = self.engine.second_order(
+                    traj, terminal, policy_fn, lr=lr, weight_decay=wd,
+                    feedback=self.order == 2 and self.feedback,
+                    value_correction=self.order == 2 and self.value_correction,
+                    gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)),
+                    clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full)
+            policies, predicted = result.policies, result.predicted_change
+        else:
+            expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats)
+            policies = []
+            for st, exp in zip(self.stages, expansions):
+                if not st.has_control:  # no control, no curvature state
+                    policies.append(None)
+                    continue
+                Q_u = exp.Q_u
+                if wd:
+                    Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, st.params)]
+                k_t, _ = policy_fn(st, Q_u, exp.stats)
+                policies.append(Policy(k=k_t))
         controlled = [(st, pol) for st, pol in zip(self.stages, policies) if pol is not None]
         with torch.no_grad():
-            norms = torch.stack([torch.stack([d.square().sum() for d in pol.k]).sum().sqrt()
-                                 for _, pol in controlled]).tolist()
+            k_norms = torch.stack([torch.stack([d.square().sum() for d in pol.k]).sum()
+                                   for _, pol in controlled])
+        if not bool(torch.isfinite(k_norms.sum())):
+            return self._skip(terminal.loss, "update")
+
+        loss_after, fb_norms = None, [0.0] * len(controlled)
+        if any(pol.feedback is not None for _, pol in controlled) or self.track_loss_after:
+            backup = [p.detach().clone() for p in self.param_groups[0]["params"]]
+            _, loss_after, norms = self.engine.update_pass(traj, policies, targets)
+            fb_norms = norms or fb_norms
+            if loss_after is None or not math.isfinite(loss_after) or not all(map(math.isfinite, fb_norms)):
+                with torch.no_grad():
+                    for p, b in zip(self.param_groups[0]["params"], backup):
+                        p.copy_(b)
+                return self._skip(terminal.loss, "update")
+        else:
+            self.engine.apply_open_loop(policies)
+        for st in self.stages:
+            for p, s in zip(st.params, new_states.get(st.index, [])):
+                self.state[p] = s
+        meta["step"] = k + 1
         self.last_step = StepResult(
-            loss=terminal.loss,
-            loss_after=loss_after,
-            stages=[StageDiagnostics(st.index, st.name, n) for (st, _), n in zip(controlled, norms)],
+            loss=terminal.loss, loss_after=loss_after, predicted_change=predicted,
+            stages=[StageDiagnostics(st.index, st.name, float(n) ** 0.5, fb)
+                    for (st, _), n, fb in zip(controlled, k_norms.tolist(), fb_norms)],
         )
         return terminal.loss
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .derivatives import DERIVATIVES, StageDerivatives, supported_modules
@@ -45,6 +46,21 @@ class Stage:
     def functional(self, params: dict[str, Tensor], x: Tensor, ctx: Any = None) -> Tensor:
         """f_t(x, u) as a pure function of ``params`` (a dict keyed by ``param_names``)."""
         return self.derivatives.functional(self.module, params, x, ctx)
+
+    @property
+    def control_size(self) -> int:
+        """m, the number of entries of the control u_t."""
+        return sum(p.numel() for p in self.params)
+
+    def flatten(self, tensors: list[Tensor], lead: int = 0) -> Tensor:
+        """Concatenate per-parameter tensors (with ``lead`` leading dims) into (..., m)."""
+        return torch.cat([t.reshape(*t.shape[:lead], -1) for t in tensors], dim=-1)
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        """Split (..., m) into per-parameter tensors of shape (..., *param.shape)."""
+        lead = flat.shape[:-1]
+        chunks = flat.split([p.numel() for p in self.params], dim=-1)
+        return [c.reshape(*lead, *p.shape) for c, p in zip(chunks, self.params)]
 
     def __repr__(self) -> str:
         return f"Stage({self.index}, {self.name!r}, {type(self.module).__name__})"

@@ -1,17 +1,18 @@
-"""Curvature models of Q_uu: sgd, rmsprop, adam, adamw, kfac, ekfac (SPEC section 5)."""
+"""Curvature models of Q_uu: sgd, rmsprop, adam, adamw, kfac, ekfac, full (SPEC section 5)."""
 
 from __future__ import annotations
 
 from .adam import Adam, AdamW
 from .base import CurvatureModel, StageStatistics
 from .ekfac import EKFAC
+from .full import Full
 from .kfac import KFAC, CurvatureWarning
 from .rmsprop import RMSprop
 from .sgd import SGD
 
 CURVATURES: dict[str, type[CurvatureModel]] = {
-    cls.name: cls for cls in (SGD, RMSprop, Adam, AdamW, KFAC, EKFAC)
+    cls.name: cls for cls in (SGD, RMSprop, Adam, AdamW, KFAC, EKFAC, Full)
 }
 
 __all__ = ["CURVATURES", "CurvatureModel", "StageStatistics", "CurvatureWarning",
-           "SGD", "RMSprop", "Adam", "AdamW", "KFAC", "EKFAC"]
+           "SGD", "RMSprop", "Adam", "AdamW", "KFAC", "EKFAC", "Full"]

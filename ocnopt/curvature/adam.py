@@ -62,6 +62,9 @@ class Adam(CurvatureModel):
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return [x / self._denominator(st, hp) for st, x in zip(states, v)]
 
+    def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return [x * self._denominator(st, hp) for st, x in zip(states, v)]
+
 
 class AdamW(Adam):
     name = "adamw"

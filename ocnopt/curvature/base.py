@@ -27,15 +27,18 @@ State = dict[str, Any]
 
 @dataclass
 class StageStatistics:
-    """What a Kronecker curvature model needs from one stage's backward pass.
+    """What a curvature model needs from one stage's backward pass.
 
-    a: input-factor rows (B, P, d_in); g: output-factor rows (B, r, P, d_out), un-normalised
-    per-sample cotangents (the value gradient for the empirical Fisher, propagated terminal
-    factors otherwise). A = sum_{b,p} a a^T / (B P) and G = sum_{b,r,p} g g^T / B.
+    Kronecker models: a, input-factor rows (B, P, d_in); g, output-factor rows
+    (B, r, P, d_out), un-normalised per-sample cotangents (the value gradient for the
+    empirical Fisher, propagated terminal factors otherwise);
+    A = sum_{b,p} a a^T / (B P) and G = sum_{b,r,p} g g^T / B.
+    Full model: Q_uu, the batch mean E_i[Q_uu^(i)] + l_uu, flattened (m, m).
     """
 
-    a: Tensor
-    g: Tensor
+    a: Tensor | None = None
+    g: Tensor | None = None
+    Q_uu: Tensor | None = None
 
 
 class CurvatureModel:
@@ -44,6 +47,7 @@ class CurvatureModel:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     needs_kronecker: ClassVar[bool] = False
+    needs_full: ClassVar[bool] = False  # needs E[Q_uu] from the exact backend
 
     def check(self, hp: dict[str, Any]) -> None:
         """Raise ``ValueError`` for an invalid hyper-parameter (named, with accepted values)."""
@@ -70,7 +74,12 @@ class CurvatureModel:
         raise NotImplementedError
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        """M^{-1} v for the current state (no moment buffers)."""
+        """M^{-1} v for the current state (no moment buffers). Each tensor of ``v`` may carry
+        leading column dimensions: (..., *param.shape)."""
+        raise NotImplementedError
+
+    def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        """M v (the curvature model itself), same shapes as ``solve``; used by diagnostics."""
         raise NotImplementedError
 
 

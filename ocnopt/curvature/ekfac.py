@@ -77,15 +77,24 @@ class EKFAC(KFAC):
         return new
 
     def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
+        return self._scaled(stage, st, v, -1.0)
+
+    def _scaled(self, stage: Stage, st: State, v: list[Tensor], power: float) -> list[Tensor]:
+        """(Q diag(s + damping)^power Q^T) v, with leading column dims allowed."""
         QA, QG, damping = st["QA"], st["QG"], st["damping"]
         out = []
-        for name, x in zip(stage.param_names, v):
+        for name, x, p in zip(stage.param_names, v, stage.params):
+            lead = x.shape[: x.dim() - p.dim()]
             if name == "weight":
-                X = QG.T @ x.reshape(x.shape[0], -1) @ QA
-                out.append((QG @ (X / (st["scale"] + damping)) @ QA.T).reshape(x.shape))
+                X = QG.T @ x.reshape(*lead, p.shape[0], -1) @ QA
+                X = X * (st["scale"] + damping).pow(power)
+                out.append((QG @ X @ QA.T).reshape(x.shape))
             else:
-                out.append(QG @ ((QG.T @ x) / (st["scale_bias"] + damping)))
+                out.append(((x @ QG) * (st["scale_bias"] + damping).pow(power)) @ QG.T)
         return out
+
+    def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return self._scaled(stage, states[0], v, 1.0)
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
         return step % hp["stat_every"] == 0 or "QA" not in states[0]

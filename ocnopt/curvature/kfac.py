@@ -107,15 +107,17 @@ class KFAC(CurvatureModel):
         return new
 
     def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
-        """K-FAC inverse applied to (weight, bias): G^-1 V A^-1 and G^-1 b."""
+        """K-FAC inverse applied to (weight, bias): G^-1 V A^-1 and G^-1 b; tensors may carry
+        leading column dimensions (..., *param.shape)."""
         A_inv, G_inv = st["A_inv"], st["G_inv"]
         out = []
-        for name, x in zip(stage.param_names, v):
+        for name, x, p in zip(stage.param_names, v, stage.params):
+            lead = x.shape[: x.dim() - p.dim()]
             if name == "weight":
-                X = x.reshape(x.shape[0], -1)
+                X = x.reshape(*lead, p.shape[0], -1)
                 out.append((G_inv @ X @ A_inv).reshape(x.shape))
             else:
-                out.append(G_inv @ x)
+                out.append(x @ G_inv)  # G symmetric: (G^-1 b)^T = b^T G^-1
         return out
 
     def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
@@ -134,3 +136,15 @@ class KFAC(CurvatureModel):
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return self.precondition(stage, states[0], v)
+
+    def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        # the damped factors whose inverses are in use (diagnostics only: O(d^3))
+        G, A = torch.linalg.inv(states[0]["G_inv"]), torch.linalg.inv(states[0]["A_inv"])
+        out = []
+        for name, x, p in zip(stage.param_names, v, stage.params):
+            lead = x.shape[: x.dim() - p.dim()]
+            if name == "weight":
+                out.append((G @ x.reshape(*lead, p.shape[0], -1) @ A).reshape(x.shape))
+            else:
+                out.append(x @ G)
+        return out

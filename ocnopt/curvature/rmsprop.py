@@ -48,3 +48,6 @@ class RMSprop(CurvatureModel):
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return [x / self._denominator(st, hp) for st, x in zip(states, v)]
+
+    def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return [x * self._denominator(st, hp) for st, x in zip(states, v)]

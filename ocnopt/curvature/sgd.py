@@ -45,3 +45,5 @@ class SGD(CurvatureModel):
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return list(v)
+
+    apply = solve
