@@ -135,8 +135,8 @@ class AutogradBackend(Backend):
     def second_order(self, stage: Stage, x: Tensor, ctx: Any, y: Tensor, V_x: Tensor,
                      V_xx: Tensor, *, gauss_newton: bool, need_quu: bool) -> SecondOrderTerms:
         """Second-order terms of stage ``stage`` at the nominal state ``x`` (B, *n_in) with
-        output ``y``, from V'_x (B, *n_out) and V'_xx (B, n_out, n_out)."""
-        self.check_budget(stage, x, y, need_quu)
+        output ``y``, from V'_x (B, *n_out) and V'_xx (B, n_out, n_out). The caller checks
+        the memory budget first (``check_budget``)."""
         B, n, n1 = x.shape[0], x[0].numel(), y[0].numel()
         has_u = stage.has_control
         u = stage.flatten([p.detach() for p in stage.params]) if has_u else x.new_zeros(0)

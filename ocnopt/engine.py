@@ -205,6 +205,9 @@ class BellmanEngine:
         if keep:
             Vx_list[T], Vxx_list[T] = V_x, V_xx
         predicted = V_x.new_zeros(())
+        for t, stage in enumerate(self.stages):  # refuse before any work is done
+            backend.check_budget(stage, traj.states[t], traj.states[t + 1],
+                                 need_quu and stage.has_control)
         for t in reversed(range(T)):
             stage = self.stages[t]
             piece = traj.handles[t]
