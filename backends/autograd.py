@@ -22,7 +22,7 @@ bounds the first; a stage over budget is refused with its sizes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +57,28 @@ class SecondOrderTerms:
     psi_uu: Tensor | None
 
 
+@dataclass
+class ExactValue:
+    """Value at a stage input: V_x (B, *n), V_xx (B, n, n) full per sample, and the factor Z
+    (B, r, *n) propagated for type-2 / sampled Kronecker statistics (None otherwise)."""
+
+    V_x: Tensor
+    V_xx: Tensor
+    Z: Tensor | None = None
+
+
+@dataclass
+class ExactExpansion(QExpansion):
+    terms: SecondOrderTerms | None = None
+    next_value: ExactValue | None = None
+
+
+Solver = Callable[[list[Tensor]], list[Tensor]]
+
+
 class AutogradBackend(Backend):
     name = "autograd"
+    second_order_capable = True
 
     def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET):
         if not (isinstance(memory_budget, int) and memory_budget > 0):
@@ -119,7 +139,14 @@ class AutogradBackend(Backend):
                 values[t] = Q_x
         return expansions, values
 
-    # -- second order ---------------------------------------------------------------------------
+    # -- second order (SPEC 2-4 with full per-sample matrices) -----------------------------------
+    def check_second_order(self, stages: Sequence[Stage], traj: Trajectory, *, need_quu: bool
+                           ) -> None:
+        """Refuse, before any work, a stage whose full matrices exceed the memory budget."""
+        for t, stage in enumerate(stages):
+            self.check_budget(stage, traj.states[t], traj.states[t + 1],
+                              need_quu and stage.has_control)
+
     def check_budget(self, stage: Stage, x: Tensor, y: Tensor, need_quu: bool) -> None:
         B, n, n1, m = x.shape[0], x[0].numel(), y[0].numel(), stage.control_size
         entries = B * (n1 * n + n1 * m + n * n + m * n + n1 * n1) + (m * m if need_quu else 0)
@@ -132,8 +159,88 @@ class AutogradBackend(Backend):
                 "smaller batch, or a scalable backend"
             )
 
-    def second_order(self, stage: Stage, x: Tensor, ctx: Any, y: Tensor, V_x: Tensor,
-                     V_xx: Tensor, *, gauss_newton: bool, need_quu: bool) -> SecondOrderTerms:
+    def terminal_value(self, loss: Any, traj: Trajectory, terminal: Terminal, *,
+                       targets: Tensor | None = None, generator: Any = None) -> ExactValue:
+        V_xx = terminal.V_xx
+        if V_xx is None:
+            if targets is None:
+                raise ValueError("the exact backend needs the terminal Hessian or the targets")
+            V_xx = loss.hessian(traj.output.detach(), targets)
+        return ExactValue(terminal.V_x, V_xx, terminal.factor)
+
+    @staticmethod
+    def value_hessian(value: ExactValue) -> Tensor:
+        return value.V_xx
+
+    def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: ExactValue, *,
+                     gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False
+                     ) -> ExactExpansion:
+        piece = traj.handles[t]
+        x, y = traj.states[t], traj.states[t + 1]
+        terms = self.second_order_terms(stage, x, traj.contexts[t], y, value.V_x, value.V_xx,
+                                        gauss_newton=gauss_newton, need_quu=need_quu)
+        stats = None
+        if need_stats:
+            stats = (kronecker_statistics(stage, piece[0], value.V_x, value.Z) if stage.kronecker
+                     else StageStatistics())
+        B = x.shape[0]
+        Q_x, Q_u = self.first_order(stage, piece, value.V_x, B)
+        if Q_x is None:  # input of stage 0 without grad: f_x^T V'_x from the Jacobian
+            Q_x = torch.einsum("bkn,bk->bn", terms.f_x, value.V_x.reshape(B, -1)).reshape(x.shape)
+        return ExactExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats, Q_xx=terms.Q_xx, Q_ux=terms.Q_ux,
+                              Q_uu=terms.Q_uu, terms=terms, next_value=value)
+
+    def quadratic(self, stage: Stage, exp: ExactExpansion, k: list[Tensor]) -> Tensor:
+        """k^T Qbar_uu k (without l_uu) = E_i[(f_u k)^T V'_xx (f_u k)] + k^T psi_uu k."""
+        terms = exp.terms
+        assert terms.f_u is not None
+        k_flat = stage.flatten(k)
+        fu_k = torch.einsum("bkm,m->bk", terms.f_u, k_flat)
+        quad = torch.einsum("bk,bkl,bl->", fu_k, exp.next_value.V_xx, fu_k) / fu_k.shape[0]
+        if terms.psi_uu is not None:
+            quad = quad + k_flat @ terms.psi_uu @ k_flat
+        return quad
+
+    def feedback(self, stage: Stage, exp: ExactExpansion, minv: Solver, lr: float, B: int
+                 ) -> Callable[[Tensor], list[Tensor]]:
+        """K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i)."""
+        Q_ux = exp.Q_ux
+        assert Q_ux is not None
+
+        def K(dx: Tensor) -> list[Tensor]:
+            s = torch.einsum("bmn,bn->m", Q_ux, dx.reshape(dx.shape[0], -1)) / B
+            return [v.mul(-lr) for v in minv(stage.unflatten(s))]
+
+        return K
+
+    def value_update(self, stage: Stage, exp: ExactExpansion, value: ExactValue,
+                     minv: Solver | None, lr: float, B: int, *, value_correction: bool,
+                     mu: float, clip: bool) -> ExactValue:
+        """V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u; V_xx = Q_xx - (lr/B) Q_ux^T M^{-1} Q_ux + mu I,
+        projected onto the PSD cone when ``clip``; the statistics factor Z <- f_x^T Z."""
+        V_x, V_xx = exp.Q_x, exp.Q_xx
+        assert V_x is not None and V_xx is not None
+        if value_correction and minv is not None:
+            Q_ux = exp.Q_ux
+            assert Q_ux is not None
+            M_Qu = stage.flatten(minv(exp.Q_u))
+            V_x = V_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(V_x.shape)
+            M_Qux = stage.flatten(minv(stage.unflatten(Q_ux.transpose(1, 2))), lead=2)
+            V_xx = V_xx - (lr / B) * torch.einsum("bmn,bkm->bnk", Q_ux, M_Qux)
+        if mu:
+            V_xx = V_xx + mu * torch.eye(V_xx.shape[-1], dtype=V_xx.dtype, device=V_xx.device)
+        if clip:
+            V_xx = psd_clip(V_xx)
+        Z = value.Z
+        if Z is not None:
+            Zf = torch.einsum("bkn,brk->brn", exp.terms.f_x, Z.flatten(2))
+            x = exp.Q_x
+            Z = Zf.reshape(B, Zf.shape[1], *x.shape[1:])
+        return ExactValue(V_x, V_xx, Z)
+
+    def second_order_terms(self, stage: Stage, x: Tensor, ctx: Any, y: Tensor, V_x: Tensor,
+                           V_xx: Tensor, *, gauss_newton: bool, need_quu: bool
+                           ) -> SecondOrderTerms:
         """Second-order terms of stage ``stage`` at the nominal state ``x`` (B, *n_in) with
         output ``y``, from V'_x (B, *n_out) and V'_xx (B, n_out, n_out). The caller checks
         the memory budget first (``check_budget``)."""
@@ -182,6 +289,15 @@ class AutogradBackend(Backend):
                 if Q_uu is not None:
                     Q_uu = Q_uu + psi_uu
         return SecondOrderTerms(f_x, f_u, Q_xx, Q_ux, Q_uu, psi_uu)
+
+
+def psd_clip(V: Tensor) -> Tensor:
+    """Project symmetric matrices (B, n, n) onto the PSD cone (negative eigenvalues -> 0)."""
+    V = 0.5 * (V + V.transpose(1, 2))
+    evals, evecs = torch.linalg.eigh(V)
+    if bool((evals >= 0).all()):
+        return V
+    return (evecs * evals.clamp_min(0).unsqueeze(1)) @ evecs.transpose(1, 2)
 
 
 def kronecker_statistics(stage: Stage, xin: Tensor, V_x: Tensor | None, Z: Tensor | None

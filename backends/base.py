@@ -14,6 +14,10 @@ class Backend:
     """Computes, per stage, the terms of the Q expansion from the value at the next stage."""
 
     name = "base"
+    #: whether the backend implements the second-order interface (order 2, curvature "full"):
+    #: check_second_order, terminal_value, expand_stage, quadratic, feedback, value_update,
+    #: value_hessian (see ``AutogradBackend`` for their contracts)
+    second_order_capable = False
 
     def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
                 ) -> Trajectory:

@@ -96,15 +96,6 @@ PolicyFn = Callable[[Stage, list[Tensor], StageStatistics | None],
                     tuple[list[Tensor], Callable[[list[Tensor]], list[Tensor]]]]
 
 
-def psd_clip(V: Tensor) -> Tensor:
-    """Project symmetric matrices (B, n, n) onto the PSD cone (negative eigenvalues -> 0)."""
-    V = 0.5 * (V + V.transpose(1, 2))
-    evals, evecs = torch.linalg.eigh(V)
-    if bool((evals >= 0).all()):
-        return V
-    return (evecs * evals.clamp_min(0).unsqueeze(1)) @ evecs.transpose(1, 2)
-
-
 @dataclass
 class StageDiagnostics:
     index: int
@@ -179,89 +170,59 @@ class BellmanEngine:
         need_stats: Sequence[bool],
         need_quu: bool = False,
         keep: bool = False,
+        targets: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> SecondOrderPass:
         """Second-order backward value recursion (SPEC 2-4) with the policy of every stage.
 
-        Per stage, from V'_x and V'_xx: the Q expansion (backend), the curvature model's step
-        (``policy_fn`` returns the open-loop step k = -lr d and the solver v -> M^{-1} v), the
-        feedback K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i), and the value update
-        V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u, V_xx = Q_xx - (lr/B) Q_ux^T M^{-1} Q_ux (+ mu I,
-        clipped to PSD). ``weight_decay`` is the coupled l_t(u) = wd/2 |u|^2.
+        Per stage, from the value at the next stage: the Q expansion (backend), the curvature
+        model's step (``policy_fn`` returns the open-loop step k = -lr d and the solver
+        v -> M^{-1} v), the feedback K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i), and the
+        value update V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u, V_xx = Q_xx - (lr/B) Q_ux^T M^{-1}
+        Q_ux (+ mu I, clipped to PSD), each in the backend's representation of V_xx.
+        ``weight_decay`` is the coupled l_t(u) = wd/2 |u|^2 (added to Q_u and Q_uu here).
         """
-        from ocnopt.backends.autograd import kronecker_statistics
-
         backend = self.backend
         T = len(self.stages)
         B = terminal.V_x.shape[0]
-        V_x: Tensor = terminal.V_x
-        V_xx = terminal.V_xx
-        if V_xx is None:
-            raise ValueError("second-order pass needs the terminal Hessian (hessian=True)")
-        Z = terminal.factor
+        backend.check_second_order(self.stages, traj, need_quu=need_quu)
+        value = backend.terminal_value(self.loss, traj, terminal, targets=targets,
+                                       generator=generator)
         policies: list[Policy | None] = [None] * T
         expansions: list[QExpansion | None] = [None] * T
         Vx_list: list[Tensor | None] = [None] * (T + 1)
         Vxx_list: list[Tensor | None] = [None] * (T + 1)
         if keep:
-            Vx_list[T], Vxx_list[T] = V_x, V_xx
-        predicted = V_x.new_zeros(())
-        for t, stage in enumerate(self.stages):  # refuse before any work is done
-            backend.check_budget(stage, traj.states[t], traj.states[t + 1],
-                                 need_quu and stage.has_control)
+            Vx_list[T], Vxx_list[T] = value.V_x, backend.value_hessian(value)
+        predicted = terminal.V_x.new_zeros(())
         for t in reversed(range(T)):
             stage = self.stages[t]
-            piece = traj.handles[t]
-            x, y = traj.states[t], traj.states[t + 1]
-            terms = backend.second_order(stage, x, traj.contexts[t], y, V_x, V_xx,
-                                         gauss_newton=gauss_newton,
-                                         need_quu=need_quu and stage.has_control)
-            m = stage.control_size
-            eye_m = torch.eye(m, dtype=V_x.dtype, device=V_x.device) if m else None
-            Q_uu = terms.Q_uu
-            if Q_uu is not None and weight_decay:
-                Q_uu = Q_uu + weight_decay * eye_m
-            stats = None
-            if need_stats[t]:
-                stats = (kronecker_statistics(stage, piece[0], V_x, Z) if stage.kronecker
-                         else StageStatistics())
-                stats.Q_uu = Q_uu
-            if Z is not None and t > 0:
-                Zf = torch.einsum("bkn,brk->brn", terms.f_x, Z.flatten(2))
-                Z = Zf.reshape(B, Zf.shape[1], *x.shape[1:])
-            Q_x, Q_u = backend.first_order(stage, piece, V_x, B)
-            if Q_x is None:  # input of stage 0 without grad: f_x^T V'_x from the Jacobian
-                Q_x = torch.einsum("bkn,bk->bn", terms.f_x, V_x.reshape(B, -1)).reshape(x.shape)
-            V_x_new, V_xx_new = Q_x, terms.Q_xx
+            exp = backend.expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
+                                       need_quu=need_quu and stage.has_control,
+                                       need_stats=need_stats[t], keep=keep)
+            if exp.Q_uu is not None and weight_decay:
+                exp.Q_uu = exp.Q_uu + weight_decay * torch.eye(
+                    exp.Q_uu.shape[0], dtype=exp.Q_uu.dtype, device=exp.Q_uu.device)
+            if exp.stats is not None and need_quu:
+                exp.stats.Q_uu = exp.Q_uu
+            minv = None
             if stage.has_control:
                 if weight_decay:
-                    Q_u = [g.add(p.detach(), alpha=weight_decay) for g, p in zip(Q_u, stage.params)]
-                k, minv = policy_fn(stage, Q_u, stats)
-                Q_ux = terms.Q_ux
-                assert Q_ux is not None and terms.f_u is not None
-                k_flat, Qu_flat = stage.flatten(k), stage.flatten(Q_u)
-                fu_k = torch.einsum("bkm,m->bk", terms.f_u, k_flat)
-                quad = torch.einsum("bk,bkl,bl->", fu_k, V_xx, fu_k) / B
-                quad = quad + weight_decay * k_flat.square().sum()
-                if terms.psi_uu is not None:
-                    quad = quad + k_flat @ terms.psi_uu @ k_flat
-                predicted = predicted + k_flat @ Qu_flat + 0.5 * quad
-                policies[t] = Policy(k=k, feedback=_feedback(stage, Q_ux, minv, lr, B)
+                    exp.Q_u = [g.add(p.detach(), alpha=weight_decay)
+                               for g, p in zip(exp.Q_u, stage.params)]
+                k, minv = policy_fn(stage, exp.Q_u, exp.stats)
+                k_flat = stage.flatten(k)
+                quad = backend.quadratic(stage, exp, k) + weight_decay * k_flat.square().sum()
+                predicted = predicted + k_flat @ stage.flatten(exp.Q_u) + 0.5 * quad
+                policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B)
                                      if feedback else None)
-                if value_correction:
-                    M_Qu = stage.flatten(minv(Q_u))
-                    V_x_new = Q_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(Q_x.shape)
-                    M_Qux = stage.flatten(minv(stage.unflatten(Q_ux.transpose(1, 2))), lead=2)
-                    V_xx_new = V_xx_new - (lr / B) * torch.einsum("bmn,bkm->bnk", Q_ux, M_Qux)
-            if mu:
-                V_xx_new = V_xx_new + mu * torch.eye(V_xx_new.shape[-1], dtype=V_x.dtype,
-                                                     device=V_x.device)
-            if clip:
-                V_xx_new = psd_clip(V_xx_new)
-            expansions[t] = QExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats, Q_xx=terms.Q_xx,
-                                       Q_ux=terms.Q_ux, Q_uu=Q_uu) if keep else None
-            V_x, V_xx = V_x_new, V_xx_new
+            if t > 0 or keep:
+                value = backend.value_update(stage, exp, value, minv, lr, B,
+                                             value_correction=value_correction and minv is not None,
+                                             mu=mu, clip=clip)
+            expansions[t] = exp if keep else None
             if keep:
-                Vx_list[t], Vxx_list[t] = V_x, V_xx
+                Vx_list[t], Vxx_list[t] = value.V_x, backend.value_hessian(value)
         return SecondOrderPass(policies, expansions, Vx_list, Vxx_list, float(predicted))
 
     # -- 3. forward update pass ---------------------------------------------------------------
@@ -302,13 +263,3 @@ class BellmanEngine:
                 for p, d in zip(stage.params, policy.k):
                     p.add_(d)
 
-
-def _feedback(stage: Stage, Q_ux: Tensor, minv: Callable[[list[Tensor]], list[Tensor]],
-              lr: float, B: int) -> Callable[[Tensor], list[Tensor]]:
-    """K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i)."""
-
-    def K(dx: Tensor) -> list[Tensor]:
-        s = torch.einsum("bmn,bn->m", Q_ux, dx.reshape(dx.shape[0], -1)) / B
-        return [v.mul(-lr) for v in minv(stage.unflatten(s))]
-
-    return K

@@ -106,7 +106,7 @@ class OCNOpt(torch.optim.Optimizer):
                              "backend instance instead")
         options = {} if memory_budget is None else {"memory_budget": memory_budget}
         self.backend = make_backend(backend, **options)
-        if (order == 2 or self.model_.needs_full) and not hasattr(self.backend, "second_order"):
+        if (order == 2 or self.model_.needs_full) and not self.backend.second_order_capable:
             raise ValueError(f"order={order} with curvature={curvature!r} needs a backend with "
                              f"second-order terms; backend={backend!r} has none (use 'autograd')")
         self.feedback = feedback
@@ -216,7 +216,7 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model: {err}"
                              ) from err
         terminal = self.engine.terminal(traj, targets, fisher_type=fisher,
-                                        generator=self.generator, hessian=second)
+                                        generator=self.generator)
         if not torch.isfinite(terminal.loss):
             return self._skip(terminal.loss, "loss")
 
@@ -240,7 +240,8 @@ class OCNOpt(torch.optim.Optimizer):
                     feedback=self.order == 2 and self.feedback,
                     value_correction=self.order == 2 and self.value_correction,
                     gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)),
-                    clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full)
+                    clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full,
+                    targets=targets, generator=self.generator)
             policies, predicted = result.policies, result.predicted_change
         else:
             expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats)
