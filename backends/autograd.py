@@ -292,12 +292,21 @@ class AutogradBackend(Backend):
 
 
 def psd_clip(V: Tensor) -> Tensor:
-    """Project symmetric matrices (B, n, n) onto the PSD cone (negative eigenvalues -> 0)."""
+    """Project symmetric matrices (B, n, n) onto the PSD cone (negative eigenvalues -> 0).
+
+    The eigen-decomposition runs in float64; if it fails to converge (many repeated or tiny
+    eigenvalues), it is retried on V + 1e-12 max|V| I."""
     V = 0.5 * (V + V.transpose(1, 2))
-    evals, evecs = torch.linalg.eigh(V)
+    V64 = V.to(torch.float64)
+    try:
+        evals, evecs = torch.linalg.eigh(V64)
+    except RuntimeError:
+        scale = V64.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
+        eye = torch.eye(V.shape[-1], dtype=torch.float64, device=V.device)
+        evals, evecs = torch.linalg.eigh(V64 + 1e-12 * scale * eye)
     if bool((evals >= 0).all()):
         return V
-    return (evecs * evals.clamp_min(0).unsqueeze(1)) @ evecs.transpose(1, 2)
+    return ((evecs * evals.clamp_min(0).unsqueeze(1)) @ evecs.transpose(1, 2)).to(V.dtype)
 
 
 def kronecker_statistics(stage: Stage, xin: Tensor, V_x: Tensor | None, Z: Tensor | None
