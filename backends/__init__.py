@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from .autograd import AutogradBackend, MemoryBudgetError
 from .base import Backend
+from .lowrank import LowRankBackend
 
-BACKENDS: dict[str, type[Backend]] = {"autograd": AutogradBackend}
-PLANNED = {"backpack": "BackPACK Kronecker factors", "lowrank": "low-rank Gauss-Newton"}
+BACKENDS: dict[str, type[Backend]] = {"autograd": AutogradBackend, "lowrank": LowRankBackend}
+PLANNED = {"backpack": "BackPACK Kronecker factors"}
 
 
 def make_backend(name: str | Backend, **options: object) -> Backend:
@@ -27,4 +28,4 @@ def make_backend(name: str | Backend, **options: object) -> Backend:
     raise ValueError(f"invalid backend={name!r}: accepted {sorted(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "AutogradBackend", "MemoryBudgetError", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "AutogradBackend", "MemoryBudgetError", "LowRankBackend", "make_backend"]

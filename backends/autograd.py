@@ -59,12 +59,10 @@ class SecondOrderTerms:
 
 @dataclass
 class ExactValue:
-    """Value at a stage input: V_x (B, *n), V_xx (B, n, n) full per sample, and the factor Z
-    (B, r, *n) propagated for type-2 / sampled Kronecker statistics (None otherwise)."""
+    """Value at a stage input: V_x (B, *n) and V_xx (B, n, n), full per sample."""
 
     V_x: Tensor
     V_xx: Tensor
-    Z: Tensor | None = None
 
 
 @dataclass
@@ -166,22 +164,25 @@ class AutogradBackend(Backend):
             if targets is None:
                 raise ValueError("the exact backend needs the terminal Hessian or the targets")
             V_xx = loss.hessian(traj.output.detach(), targets)
-        return ExactValue(terminal.V_x, V_xx, terminal.factor)
+        return ExactValue(terminal.V_x, V_xx)
 
     @staticmethod
     def value_hessian(value: ExactValue) -> Tensor:
         return value.V_xx
 
     def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: ExactValue, *,
-                     gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False
-                     ) -> ExactExpansion:
+                     gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
+                     stats_from_value: bool = True) -> ExactExpansion:
         piece = traj.handles[t]
         x, y = traj.states[t], traj.states[t + 1]
         terms = self.second_order_terms(stage, x, traj.contexts[t], y, value.V_x, value.V_xx,
                                         gauss_newton=gauss_newton, need_quu=need_quu)
         stats = None
         if need_stats:
-            stats = (kronecker_statistics(stage, piece[0], value.V_x, value.Z) if stage.kronecker
+            Z = None
+            if stats_from_value and stage.kronecker:  # rows of a square root of V'_xx
+                Z = psd_sqrt_factor(value.V_xx).reshape(y.shape[0], -1, *y.shape[1:])
+            stats = (kronecker_statistics(stage, piece[0], value.V_x, Z) if stage.kronecker
                      else StageStatistics())
         B = x.shape[0]
         Q_x, Q_u = self.first_order(stage, piece, value.V_x, B)
@@ -217,7 +218,7 @@ class AutogradBackend(Backend):
                      minv: Solver | None, lr: float, B: int, *, value_correction: bool,
                      mu: float, clip: bool) -> ExactValue:
         """V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u; V_xx = Q_xx - (lr/B) Q_ux^T M^{-1} Q_ux + mu I,
-        projected onto the PSD cone when ``clip``; the statistics factor Z <- f_x^T Z."""
+        projected onto the PSD cone when ``clip``."""
         V_x, V_xx = exp.Q_x, exp.Q_xx
         assert V_x is not None and V_xx is not None
         if value_correction and minv is not None:
@@ -231,12 +232,7 @@ class AutogradBackend(Backend):
             V_xx = V_xx + mu * torch.eye(V_xx.shape[-1], dtype=V_xx.dtype, device=V_xx.device)
         if clip:
             V_xx = psd_clip(V_xx)
-        Z = value.Z
-        if Z is not None:
-            Zf = torch.einsum("bkn,brk->brn", exp.terms.f_x, Z.flatten(2))
-            x = exp.Q_x
-            Z = Zf.reshape(B, Zf.shape[1], *x.shape[1:])
-        return ExactValue(V_x, V_xx, Z)
+        return ExactValue(V_x, V_xx)
 
     def second_order_terms(self, stage: Stage, x: Tensor, ctx: Any, y: Tensor, V_x: Tensor,
                            V_xx: Tensor, *, gauss_newton: bool, need_quu: bool
@@ -307,6 +303,14 @@ def psd_clip(V: Tensor) -> Tensor:
     if bool((evals >= 0).all()):
         return V
     return ((evecs * evals.clamp_min(0).unsqueeze(1)) @ evecs.transpose(1, 2)).to(V.dtype)
+
+
+def psd_sqrt_factor(V: Tensor) -> Tensor:
+    """Rows Z (B, n, n) with Z^T Z = PSD part of V (B, n, n): the symmetric square root."""
+    V64 = 0.5 * (V + V.transpose(1, 2)).to(torch.float64)
+    evals, evecs = torch.linalg.eigh(V64)
+    root = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)) @ evecs.transpose(1, 2)
+    return root.to(V.dtype)
 
 
 def kronecker_statistics(stage: Stage, xin: Tensor, V_x: Tensor | None, Z: Tensor | None

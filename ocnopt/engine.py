@@ -138,6 +138,8 @@ class BellmanEngine:
         self.loss.check(out, targets)
         loss, V_x = self.loss.value_gradient(out, targets)
         factor = None
+        if not torch.isfinite(loss):  # the step will be skipped: sample nothing
+            return Terminal(loss, V_x)
         if fisher_type == "type-2":
             factor = self.loss.hessian_sqrt(out, targets)
         elif fisher_type == "mc":
@@ -172,6 +174,7 @@ class BellmanEngine:
         keep: bool = False,
         targets: Tensor | None = None,
         generator: torch.Generator | None = None,
+        stats_from_value: bool = True,
     ) -> SecondOrderPass:
         """Second-order backward value recursion (SPEC 2-4) with the policy of every stage.
 
@@ -181,6 +184,8 @@ class BellmanEngine:
         value update V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u, V_xx = Q_xx - (lr/B) Q_ux^T M^{-1}
         Q_ux (+ mu I, clipped to PSD), each in the backend's representation of V_xx.
         ``weight_decay`` is the coupled l_t(u) = wd/2 |u|^2 (added to Q_u and Q_uu here).
+        Kronecker statistics come from the propagated value Hessian V'_xx (its per-sample
+        square-root factor) when ``stats_from_value``, else from V'_x (empirical Fisher).
         """
         backend = self.backend
         T = len(self.stages)
@@ -199,7 +204,8 @@ class BellmanEngine:
             stage = self.stages[t]
             exp = backend.expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
                                        need_quu=need_quu and stage.has_control,
-                                       need_stats=need_stats[t], keep=keep)
+                                       need_stats=need_stats[t], keep=keep,
+                                       stats_from_value=stats_from_value)
             if exp.Q_uu is not None and weight_decay:
                 exp.Q_uu = exp.Q_uu + weight_decay * torch.eye(
                     exp.Q_uu.shape[0], dtype=exp.Q_uu.dtype, device=exp.Q_uu.device)

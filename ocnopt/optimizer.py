@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .backends import make_backend
 from .curvature import CURVATURES, CurvatureModel
-from .curvature.base import check_nonneg
+from .curvature.base import Solver, check_nonneg
 from .engine import BellmanEngine, Policy, StageDiagnostics, StepResult
 from .stages import Stage
 from .losses import Loss, make_loss
@@ -45,7 +45,8 @@ class OCNOpt(torch.optim.Optimizer):
             (sgd 1e-3, rmsprop 1e-2, adam/adamw 1e-3, kfac/ekfac 1e-1 ... as ``DEFAULT_LR``).
         curvature: the model M of Q_uu: ``"sgd"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``,
             ``"kfac"``, ``"ekfac"``, ``"full"`` (E[Q_uu] from the exact backend).
-        backend: who computes the derivatives: ``"autograd"`` (exact).
+        backend: who computes the derivatives: ``"autograd"`` (exact, full matrices) or
+            ``"lowrank"`` (Gauss-Newton factor V_xx = Z Z^T), or a ``Backend`` instance.
         order: 1 (backpropagation: the first-order truncation of the Bellman equation) or 2
             (DDP: V_xx propagated, affine feedback policies du = k + K dx applied in the update
             pass); order 2 needs a backend with second-order terms ("autograd").
@@ -55,6 +56,9 @@ class OCNOpt(torch.optim.Optimizer):
         psd_clip: clip V_xx to the PSD cone after each stage (eigenvalues < 0 set to 0).
         mu: value regularisation V_xx + mu I (a hyper-parameter in ``param_groups``).
         memory_budget: bytes the exact backend may use per stage for full matrices.
+        backend_options: keyword arguments of the backend given by name, e.g.
+            ``{"terminal": "exact"}`` for ``backend="lowrank"`` (terminal factor "empirical",
+            "exact" or "mc", and ``mc_samples``).
         weight_decay: l_t(u) = wd/2 |u|^2 in the objective (decoupled for ``adamw``); default 0
             (1e-2 for ``adamw``, as torch).
         track_loss_after: also compute the loss after the step with an extra forward pass
@@ -85,6 +89,7 @@ class OCNOpt(torch.optim.Optimizer):
         psd_clip: bool = True,
         mu: float = 0.0,
         memory_budget: int | None = None,
+        backend_options: dict[str, Any] | None = None,
         track_loss_after: bool = False,
         seed: int = 0,
         **hyperparameters: Any,
@@ -101,11 +106,19 @@ class OCNOpt(torch.optim.Optimizer):
                 raise TypeError(f"invalid {name}={flag!r}: accepted True or False")
         self.curvature_name = curvature
         self.model_: CurvatureModel = CURVATURES[curvature]()
-        if memory_budget is not None and not isinstance(backend, str):
-            raise ValueError("memory_budget applies to a backend given by name; configure the "
-                             "backend instance instead")
-        options = {} if memory_budget is None else {"memory_budget": memory_budget}
-        self.backend = make_backend(backend, **options)
+        options = dict(backend_options or {})
+        if memory_budget is not None:
+            options["memory_budget"] = memory_budget
+        if options and not isinstance(backend, str):
+            raise ValueError("memory_budget / backend_options apply to a backend given by name; "
+                             "configure the backend instance instead")
+        try:
+            self.backend = make_backend(backend, **options)
+        except TypeError as err:
+            raise TypeError(f"invalid backend option for backend={backend!r}: {err}") from err
+        if hasattr(self.backend, "check_options"):
+            self.backend.check_options(gauss_newton=gauss_newton, mu=mu,
+                                       needs_full=self.model_.needs_full)
         if (order == 2 or self.model_.needs_full) and not self.backend.second_order_capable:
             raise ValueError(f"order={order} with curvature={curvature!r} needs a backend with "
                              f"second-order terms; backend={backend!r} has none (use 'autograd')")
@@ -167,9 +180,11 @@ class OCNOpt(torch.optim.Optimizer):
         return int(self.state["ocnopt"]["skipped_steps"])
 
     def state_dict(self) -> dict[str, Any]:
-        self.state["ocnopt"]["generator"] = self.generator.get_state()
-        self.state["ocnopt"]["curvature"] = self.curvature_name
-        return super().state_dict()
+        sd = super().state_dict()
+        # a snapshot: later steps must not change a checkpoint kept in memory
+        sd["state"]["ocnopt"] = {**self.state["ocnopt"], "generator": self.generator.get_state(),
+                                 "curvature": self.curvature_name}
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         meta = state_dict.get("state", {}).get("ocnopt")
@@ -209,6 +224,7 @@ class OCNOpt(torch.optim.Optimizer):
         if fisher == "empirical":
             fisher = None
         second = self.order == 2 or model.needs_full
+        self._generator_state = self.generator.get_state()
 
         try:
             traj = self.engine.nominal(inputs)
@@ -230,7 +246,7 @@ class OCNOpt(torch.optim.Optimizer):
             with torch.no_grad():
                 upd, dirs = model.update(stage, states, Q_u, stage.params, stats, hp, k)
             new_states[stage.index] = upd
-            return [d.mul(-lr) for d in dirs], lambda v: model.solve(stage, upd, v, hp)
+            return [d.mul(-lr) for d in dirs], Solver(model, stage, upd, hp)
 
         predicted = None
         if second:
@@ -241,7 +257,8 @@ class OCNOpt(torch.optim.Optimizer):
                     value_correction=self.order == 2 and self.value_correction,
                     gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)),
                     clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full,
-                    targets=targets, generator=self.generator)
+                    targets=targets, generator=self.generator,
+                    stats_from_value=hp.get("fisher_type", "empirical") != "empirical")
             policies, predicted = result.policies, result.predicted_change
         else:
             expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats)
@@ -286,6 +303,7 @@ class OCNOpt(torch.optim.Optimizer):
         return terminal.loss
 
     def _skip(self, loss: Tensor, what: str) -> Tensor:
+        self.generator.set_state(self._generator_state)  # a skipped step draws no labels
         self.state["ocnopt"]["skipped_steps"] += 1
         if not self._warned_nonfinite:
             warnings.warn(

@@ -69,8 +69,9 @@ class Stage:
 def _flatten(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     if isinstance(module, nn.Sequential):
         out: list[tuple[str, nn.Module]] = []
-        for name, child in module.named_children():
-            out += _flatten(child, f"{prefix}.{name}" if prefix else name)
+        for name, child in module._modules.items():  # named_children() hides repeats
+            if child is not None:
+                out += _flatten(child, f"{prefix}.{name}" if prefix else name)
         return out
     return [(prefix or type(module).__name__, module)]
 
@@ -120,7 +121,15 @@ def build_stages(model: nn.Module) -> list[Stage]:
             f"supported yet. Supported layers: {', '.join(supported_modules())}"
         )
     stages: list[Stage] = []
+    first_seen: dict[int, str] = {}
     for position, (name, module) in enumerate(_flatten(model, "")):
+        if id(module) in first_seen and any(True for _ in module.parameters()):
+            raise ValueError(
+                f"module {type(module).__name__} is shared: it appears twice in the chain (model."
+                f"{first_seen[id(module)]} and model.{name}, stage position {position}): each "
+                "stage must own its control; use a separate module (copy.deepcopy) for each use"
+            )
+        first_seen.setdefault(id(module), name)
         handler = _check_module(position, name, module)
         params = param_dict(module)
         stages.append(

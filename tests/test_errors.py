@@ -254,10 +254,6 @@ def test_parameter_shared_between_stages():
         OCNOpt(nn.Sequential(first, nn.Tanh(), second))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stages._flatten walks nn.Sequential.named_children(), which yields a repeated module once: "
-    "Sequential(lin, Tanh(), lin) silently becomes the 2-stage chain (lin, Tanh) and the "
-    "optimizer trains a different function than model(x) computes"))
 def test_module_reused_in_the_chain_is_refused():
     shared = nn.Linear(4, 4)
     with pytest.raises(ValueError, match=msg("shared")):

@@ -64,9 +64,6 @@ def _extra(param) -> dict[str, Any]:
     return {k: v for k, v in hp.items() if HYPER.get(name, {}).get(k, object()) != v}
 
 
-MC_BUG = ("fisher_type='mc' samples labels (torch.multinomial with the optimizer's generator) in "
-          "engine.terminal before the finiteness check of the loss and of the update")
-
 
 def _opt(model: nn.Module, curvature: str, hp: dict[str, Any], **kw: Any) -> OCNOpt:
     return OCNOpt(model, curvature=curvature, **{**hp, **kw})
@@ -161,16 +158,11 @@ def test_state_dict_round_trip_is_bit_exact(curvature, hp, how, make_mlp, make_b
     _round_trip(curvature, hp, how, make_mlp, make_batches)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "OCNOpt.state_dict() returns the live state['ocnopt'] dict (torch.optim packs state values "
-    "by reference), so later steps overwrite the saved step counter; loading it restores the "
-    "wrong step and shifts the stat_every / inv_every schedule"))
 @pytest.mark.parametrize("curvature, hp", [KRONECKER_CASES[0]])
 def test_state_dict_in_memory_is_a_snapshot(curvature, hp, make_mlp, make_batches):
     _round_trip(curvature, hp, "in-memory", make_mlp, make_batches)
 
 
-@pytest.mark.xfail(strict=True, reason="state_dict()['state']['ocnopt'] aliases the live dict")
 @pytest.mark.parametrize("curvature, hp", CASES)
 def test_state_dict_step_counter_is_not_aliased(curvature, hp, make_mlp, make_batches):
     model = make_mlp()
@@ -256,10 +248,7 @@ def _bad_batch(kind: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
 
 
 NONFINITE = ["nan-input", "inf-input", "inf-loss"]
-MC_NONFINITE = [
-    pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=MC_BUG), id=f"mc-{kind}")
-    for kind in NONFINITE
-]
+MC_NONFINITE = [pytest.param(kind, id=f"mc-{kind}") for kind in NONFINITE]
 
 
 def _nonfinite(curvature, hp, kind, make_mlp, make_batches):

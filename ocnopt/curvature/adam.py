@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..stages import Stage
-from .base import CurvatureModel, State, StageStatistics, check_nonneg, require
+from .base import CurvatureModel, State, StageStatistics, check_nonneg, diagonal_gram, require
 
 
 class Adam(CurvatureModel):
@@ -64,6 +64,15 @@ class Adam(CurvatureModel):
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return [x * self._denominator(st, hp) for st, x in zip(states, v)]
+
+    def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                        g: Tensor) -> Tensor | None:
+        """w_c^T D^{-1} w_d with D the diagonal of M (weight (d_out, d_in), bias (d_out,))."""
+        if stage.kronecker and stage.derivatives.exact_rows(stage.module):
+            D = {n: self._denominator(st, hp) for n, st in zip(stage.param_names, states)}
+            return diagonal_gram(stage, a, g, D)
+        return None
+
 
 
 class AdamW(Adam):

@@ -82,6 +82,40 @@ class CurvatureModel:
         """M v (the curvature model itself), same shapes as ``solve``; used by diagnostics."""
         raise NotImplementedError
 
+    def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                        g: Tensor) -> Tensor | None:
+        """Closed form of w_c^(i)T M^{-1} w_d^(i) for per-sample, per-column control gradients
+        w_c^(i) = (sum_p g_icp a_ip^T, sum_p g_icp) of a Kronecker stage (weight, bias), from
+        input rows a (B, P, d_in) and output rows g (B, r, P, d_out): a (B, r, r) tensor, or
+        None where this model has no closed form (the backend then forms w explicitly)."""
+        return None
+
+
+class Solver:
+    """v -> M^{-1} v for one stage with the state of the current step; also exposes the
+    model's closed-form per-sample Gram matrices to the backends."""
+
+    def __init__(self, model: CurvatureModel, stage: Stage, states: list[State],
+                 hp: dict[str, Any]):
+        self.model, self.stage, self.states, self.hp = model, stage, states, hp
+
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        return self.model.solve(self.stage, self.states, v, self.hp)
+
+    def gram(self, a: Tensor, g: Tensor) -> Tensor | None:
+        return self.model.per_sample_gram(self.stage, self.states, self.hp, a, g)
+
+
+def weight_bias_gram(stage: Stage, a: Tensor, g: Tensor, w_weight: Any, w_bias: Any) -> Tensor:
+    """Helper for closed forms: sum over the stage's parameters of the per-sample Gram terms,
+    ``w_weight(a, g)`` for "weight" and ``w_bias(g.sum(2))`` for "bias" (each (B, r, r))."""
+    out = None
+    for name in stage.param_names:
+        term = w_weight(a, g) if name == "weight" else w_bias(g.sum(2))
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
 
 # ---- validation helpers ---------------------------------------------------------------------
 def require(cond: bool, name: str, value: Any, accepted: str) -> None:
@@ -136,3 +170,30 @@ def eigh64(M: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 Registry = dict[str, Callable[[], CurvatureModel]]
+
+
+_GRAM_CHUNK = 2**24  # bound on B_chunk * r * d_out * d_in when per-sample gradients are formed
+
+
+def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> Tensor:
+    """sum_params w_c^T D^{-1} w_d for per-sample gradients given by rows (see
+    ``CurvatureModel.per_sample_gram``); without weight sharing (P = 1) no per-sample gradient
+    is formed: sum_{o,i} g_co g_do a_i^2 / D_oi."""
+
+    def weight(a: Tensor, g: Tensor) -> Tensor:
+        Dinv = 1.0 / D["weight"].reshape(D["weight"].shape[0], -1)
+        if a.shape[1] == 1:
+            return torch.einsum("bco,bdo,bi,oi->bcd", g[:, :, 0], g[:, :, 0], a[:, 0].square(),
+                                Dinv)
+        B, r, _, d_out = g.shape
+        step = max(1, _GRAM_CHUNK // max(1, r * d_out * a.shape[-1]))
+        parts = []
+        for lo in range(0, B, step):
+            w = torch.einsum("bcpo,bpi->bcoi", g[lo:lo + step], a[lo:lo + step])
+            parts.append(torch.einsum("bcoi,bdoi,oi->bcd", w, w, Dinv))
+        return torch.cat(parts)
+
+    def bias(gs: Tensor) -> Tensor:
+        return torch.einsum("bco,bdo,o->bcd", gs, gs, 1.0 / D["bias"])
+
+    return weight_bias_gram(stage, a, g, weight, bias)

@@ -18,7 +18,7 @@ from einops import einsum
 from torch import Tensor
 
 from ..stages import Stage
-from .base import State, StageStatistics, damping_at, eigh64
+from .base import State, StageStatistics, damping_at, diagonal_gram, eigh64
 from .kfac import KFAC, CurvatureWarning, ema, kronecker_factors
 
 _CHUNK_ELEMENTS = 2**24  # bound on B_chunk * r * d_out * d_in for per-sample gradients
@@ -92,6 +92,15 @@ class EKFAC(KFAC):
             else:
                 out.append(((x @ QG) * (st["scale_bias"] + damping).pow(power)) @ QG.T)
         return out
+
+    def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                        g: Tensor) -> Tensor | None:
+        """The diagonal closed form in the Kronecker eigenbasis (rows rotated by Q_A, Q_G)."""
+        if not stage.derivatives.exact_rows(stage.module):
+            return None
+        st = states[0]
+        D = {"weight": st["scale"] + st["damping"], "bias": st["scale_bias"] + st["damping"]}
+        return diagonal_gram(stage, a @ st["QA"], g @ st["QG"], D)
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return self._scaled(stage, states[0], v, 1.0)

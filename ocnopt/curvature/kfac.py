@@ -29,6 +29,7 @@ from .base import (
     damping_at,
     eigh64,
     require,
+    weight_bias_gram,
 )
 from .sgd import sgd_direction
 
@@ -136,6 +137,18 @@ class KFAC(CurvatureModel):
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return self.precondition(stage, states[0], v)
+
+    def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                        g: Tensor) -> Tensor | None:
+        """sum_{p,q} (g_cp^T G^-1 g_dq)(a_p^T A^-1 a_q) + (sum g_c)^T G^-1 (sum g_d)."""
+        if not stage.derivatives.exact_rows(stage.module):
+            return None
+        A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
+        return weight_bias_gram(
+            stage, a, g,
+            lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", g @ G_inv, g,
+                                      (a @ A_inv) @ a.transpose(1, 2)),
+            lambda gs: torch.einsum("bco,bdo->bcd", gs @ G_inv, gs))
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         # the damped factors whose inverses are in use (diagnostics only: O(d^3))

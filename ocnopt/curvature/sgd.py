@@ -7,7 +7,16 @@ from typing import Any
 from torch import Tensor
 
 from ..stages import Stage
-from .base import CurvatureModel, State, StageStatistics, check_nonneg, require
+import torch
+
+from .base import (
+    CurvatureModel,
+    State,
+    StageStatistics,
+    check_nonneg,
+    require,
+    weight_bias_gram,
+)
 
 
 def sgd_direction(
@@ -47,3 +56,11 @@ class SGD(CurvatureModel):
         return list(v)
 
     apply = solve
+
+    def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                        g: Tensor) -> Tensor | None:
+        """w_c^T w_d = sum_{p,q} (g_cp . g_dq)(a_p . a_q) + (sum_p g_cp).(sum_q g_dq)."""
+        return weight_bias_gram(
+            stage, a, g,
+            lambda a, g: torch.einsum("bcpo,bdqo,bpi,bqi->bcd", g, g, a, a),
+            lambda gs: torch.einsum("bco,bdo->bcd", gs, gs))

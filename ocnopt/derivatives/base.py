@@ -47,7 +47,22 @@ class StageDerivatives:
             return self.replay(module, x, ctx)
         return functional_call(module, params, (x,))
 
+    def param_jvp(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any,
+                  tangent: dict[str, Tensor]) -> Tensor:
+        """f_u k: the change of the output along the control direction ``tangent``."""
+        names = list(params)
+
+        def fn(*ps: Tensor) -> Tensor:
+            return self.functional(module, dict(zip(names, ps)), x, ctx)
+
+        return torch.func.jvp(fn, tuple(params.values()), tuple(tangent[n] for n in names))[1]
+
     # ---- Kronecker closed forms (Linear / Conv only) ------------------------------------------
+    def exact_rows(self, module: nn.Module) -> bool:
+        """Whether ``kfac_input``/``kfac_output`` rows give the exact per-sample gradients
+        sum_p g_p a_p^T (False where the Kronecker factors use an approximation)."""
+        return False
+
     def kfac_input(self, module: nn.Module, x: Tensor) -> Tensor:
         """Rows ``a`` of the input factor, shape (B, P, d_in)."""
         raise NotImplementedError(f"{type(module).__name__} has no Kronecker factors")

@@ -64,6 +64,9 @@ class ConvDerivatives(StageDerivatives):
         # (B, r, C_out, *spatial) -> (B, r, P, C_out)
         return rearrange(g, "b r c ... -> b r (...) c")
 
+    def exact_rows(self, module: nn.Module) -> bool:
+        return module.groups == 1
+
     def weight_matrix_shape(self, module: nn.Module) -> tuple[int, int]:
         w = module.weight
         return w.shape[0], w[0].numel()

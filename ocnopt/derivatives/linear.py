@@ -22,6 +22,15 @@ class LinearDerivatives(StageDerivatives):
         # (B, r, ..., d_out) -> (B, r, P, d_out)
         return rearrange(g, "b r ... d -> b r (...) d")
 
+    def exact_rows(self, module: nn.Module) -> bool:
+        return True
+
+    def param_jvp(self, module, params, x, ctx, tangent):  # type: ignore[no-untyped-def]
+        out = x @ tangent["weight"].T if "weight" in tangent else None
+        if "bias" in tangent:
+            out = tangent["bias"].expand(*x.shape[:-1], -1) if out is None else out + tangent["bias"]
+        return out
+
     def weight_matrix_shape(self, module: nn.Module) -> tuple[int, int]:
         assert isinstance(module, nn.Linear)
         return module.out_features, module.in_features
