@@ -20,9 +20,8 @@ from .backends import make_backend
 from .curvature import CURVATURES, CurvatureModel
 from .curvature.base import Solver, check_nonneg
 from .engine import BellmanEngine, Policy, StageDiagnostics, StepResult
-from .stages import Stage
 from .losses import Loss, make_loss
-from .stages import build_stages
+from .stages import Stage, build_stages
 
 
 class NonFiniteStepWarning(RuntimeWarning):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ocnopt.backends import MemoryBudgetError
 from torch import nn
 from torch.func import functional_call, hessian
 
 import ocnopt
-from ocnopt.backends import MemoryBudgetError
 
 ACTS = [nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU]
 SETTINGS = settings(max_examples=12, deadline=None)

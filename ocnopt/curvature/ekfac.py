@@ -18,7 +18,7 @@ from einops import einsum
 from torch import Tensor
 
 from ..stages import Stage
-from .base import State, StageStatistics, damping_at, diagonal_gram, eigh64
+from .base import StageStatistics, State, damping_at, diagonal_gram, eigh64
 from .kfac import KFAC, CurvatureWarning, ema, kronecker_factors
 
 _CHUNK_ELEMENTS = 2**24  # bound on B_chunk * r * d_out * d_in for per-sample gradients

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..stages import Stage
-from .base import CurvatureModel, State, StageStatistics, check_damping, check_nonneg, damping_at
+from .base import CurvatureModel, StageStatistics, State, check_damping, check_nonneg, damping_at
 
 
 def floored_inverse(M: Tensor, damping: float, eig_floor: float) -> tuple[Tensor, Tensor]:

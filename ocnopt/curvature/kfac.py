@@ -21,8 +21,8 @@ from torch import Tensor
 from ..stages import Stage
 from .base import (
     CurvatureModel,
-    State,
     StageStatistics,
+    State,
     check_damping,
     check_period,
     check_unit,

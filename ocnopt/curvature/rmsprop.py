@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..stages import Stage
-from .base import CurvatureModel, State, StageStatistics, check_nonneg, diagonal_gram, require
+from .base import CurvatureModel, StageStatistics, State, check_nonneg, diagonal_gram, require
 
 
 class RMSprop(CurvatureModel):

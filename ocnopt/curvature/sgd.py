@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..stages import Stage
-import torch
-
 from .base import (
     CurvatureModel,
-    State,
     StageStatistics,
+    State,
     check_nonneg,
     require,
     weight_bias_gram,
