@@ -91,7 +91,8 @@ class AutogradBackend(Backend):
         x = inputs.detach()
         with torch.enable_grad():
             for t, stage in enumerate(stages):
-                xin = x.requires_grad_(True) if (t > 0 or input_value) and x.is_floating_point() else x
+                grad_in = (t > 0 or input_value) and x.is_floating_point()
+                xin = x.detach().requires_grad_(True) if grad_in else x
                 out, ctx = stage.forward(xin)
                 pieces.append((xin, out))
                 contexts.append(ctx)

@@ -279,7 +279,7 @@ class OCNOpt(torch.optim.Optimizer):
             return self._skip(terminal.loss, "update")
 
         loss_after, fb_norms = None, [0.0] * len(controlled)
-        if any(pol.feedback is not None for _, pol in controlled) or self.track_loss_after:
+        if self.order == 2 or self.track_loss_after:  # order 2: the update pass is the step
             backup = [p.detach().clone() for p in self.param_groups[0]["params"]]
             _, loss_after, norms = self.engine.update_pass(traj, policies, targets)
             fb_norms = norms or fb_norms
