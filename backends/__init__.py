@@ -7,11 +7,13 @@ pass) and ``backward`` (value recursion) for a chain of stages; see ``base.Backe
 from __future__ import annotations
 
 from .autograd import AutogradBackend, MemoryBudgetError
+from .backpack import BackpackBackend
 from .base import Backend
 from .lowrank import LowRankBackend
 
-BACKENDS: dict[str, type[Backend]] = {"autograd": AutogradBackend, "lowrank": LowRankBackend}
-PLANNED = {"backpack": "BackPACK Kronecker factors"}
+BACKENDS: dict[str, type[Backend]] = {
+    "autograd": AutogradBackend, "lowrank": LowRankBackend, "backpack": BackpackBackend,
+}
 
 
 def make_backend(name: str | Backend, **options: object) -> Backend:
@@ -20,12 +22,8 @@ def make_backend(name: str | Backend, **options: object) -> Backend:
         return name
     if name in BACKENDS:
         return BACKENDS[name](**options)  # type: ignore[arg-type]
-    if name in PLANNED:
-        raise NotImplementedError(
-            f"backend={name!r} ({PLANNED[name]}) is not implemented yet; available: "
-            f"{sorted(BACKENDS)}"
-        )
     raise ValueError(f"invalid backend={name!r}: accepted {sorted(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "AutogradBackend", "MemoryBudgetError", "LowRankBackend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "AutogradBackend", "MemoryBudgetError", "LowRankBackend",
+           "BackpackBackend", "make_backend"]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ocnopt.engine import QExpansion, Terminal, Trajectory
+from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
 
@@ -18,6 +19,10 @@ class Backend:
     #: check_second_order, terminal_value, expand_stage, quadratic, feedback, value_update,
     #: value_hessian (see ``AutogradBackend`` for their contracts)
     second_order_capable = False
+
+    def prepare(self, stages: Sequence[Stage], loss: Loss) -> None:
+        """Called once by ``OCNOpt`` with the chain and the loss: refuse what the backend
+        cannot handle, build what it needs."""
 
     def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
                 ) -> Trajectory:

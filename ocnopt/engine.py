@@ -35,6 +35,7 @@ class Trajectory:
     states: list[Tensor]
     contexts: list[Any]
     handles: Any = None
+    targets: Tensor | None = None  # set by ``terminal``
 
     @property
     def output(self) -> Tensor:
@@ -136,6 +137,7 @@ class BellmanEngine:
         """V_T = phi at x_T: loss, per-sample gradient, and (``hessian``) V_xx = d^2 phi."""
         out = traj.output.detach()
         self.loss.check(out, targets)
+        traj.targets = targets
         loss, V_x = self.loss.value_gradient(out, targets)
         factor = None
         if not torch.isfinite(loss):  # the step will be skipped: sample nothing

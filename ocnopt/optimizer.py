@@ -129,6 +129,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.order = order
         self.track_loss_after = bool(track_loss_after)
         self.stages = build_stages(model)
+        self.backend.prepare(self.stages, self.loss_fn)
         self.engine = BellmanEngine(self.stages, self.loss_fn, self.backend)
 
         accepted = {"weight_decay": 0.0, "mu": 0.0, **self.model_.defaults}

@@ -107,16 +107,10 @@ def test_unknown_backend(make_mlp):
         OCNOpt(make_mlp(), backend="jax")
 
 
-@pytest.mark.parametrize("backend", ["lowrank", "backpack"])
-def test_planned_backend_is_not_implemented_and_names_the_available(backend, make_mlp):
-    available = sorted(BACKENDS)
-    if backend in available:  # implemented since: then it must construct
-        assert OCNOpt(make_mlp(), backend=backend).backend.name == backend
-        return
-    with pytest.raises(NotImplementedError,
-                       match=msg(f"backend={backend!r}", "not implemented", "available",
-                                 *available)):
-        OCNOpt(make_mlp(), backend=backend)
+@pytest.mark.parametrize("backend", ["autograd", "lowrank", "backpack"])
+def test_every_named_backend_constructs(backend, make_mlp):
+    assert backend in BACKENDS
+    assert OCNOpt(make_mlp(), backend=backend).backend.name == backend
 
 
 @pytest.mark.parametrize("curvature, kwargs, accepted", [

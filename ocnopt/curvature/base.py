@@ -34,11 +34,14 @@ class StageStatistics:
     empirical Fisher, propagated terminal factors otherwise);
     A = sum_{b,p} a a^T / (B P) and G = sum_{b,r,p} g g^T / B.
     Full model: Q_uu, the batch mean E_i[Q_uu^(i)] + l_uu, flattened (m, m).
+    ``A``/``G`` given (BackPACK backend): the Kronecker factors to use instead of the rows'.
     """
 
     a: Tensor | None = None
     g: Tensor | None = None
     Q_uu: Tensor | None = None
+    A: Tensor | None = None  # Kronecker factors computed elsewhere (BackPACK): used as given
+    G: Tensor | None = None
 
 
 class CurvatureModel:

@@ -41,8 +41,11 @@ class CurvatureWarning(RuntimeWarning):
 
 
 def kronecker_factors(stage: Stage, stats: StageStatistics) -> tuple[Tensor, Tensor]:
-    """Batch estimates A = sum a a^T / (B P), G = sum g g^T / B."""
+    """Batch estimates A = sum a a^T / (B P), G = sum g g^T / B (or the given factors)."""
+    if stats.A is not None and stats.G is not None:
+        return stats.A, stats.G
     a, g = stats.a, stats.g
+    assert a is not None and g is not None
     B, P = a.shape[0], a.shape[1]
     A = einsum(a, a, "b p i, b p j -> i j") / (B * P)
     G = einsum(g, g, "b r p i, b r p j -> i j") / B

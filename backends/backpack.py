@@ -1,0 +1,184 @@
+"""BackPACK backend: Kronecker factors from BackPACK, rank-1 value-gradient feedback.
+
+SPEC 6 ("backpack"). The curvature statistics of the kfac/ekfac models come from BackPACK
+(backpack-for-pytorch) second-order extensions, chosen by ``extension``:
+
+- ``"kflr"``: exact GGN Kronecker factors (KFLR); for Linear stages they equal the lowrank
+  backend's ``"exact"`` factors;
+- ``"kfac"``: the same with the loss Hessian replaced by ``mc_samples`` sampled labels (KFAC);
+- ``"kfra"``: Kronecker factors from recursively averaged GGN blocks (KFRA).
+
+BackPACK's normalisation is kept as it is: for Linear stages A = E[a a^T] and G equal the
+library's; for convolutions BackPACK sums A over output positions (A_backpack = P * A) and
+builds G from spatially averaged backpropagated factors. For ekfac the eigenvalue correction
+uses the empirical per-sample gradients. The rest (value recursion, feedback with the rank-1
+outer product of each sample's value gradient: DDPNOpt's practical algorithm, value
+correction) is the lowrank backend with the empirical terminal factor.
+
+BackPACK runs on an extended *twin* of the chain whose modules share the parameters of the
+user's modules, in a separate forward/backward pass on the same batch at statistics steps: the
+user's modules are never extended, and extended modules never enter ``torch.func`` transforms.
+Cost at a statistics step: one extra forward and backward pass plus BackPACK's extension work.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ocnopt.curvature.base import StageStatistics
+from ocnopt.engine import QExpansion, Terminal, Trajectory
+from ocnopt.losses import CrossEntropy, Loss, MeanSquaredError
+from ocnopt.stages import Stage
+
+from .lowrank import LowRankBackend, LowRankExpansion, LowRankValue
+
+EXTENSIONS = ("kflr", "kfac", "kfra")
+
+
+def _extension(name: str, mc_samples: int) -> Any:
+    from backpack import extensions
+
+    return {"kflr": lambda: extensions.KFLR(), "kfac": lambda: extensions.KFAC(mc_samples),
+            "kfra": lambda: extensions.KFRA()}[name]()
+
+
+def supported_by_backpack(extension: Any) -> list[type[nn.Module]]:
+    """Module classes the BackPACK extension has a handler for."""
+    table = getattr(extension, "_BackpropExtension__module_extensions", {})
+    return sorted(table, key=lambda c: c.__name__)
+
+
+class BackpackBackend(LowRankBackend):
+    name = "backpack"
+
+    def __init__(self, extension: str = "kflr", mc_samples: int = 1):
+        super().__init__(terminal="empirical")
+        if extension not in EXTENSIONS:
+            raise ValueError(f"invalid extension={extension!r}: accepted {EXTENSIONS}")
+        if not (isinstance(mc_samples, int) and mc_samples >= 1):
+            raise ValueError(f"invalid mc_samples={mc_samples!r}: accepted an integer >= 1")
+        self.extension = extension
+        self.mc_samples = mc_samples
+        self._twin: nn.Sequential | None = None
+        self._loss: nn.Module | None = None
+
+    # -- construction --------------------------------------------------------------------------
+    def prepare(self, stages: Sequence[Stage], loss: Loss) -> None:
+        try:
+            from backpack import extend
+        except ImportError as err:  # pragma: no cover - installed with the test extra
+            raise ImportError("backend 'backpack' needs backpack-for-pytorch: "
+                              "pip install 'ocnopt[backpack]'") from err
+        ext = _extension(self.extension, self.mc_samples)
+        supported = supported_by_backpack(ext)
+        names = ", ".join(c.__name__ for c in supported)
+        for st in stages:
+            if type(st.module) not in supported:
+                raise TypeError(
+                    f"backend 'backpack': module {type(st.module).__name__} at stage position "
+                    f"{st.index} (model.{st.name}) is not supported: BackPACK's "
+                    f"{type(ext).__name__} extension has no handler for it. Supported by "
+                    f"BackPACK: {names}. Use backend 'lowrank' or 'autograd' for this model"
+                )
+        if isinstance(loss, CrossEntropy):
+            self._loss = extend(nn.CrossEntropyLoss())
+        elif isinstance(loss, MeanSquaredError):
+            self._loss = extend(nn.MSELoss())
+        else:
+            raise ValueError(f"backend 'backpack' supports loss 'cross_entropy' or 'mse' (BackPACK's "
+                             f"loss extensions), got {loss.name!r}")
+        twins = []
+        for st in stages:
+            twin = copy.deepcopy(st.module)
+            for name, p in st.module.named_parameters():  # share the user's parameters
+                owner, _, leaf = name.rpartition(".")
+                setattr(twin.get_submodule(owner) if owner else twin, leaf, p)
+            twins.append(twin)
+        self._twin = extend(nn.Sequential(*twins))
+
+    def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool) -> None:
+        super().check_options(gauss_newton=gauss_newton, mu=mu, needs_full=needs_full)
+
+    # -- BackPACK statistics ------------------------------------------------------------------
+    def factors(self, stages: Sequence[Stage], traj: Trajectory) -> dict[int, tuple[Tensor, Tensor]]:
+        """(A, G) per Kronecker stage from one BackPACK pass on the batch of ``traj``."""
+        from backpack import backpack
+
+        assert self._twin is not None and self._loss is not None
+        if traj.targets is None:
+            raise RuntimeError("BackPACK statistics need the targets (engine.terminal first)")
+        field = self.extension
+        params = [p for st in stages for p in st.params]
+        saved = [p.grad for p in params]
+        for p in params:  # backward accumulates in place: keep the user's .grad out of it
+            p.grad = None
+        try:
+            with torch.enable_grad(), backpack(_extension(self.extension, self.mc_samples)), \
+                    warnings.catch_warnings():
+                # the network input needs no gradient: torch notes that the hooks still fire
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss = self._loss(self._twin(traj.states[0]), traj.targets)
+                loss.backward()
+            out: dict[int, tuple[Tensor, Tensor]] = {}
+            for st in stages:
+                if st.kronecker and "weight" in st.param_names:
+                    w = st.params[st.param_names.index("weight")]
+                    G, A = getattr(w, field)
+                    out[st.index] = (A.detach(), G.detach())
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+                if hasattr(p, field):
+                    delattr(p, field)
+        return out
+
+    def _attach(self, stages: Sequence[Stage], traj: Trajectory, stats: list[Any]) -> None:
+        if not any(s is not None for s in stats):
+            return
+        factors = self.factors(stages, traj)
+        for t, s in enumerate(stats):
+            if s is not None and t in factors:
+                s.A, s.G = factors[t]
+
+    # -- order 1 -----------------------------------------------------------------------------
+    def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
+                 need_stats: Sequence[bool], keep_values: bool = False
+                 ) -> tuple[list[QExpansion], list[Tensor | None]]:
+        expansions, values = super().backward(
+            stages, traj, Terminal(terminal.loss, terminal.V_x), need_stats=need_stats,
+            keep_values=keep_values)
+        self._attach(stages, traj, [e.stats for e in expansions])
+        return expansions, values
+
+    # -- order 2 -----------------------------------------------------------------------------
+    def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: LowRankValue, *,
+                     gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
+                     stats_from_value: bool = True) -> LowRankExpansion:
+        exp = super().expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
+                                   need_quu=need_quu, need_stats=need_stats, keep=keep,
+                                   stats_from_value=False)  # rows: empirical (for ekfac)
+        if exp.stats is not None:
+            cache = getattr(traj, "_backpack_factors", None)
+            if cache is None:
+                cache = self.factors(self._stages_of(traj), traj)
+                traj._backpack_factors = cache  # type: ignore[attr-defined]
+            if t in cache:
+                exp.stats.A, exp.stats.G = cache[t]
+        return exp
+
+    def _stages_of(self, traj: Trajectory) -> list[Stage]:
+        return self._stages
+
+    def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
+                ) -> Trajectory:
+        self._stages = list(stages)
+        return super().forward(stages, inputs, input_value=input_value)
+
+
+__all__ = ["BackpackBackend", "EXTENSIONS", "StageStatistics"]
