@@ -169,9 +169,16 @@ class LowRankBackend(AutogradBackend):
             return None
         a, Z = exp.a, exp.next_value.Z  # type: ignore[union-attr]
         xin, out = exp.piece  # type: ignore[misc]
+        rows = stage.kronecker and stage.derivatives.exact_rows(stage.module)
 
         def K(dx: Tensor) -> list[Tensor]:
             cot = _combine(Z, _inner(a, dx))
+            if rows:  # the curvature model's closed form on the rows, if it has one
+                d = stage.derivatives
+                solved = minv.solve_rows(d.kfac_input(stage.module, exp.x),
+                                         d.kfac_output(stage.module, cot.unsqueeze(1))[:, 0])
+                if solved is not None:
+                    return [v.mul(-lr / B) for v in solved]
             g = torch.autograd.grad(out, stage.params, cot, retain_graph=True)
             return [v.mul(-lr) for v in minv([x / B for x in g])]
 

@@ -219,9 +219,10 @@ class BellmanEngine:
                     exp.Q_u = [g.add(p.detach(), alpha=weight_decay)
                                for g, p in zip(exp.Q_u, stage.params)]
                 k, minv = policy_fn(stage, exp.Q_u, exp.stats)
-                k_flat = stage.flatten(k)
-                quad = backend.quadratic(stage, exp, k) + weight_decay * k_flat.square().sum()
-                predicted = predicted + k_flat @ stage.flatten(exp.Q_u) + 0.5 * quad
+                quad = backend.quadratic(stage, exp, k)
+                if weight_decay:
+                    quad = quad + weight_decay * sum(kk.square().sum() for kk in k)
+                predicted = predicted + sum((kk * g).sum() for kk, g in zip(k, exp.Q_u)) + 0.5 * quad
                 policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B)
                                      if feedback else None)
             if t > 0 or keep:

@@ -246,7 +246,10 @@ class OCNOpt(torch.optim.Optimizer):
             with torch.no_grad():
                 upd, dirs = model.update(stage, states, Q_u, stage.params, stats, hp, k)
             new_states[stage.index] = upd
-            return [d.mul(-lr) for d in dirs], Solver(model, stage, upd, hp)
+            solver = Solver(model, stage, upd, hp)
+            if model.direction_is_solve(hp):  # d = M^{-1} Qbar_u: reuse it in the value update
+                solver.remember(Q_u, dirs)
+            return [d.mul(-lr) for d in dirs], solver
 
         predicted = None
         if second:

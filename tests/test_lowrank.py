@@ -206,3 +206,21 @@ def test_mc_terminal_factor_has_the_requested_rank():
     assert value.Z.shape == (6, 4, 3)
     # each sampled column is p - e_y, scaled by 1/sqrt(4): its entries sum to zero
     torch.testing.assert_close(value.Z.sum(-1), torch.zeros(6, 4), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (7, 3, 5)])
+def test_kfac_solve_on_rows_equals_solving_the_formed_gradient(shape):
+    """The feedback's closed form (g G^-1)^T (a A^-1) equals G^-1 (g^T a) A^-1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4)).double()
+    opt = ocnopt.OCNOpt(model, curvature="kfac", loss="mse", damping=0.3)
+    x = torch.randn(*shape, dtype=torch.float64)
+    opt.step(x, torch.randn(*shape[:-1], 4, dtype=torch.float64))
+    stage = opt.stages[0]
+    solver = Solver(opt.model_, stage, [opt.state[p] for p in stage.params], opt.param_groups[0])
+    cot = torch.randn(*shape[:-1], 4, dtype=torch.float64)
+    d = stage.derivatives
+    got = solver.solve_rows(d.kfac_input(stage.module, x), d.kfac_output(stage.module, cot[:, None])[:, 0])
+    grads = [torch.einsum("...o,...i->oi", cot, x), cot.reshape(-1, 4).sum(0)]
+    for g, e in zip(got, solver(grads)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

@@ -85,6 +85,18 @@ class CurvatureModel:
         """M v (the curvature model itself), same shapes as ``solve``; used by diagnostics."""
         raise NotImplementedError
 
+    def direction_is_solve(self, hp: dict[str, Any]) -> bool:
+        """Whether ``update``'s direction is exactly M^{-1} Qbar_u (no moments, no decoupled
+        terms), so the backends may reuse it instead of solving again."""
+        return False
+
+    def solve_rows(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                   g: Tensor) -> list[Tensor] | None:
+        """M^{-1} applied to the control gradient built from rows, (sum_{b,p} g_bp a_bp^T,
+        sum_{b,p} g_bp) for (weight, bias), with a (B, P, d_in) and g (B, P, d_out), when this
+        model has a form cheaper than forming the gradient first; else None."""
+        return None
+
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                         g: Tensor) -> Tensor | None:
         """Closed form of w_c^(i)T M^{-1} w_d^(i) for per-sample, per-column control gradients
@@ -102,8 +114,19 @@ class Solver:
                  hp: dict[str, Any]):
         self.model, self.stage, self.states, self.hp = model, stage, states, hp
 
+        self._known: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def remember(self, v: list[Tensor], solved: list[Tensor]) -> None:
+        """Record that M^{-1} v = solved (the model's direction), to skip solving again."""
+        self._known = (v, solved)
+
     def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        if self._known is not None and v is self._known[0]:
+            return self._known[1]
         return self.model.solve(self.stage, self.states, v, self.hp)
+
+    def solve_rows(self, a: Tensor, g: Tensor) -> list[Tensor] | None:
+        return self.model.solve_rows(self.stage, self.states, self.hp, a, g)
 
     def gram(self, a: Tensor, g: Tensor) -> Tensor | None:
         return self.model.per_sample_gram(self.stage, self.states, self.hp, a, g)

@@ -93,6 +93,10 @@ class EKFAC(KFAC):
                 out.append(((x @ QG) * (st["scale_bias"] + damping).pow(power)) @ QG.T)
         return out
 
+    def solve_rows(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                   g: Tensor) -> list[Tensor] | None:
+        return None  # the back-rotation costs as much as solving the formed gradient
+
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                         g: Tensor) -> Tensor | None:
         """The diagonal closed form in the Kronecker eigenbasis (rows rotated by Q_A, Q_G)."""

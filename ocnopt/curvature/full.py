@@ -56,6 +56,9 @@ class Full(CurvatureModel):
         direction = stage.unflatten(M_inv @ stage.flatten(grads))
         return [head] + [{} for _ in states[1:]], direction
 
+    def direction_is_solve(self, hp: dict[str, Any]) -> bool:
+        return True
+
     def _mul(self, stage: Stage, mat: Tensor, v: list[Tensor]) -> list[Tensor]:
         lead = v[0].dim() - stage.params[0].dim()
         return stage.unflatten(stage.flatten(v, lead) @ mat)  # mat symmetric

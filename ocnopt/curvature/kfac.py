@@ -52,6 +52,11 @@ def kronecker_factors(stage: Stage, stats: StageStatistics) -> tuple[Tensor, Ten
     return A, G
 
 
+def _rows_times(rows: Tensor, M: Tensor) -> Tensor:
+    """rows (..., d) @ M (d, d) as one matrix product."""
+    return (rows.reshape(-1, rows.shape[-1]) @ M).reshape(rows.shape)
+
+
 def ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
     """Running average; the first estimate is taken as is (no zero-initialisation bias)."""
     return new if old is None else old.mul(decay).add_(new, alpha=1 - decay)
@@ -141,17 +146,37 @@ class KFAC(CurvatureModel):
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return self.precondition(stage, states[0], v)
 
+    def direction_is_solve(self, hp: dict[str, Any]) -> bool:
+        return hp["momentum"] == 0
+
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                         g: Tensor) -> Tensor | None:
         """sum_{p,q} (g_cp^T G^-1 g_dq)(a_p^T A^-1 a_q) + (sum g_c)^T G^-1 (sum g_d)."""
         if not stage.derivatives.exact_rows(stage.module):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
+        aA = _rows_times(a, A_inv)
         return weight_bias_gram(
             stage, a, g,
-            lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", g @ G_inv, g,
-                                      (a @ A_inv) @ a.transpose(1, 2)),
-            lambda gs: torch.einsum("bco,bdo->bcd", gs @ G_inv, gs))
+            lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", _rows_times(g, G_inv), g,
+                                      aA @ a.transpose(1, 2)),
+            lambda gs: torch.einsum("bco,bdo->bcd", _rows_times(gs, G_inv), gs))
+
+    def solve_rows(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                   g: Tensor) -> list[Tensor] | None:
+        """G^-1 (sum g a^T) A^-1 = (g G^-1)^T (a A^-1): rank <= B P, cheaper than the
+        two d^3-sized products when B P < d_in."""
+        if not stage.derivatives.exact_rows(stage.module):
+            return None
+        A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
+        gG = _rows_times(g, G_inv).flatten(0, 1)
+        out = []
+        for name, p in zip(stage.param_names, stage.params):
+            if name == "weight":
+                out.append((gG.T @ _rows_times(a, A_inv).flatten(0, 1)).reshape(p.shape))
+            else:
+                out.append(gG.sum(0))
+        return out
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         # the damped factors whose inverses are in use (diagnostics only: O(d^3))

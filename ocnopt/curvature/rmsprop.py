@@ -46,6 +46,9 @@ class RMSprop(CurvatureModel):
             dirs.append(d)
         return new_states, dirs
 
+    def direction_is_solve(self, hp: dict[str, Any]) -> bool:
+        return hp["momentum"] == 0
+
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return [x / self._denominator(st, hp) for st, x in zip(states, v)]
 

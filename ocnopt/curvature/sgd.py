@@ -56,6 +56,9 @@ class SGD(CurvatureModel):
 
     apply = solve
 
+    def direction_is_solve(self, hp: dict[str, Any]) -> bool:
+        return hp["momentum"] == 0
+
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                         g: Tensor) -> Tensor | None:
         """w_c^T w_d = sum_{p,q} (g_cp . g_dq)(a_p . a_q) + (sum_p g_cp).(sum_q g_dq)."""
