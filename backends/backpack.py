@@ -118,9 +118,15 @@ class BackpackBackend(LowRankBackend):
         saved = [p.grad for p in params]
         for p in params:  # backward accumulates in place: keep the user's .grad out of it
             p.grad = None
+        devices = [p.device for p in params[:1] if p.device.type == "cuda"]
         try:
-            with torch.enable_grad(), backpack(_extension(self.extension, self.mc_samples)), \
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                    backpack(_extension(self.extension, self.mc_samples)), \
                     warnings.catch_warnings():
+                if traj.generator is not None:  # BackPACK samples with the global RNG: seed it
+                    seed = torch.randint(0, 2**62, (1,), generator=traj.generator,
+                                         device=traj.generator.device)
+                    torch.manual_seed(int(seed))
                 # the network input needs no gradient: torch notes that the hooks still fire
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss = self._loss(self._twin(traj.states[0]), traj.targets)

@@ -36,6 +36,7 @@ class Trajectory:
     contexts: list[Any]
     handles: Any = None
     targets: Tensor | None = None  # set by ``terminal``
+    generator: torch.Generator | None = None  # set by ``terminal``: the step's sampler
 
     @property
     def output(self) -> Tensor:
@@ -137,7 +138,7 @@ class BellmanEngine:
         """V_T = phi at x_T: loss, per-sample gradient, and (``hessian``) V_xx = d^2 phi."""
         out = traj.output.detach()
         self.loss.check(out, targets)
-        traj.targets = targets
+        traj.targets, traj.generator = targets, generator
         loss, V_x = self.loss.value_gradient(out, targets)
         factor = None
         if not torch.isfinite(loss):  # the step will be skipped: sample nothing

@@ -55,6 +55,12 @@ KRONECKER_CASES = [
 ORDER2_CASES = [
     _case("adam", order=2),
     _case("kfac", order=2, stat_every=2, inv_every=3),
+    # the scalable backends pass the same battery (issue: every backend, same checks)
+    _case("adam", order=2, backend="lowrank"),
+    _case("kfac", order=2, backend="lowrank", stat_every=2, inv_every=3),
+    _case("ekfac", order=2, backend="lowrank", backend_options={"terminal": "mc"}),
+    _case("kfac", order=2, backend="backpack", stat_every=2, inv_every=3),
+    _case("ekfac", backend="backpack", backend_options={"extension": "kfac"}),
 ]
 
 
