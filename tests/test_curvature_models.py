@@ -1,0 +1,103 @@
+"""Curvature models alone (optax-style: explicit state, pure updates): refresh periods,
+running averages, damping schedules and the float64 fallback of factor decompositions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ocnopt
+from ocnopt.curvature import CurvatureWarning, ekfac, kfac
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (6,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name, module", [("kfac", kfac), ("ekfac", ekfac)])
+def test_failed_decomposition_keeps_the_previous_one_and_warns(name, module, monkeypatch):
+    model = tiny()
+    opt = ocnopt.OCNOpt(model, curvature=name, inv_every=1, damping=0.1, lr=0.1)
+    data = batches(3)
+    opt.step(*data[0])
+    head = opt.state[opt.stages[0].params[0]]
+    keys = ("A_inv", "G_inv") if name == "kfac" else ("QA", "QG")
+    before = {k: head[k].clone() for k in keys}
+    monkeypatch.setattr(module, "eigh64", lambda M: None)
+    with pytest.warns(CurvatureWarning, match="keeping the previous"):
+        opt.step(*data[1])
+    head = opt.state[opt.stages[0].params[0]]
+    for k in keys:
+        assert torch.equal(head[k], before[k])
+    assert opt.step_count == 2
+
+
+def test_kfac_refresh_periods_and_running_average():
+    """Statistics every stat_every steps (EMA with stat_decay, first estimate as is),
+    inverses every inv_every steps, computed with the damping of that step."""
+    model = tiny()
+    damping = lambda k: 0.1 * (k + 1)  # noqa: E731
+    opt = ocnopt.OCNOpt(model, curvature="kfac", stat_every=2, inv_every=3, stat_decay=0.5,
+                        damping=damping, lr=0.0)
+    w = opt.stages[0].params[0]
+    seen_A, inverses = [], []
+    for k, (x, y) in enumerate(batches(7)):
+        opt.step(x, y)
+        A_batch = (x.T @ x) / x.shape[0]
+        if k % 2 == 0:
+            seen_A.append(A_batch)
+        expected = seen_A[0]
+        for a in seen_A[1:]:
+            expected = 0.5 * expected + 0.5 * a
+        torch.testing.assert_close(opt.state[w]["A"], expected, rtol=1e-12, atol=1e-14)
+        inverses.append(opt.state[w]["A_inv"].clone())
+    for k in range(1, 7):
+        changed = not torch.equal(inverses[k], inverses[k - 1])
+        assert changed == (k % 3 == 0), k
+    # the inverse at step 6 uses the damping of step 6 and the factor then
+    A6 = opt.state[w]["A"]
+    torch.testing.assert_close(inverses[6], torch.linalg.inv(A6 + 0.7 * torch.eye(4, dtype=A6.dtype)),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_curvature_models_are_pure():
+    """update never mutates the state it is given (the non-finite guard relies on it)."""
+    for name, cls in ocnopt.CURVATURES.items():
+        if name == "full":
+            continue
+        model = tiny()
+        opt = ocnopt.OCNOpt(model, curvature=name, lr=0.1)
+        x, y = batches(1)[0]
+        opt.step(x, y)
+        st = opt.stages[0]
+        states = [opt.state[p] for p in st.params]
+        frozen = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                  for s in states]
+        grads = [torch.randn_like(p) for p in st.params]
+        stats = None
+        if cls.needs_kronecker:
+            from ocnopt.curvature.base import StageStatistics
+            stats = StageStatistics(a=torch.randn(6, 1, 4, dtype=torch.float64),
+                                    g=torch.randn(6, 1, 1, 5, dtype=torch.float64))
+        cls().update(st, states, grads, list(st.params), stats, opt.param_groups[0], 1)
+        for s, f in zip(states, frozen):
+            for k, v in f.items():
+                assert (torch.equal(s[k], v) if isinstance(v, torch.Tensor) else s[k] == v), (name, k)
+
+
+def test_full_model_floors_indefinite_q_uu():
+    from ocnopt.curvature.full import floored_inverse
+
+    M = torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64))
+    used, inv = floored_inverse(M, damping=0.0, eig_floor=0.1)
+    torch.testing.assert_close(torch.linalg.eigvalsh(used),
+                               torch.tensor([0.2, 0.5, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(inv @ used, torch.eye(3, dtype=torch.float64))
