@@ -223,3 +223,24 @@ def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> T
         return torch.einsum("bco,bdo,o->bcd", gs, gs, 1.0 / D["bias"])
 
     return weight_bias_gram(stage, a, g, weight, bias)
+
+
+class DiagonalCurvature(CurvatureModel):
+    """M = diag(D) with D = ``_denominator(state)`` per parameter (rmsprop, adam)."""
+
+    def _denominator(self, state: State, hp: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return [x / self._denominator(st, hp) for st, x in zip(states, v)]
+
+    def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        return [x * self._denominator(st, hp) for st, x in zip(states, v)]
+
+    def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
+                        g: Tensor) -> Tensor | None:
+        """w_c^T D^{-1} w_d with D the diagonal of M (weight (d_out, d_in), bias (d_out,))."""
+        if stage.kronecker and stage.derivatives.exact_rows(stage.module):
+            D = {n: self._denominator(st, hp) for n, st in zip(stage.param_names, states)}
+            return diagonal_gram(stage, a, g, D)
+        return None

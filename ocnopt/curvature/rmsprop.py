@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from ..stages import Stage
-from .base import CurvatureModel, StageStatistics, State, check_nonneg, diagonal_gram, require
+from .base import DiagonalCurvature, StageStatistics, State, check_nonneg, require
 
 
-class RMSprop(CurvatureModel):
+class RMSprop(DiagonalCurvature):
     name = "rmsprop"
     defaults = {"alpha": 0.99, "eps": 1e-8, "centered": False, "momentum": 0.0}
 
@@ -49,17 +49,4 @@ class RMSprop(CurvatureModel):
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
         return hp["momentum"] == 0
 
-    def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        return [x / self._denominator(st, hp) for st, x in zip(states, v)]
-
-    def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        return [x * self._denominator(st, hp) for st, x in zip(states, v)]
-
-    def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
-                        g: Tensor) -> Tensor | None:
-        """w_c^T D^{-1} w_d with D the diagonal of M (weight (d_out, d_in), bias (d_out,))."""
-        if stage.kronecker and stage.derivatives.exact_rows(stage.module):
-            D = {n: self._denominator(st, hp) for n, st in zip(stage.param_names, states)}
-            return diagonal_gram(stage, a, g, D)
-        return None
 
