@@ -74,15 +74,9 @@ class ExactExpansion(QExpansion):
 Solver = Callable[[list[Tensor]], list[Tensor]]
 
 
-class AutogradBackend(Backend):
-    name = "autograd"
-    second_order_capable = True
-
-    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET):
-        if not (isinstance(memory_budget, int) and memory_budget > 0):
-            raise ValueError(f"invalid memory_budget={memory_budget!r}: accepted a positive "
-                             "integer number of bytes")
-        self.memory_budget = memory_budget
+class GraphBackend(Backend):
+    """The nominal pass on per-stage graph pieces and the first-order value recursion (one VJP
+    per stage): shared by every backend that computes derivatives with torch.autograd."""
 
     # -- nominal pass ---------------------------------------------------------------------------
     def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
@@ -137,6 +131,20 @@ class AutogradBackend(Backend):
             if keep_values:
                 values[t] = Q_x
         return expansions, values
+
+
+
+class AutogradBackend(GraphBackend):
+    """Exact backend: full per-sample matrices (vanilla DDP)."""
+
+    name = "autograd"
+    second_order_capable = True
+
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        if not (isinstance(memory_budget, int) and memory_budget > 0):
+            raise ValueError(f"invalid memory_budget={memory_budget!r}: accepted a positive "
+                             "integer number of bytes")
+        self.memory_budget = memory_budget
 
     # -- second order (SPEC 2-4 with full per-sample matrices) -----------------------------------
     def check_second_order(self, stages: Sequence[Stage], traj: Trajectory, *, need_quu: bool
@@ -194,11 +202,11 @@ class AutogradBackend(Backend):
 
     def quadratic(self, stage: Stage, exp: ExactExpansion, k: list[Tensor]) -> Tensor:
         """k^T Qbar_uu k (without l_uu) = E_i[(f_u k)^T V'_xx (f_u k)] + k^T psi_uu k."""
-        terms = exp.terms
-        assert terms.f_u is not None
+        terms, value = exp.terms, exp.next_value
+        assert terms is not None and terms.f_u is not None and value is not None
         k_flat = stage.flatten(k)
         fu_k = torch.einsum("bkm,m->bk", terms.f_u, k_flat)
-        quad = torch.einsum("bk,bkl,bl->", fu_k, exp.next_value.V_xx, fu_k) / fu_k.shape[0]
+        quad = torch.einsum("bk,bkl,bl->", fu_k, value.V_xx, fu_k) / fu_k.shape[0]
         if terms.psi_uu is not None:
             quad = quad + k_flat @ terms.psi_uu @ k_flat
         return quad

@@ -42,7 +42,7 @@ from ocnopt.engine import QExpansion, Terminal, Trajectory
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
-from .autograd import AutogradBackend, kronecker_statistics, psd_sqrt_factor
+from .autograd import GraphBackend, kronecker_statistics, psd_sqrt_factor
 
 TERMINALS = ("empirical", "exact", "mc")
 
@@ -74,14 +74,13 @@ def _combine(Z: Tensor, s: Tensor) -> Tensor:
     return torch.einsum("brn,br->bn", Z.flatten(2), s).reshape(Z.shape[0], *Z.shape[2:])
 
 
-class LowRankBackend(AutogradBackend):
+class LowRankBackend(GraphBackend):
     """Order 1 is the autograd backend's backpropagation; order 2 propagates Z."""
 
     name = "lowrank"
     second_order_capable = True
 
     def __init__(self, terminal: str = "empirical", mc_samples: int = 1):
-        super().__init__()
         if terminal not in TERMINALS:
             raise ValueError(f"invalid terminal={terminal!r}: accepted {TERMINALS}")
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
@@ -153,6 +152,7 @@ class LowRankBackend(AutogradBackend):
     def _fu_k(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
         params = {n: p.detach() for n, p in zip(stage.param_names, stage.params)}
         tangent = dict(zip(stage.param_names, k))
+        assert exp.x is not None
         return stage.derivatives.param_jvp(stage.module, params, exp.x, exp.ctx, tangent)
 
     def quadratic(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
@@ -170,12 +170,14 @@ class LowRankBackend(AutogradBackend):
         a, Z = exp.a, exp.next_value.Z  # type: ignore[union-attr]
         xin, out = exp.piece  # type: ignore[misc]
         rows = stage.kronecker and stage.derivatives.exact_rows(stage.module)
+        x = exp.x
+        assert x is not None
 
         def K(dx: Tensor) -> list[Tensor]:
             cot = _combine(Z, _inner(a, dx))
             if rows:  # the curvature model's closed form on the rows, if it has one
                 d = stage.derivatives
-                solved = minv.solve_rows(d.kfac_input(stage.module, exp.x),
+                solved = minv.solve_rows(d.kfac_input(stage.module, x),
                                          d.kfac_output(stage.module, cot.unsqueeze(1))[:, 0])
                 if solved is not None:
                     return [v.mul(-lr / B) for v in solved]

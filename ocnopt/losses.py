@@ -183,7 +183,7 @@ def make_loss(loss: str | Loss | Callable[[Tensor, Tensor], Tensor] | nn.Module)
             )
         return LOSSES[loss]()
     if isinstance(loss, (nn.CrossEntropyLoss, nn.MSELoss)):
-        if loss.reduction != "mean" or getattr(loss, "label_smoothing", 0.0) or (
+        if loss.reduction != "mean" or float(getattr(loss, "label_smoothing", 0.0)) or (
             getattr(loss, "weight", None) is not None
         ):
             raise ValueError(

@@ -149,7 +149,7 @@ class OCNOpt(torch.optim.Optimizer):
         super().__init__(params, hp)
         self.generator = torch.Generator(device=params[0].device)
         self.generator.manual_seed(int(seed))
-        self.state["ocnopt"] = {"step": 0, "skipped_steps": 0}
+        self._meta_set({"step": 0, "skipped_steps": 0})
         self._warned_nonfinite = False
         self.last_step: StepResult | None = None
 
@@ -170,19 +170,27 @@ class OCNOpt(torch.optim.Optimizer):
 
     # -- state --------------------------------------------------------------------------------
     @property
+    def _meta(self) -> dict[str, Any]:
+        """The optimizer's own entry of ``state`` (torch packs non-parameter keys as they are)."""
+        return self.state["ocnopt"]  # type: ignore[index]
+
+    def _meta_set(self, meta: dict[str, Any]) -> None:
+        self.state["ocnopt"] = meta  # type: ignore[index]
+
+    @property
     def step_count(self) -> int:
         """Completed (not skipped) steps."""
-        return int(self.state["ocnopt"]["step"])
+        return int(self._meta["step"])
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because the loss or the update was not finite."""
-        return int(self.state["ocnopt"]["skipped_steps"])
+        return int(self._meta["skipped_steps"])
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         # a snapshot: later steps must not change a checkpoint kept in memory
-        sd["state"]["ocnopt"] = {**self.state["ocnopt"], "generator": self.generator.get_state(),
+        sd["state"]["ocnopt"] = {**self._meta, "generator": self.generator.get_state(),
                                  "curvature": self.curvature_name}
         return sd
 
@@ -194,8 +202,8 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError(f"state_dict was saved with curvature={meta['curvature']!r}, this "
                              f"optimizer uses curvature={self.curvature_name!r}")
         super().load_state_dict(state_dict)
-        meta = self.state["ocnopt"]
-        self.state["ocnopt"] = dict(meta)
+        meta = dict(self._meta)
+        self._meta_set(meta)
         if "generator" in meta:
             self.generator.set_state(meta["generator"])
 
@@ -215,7 +223,7 @@ class OCNOpt(torch.optim.Optimizer):
                              f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
         hp = self.param_groups[0]
         self._check(hp)
-        meta = self.state["ocnopt"]
+        meta = self._meta
         k = int(meta["step"])
         model = self.model_
         need_stats = [st.has_control and model.wants_statistics(k, hp, [self.state[p] for p in st.params])
@@ -307,7 +315,7 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _skip(self, loss: Tensor, what: str) -> Tensor:
         self.generator.set_state(self._generator_state)  # a skipped step draws no labels
-        self.state["ocnopt"]["skipped_steps"] += 1
+        self._meta["skipped_steps"] += 1
         if not self._warned_nonfinite:
             warnings.warn(
                 f"OCNOpt step skipped: the {what} is not finite (loss={float(loss)}); parameters "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ class Adam(DiagonalCurvature):
         bc2_sqrt = math.sqrt(1 - beta2 ** float(state["step"]))
         return (v.sqrt() / bc2_sqrt).add_(hp["eps"])
 
-    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         beta1, beta2 = hp["betas"]

@@ -13,7 +13,7 @@ State is a list of dicts, one per parameter of the stage (the dicts of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,7 +69,7 @@ class CurvatureModel:
         stage: Stage,
         states: list[State],
         grads: list[Tensor],
-        params: list[Tensor],
+        params: Sequence[Tensor],
         stats: StageStatistics | None,
         hp: dict[str, Any],
         step: int,

@@ -5,8 +5,8 @@ K-FAC factors (refreshed every ``inv_every`` steps, in float64, keeping the prev
 decomposition fails) and s the running average of E_i[(Q_G^T Gw_i Q_A)^2], Gw_i the per-sample
 (per factor column) weight gradient sum_p g_ip a_ip^T. The bias uses Q_G alone. When the basis
 changes, s restarts from the current batch's estimate in the new basis (choice: the old
-diagonal lives in the old basis). Damping is added to the corrected eigenvalues ("exact"
-damping, as curvlinops' EKFAC inverse).
+diagonal lives in the old basis), so statistics are also collected at every basis refresh.
+Damping is added to the corrected eigenvalues ("exact" damping, as curvlinops' EKFAC inverse).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _CHUNK_ELEMENTS = 2**24  # bound on B_chunk * r * d_out * d_in for per-sample gr
 def eigenbasis_scales(stats: StageStatistics, QA: Tensor, QG: Tensor) -> tuple[Tensor, Tensor]:
     """Batch estimates of the corrected eigenvalues for (weight, bias):
     s_w = mean_b sum_r (Q_G^T Gw_br Q_A)^2 and s_b = mean_b sum_r (Q_G^T sum_p g_brp)^2."""
+    assert stats.a is not None and stats.g is not None
     a = stats.a @ QA          # (B, P, d_in)
     g = stats.g @ QG          # (B, r, P, d_out)
     B, r, P, d_out = g.shape
@@ -110,4 +111,6 @@ class EKFAC(KFAC):
         return self._scaled(stage, states[0], v, 1.0)
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
-        return step % hp["stat_every"] == 0 or "QA" not in states[0]
+        # a new basis needs a fresh diagonal: collect statistics at basis refreshes too
+        return (step % hp["stat_every"] == 0 or step % hp["inv_every"] == 0
+                or "QA" not in states[0])

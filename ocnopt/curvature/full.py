@@ -10,6 +10,7 @@ inverse of the current step is kept in the state so that ``solve`` applies it to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ class Full(CurvatureModel):
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
         return True
 
-    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         if stats is None or stats.Q_uu is None:

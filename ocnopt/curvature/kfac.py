@@ -7,11 +7,17 @@ steps through float64 eigen-decompositions, keeping the previous inverses if one
 Weight and bias are preconditioned separately: the weight by G^-1 X A^-1, the bias by G^-1
 (curvlinops' ``separate_weight_and_bias=True``). Only stages with Kronecker structure (Linear,
 Conv1d, Conv2d) carry a control among the supported layers.
+With ``fisher_type="empirical"`` and the MSE loss, G is the covariance of the gradients of the
+per-sample loss phi = mean_k (x_k - y_k)^2, which is exactly 1/C times curvlinops' G (and EKFAC
+eigenvalue corrections), C the size of the output's last dimension (its features), because
+curvlinops multiplies the mean-reduced ``MSELoss`` by sqrt(C) before taking gradients; A, and
+G for the type-2 Fisher or the empirical cross-entropy Fisher, equal curvlinops' factors.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,7 +83,7 @@ def damped_inverse(M: Tensor, damping: float) -> Tensor | None:
 class KFAC(CurvatureModel):
     name = "kfac"
     needs_kronecker = True
-    defaults = {"damping": 1e-3, "stat_every": 1, "inv_every": 10, "stat_decay": 0.95,
+    defaults = {"damping": 1e-1, "stat_every": 1, "inv_every": 10, "stat_decay": 0.95,
                 "momentum": 0.0, "fisher_type": "empirical"}
 
     def check(self, hp: dict[str, Any]) -> None:
@@ -129,7 +135,7 @@ class KFAC(CurvatureModel):
                 out.append(x @ G_inv)  # G symmetric: (G^-1 b)^T = b^T G^-1
         return out
 
-    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         if not stage.kronecker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ class RMSprop(DiagonalCurvature):
             v = v.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
         return v.sqrt().add_(hp["eps"])
 
-    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         alpha, new_states, dirs = hp["alpha"], [], []

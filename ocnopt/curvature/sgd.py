@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ class SGD(CurvatureModel):
             require(hp["momentum"] > 0 and hp["dampening"] == 0, "nesterov", True,
                     "only with momentum > 0 and dampening = 0 (as torch.optim.SGD)")
 
-    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: list[Tensor],
+    def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         new_states, dirs = [], []

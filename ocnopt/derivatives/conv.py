@@ -7,6 +7,8 @@ patches are averaged over channel groups (the convention of curvlinops' K-FAC).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from .base import StageDerivatives, as_tuple
 
 
-def _padding(module: nn.Module, n: int) -> tuple[int, ...]:
+def _padding(module: Any, n: int) -> tuple[int, ...]:
     padding = module.padding
     if isinstance(padding, str):
         if padding == "valid":
@@ -42,7 +44,7 @@ class ConvDerivatives(StageDerivatives):
     def _as_2d(self, x: Tensor) -> Tensor:
         return x.unsqueeze(-2) if self.dims == 1 else x
 
-    def kfac_input(self, module: nn.Module, x: Tensor) -> Tensor:
+    def kfac_input(self, module: Any, x: Tensor) -> Tensor:
         if getattr(module, "padding_mode", "zeros") != "zeros":
             x = _pad_nonzero(module, x, self.dims)
             padding = (0,) * self.dims
@@ -64,15 +66,15 @@ class ConvDerivatives(StageDerivatives):
         # (B, r, C_out, *spatial) -> (B, r, P, C_out)
         return rearrange(g, "b r c ... -> b r (...) c")
 
-    def exact_rows(self, module: nn.Module) -> bool:
-        return module.groups == 1
+    def exact_rows(self, module: Any) -> bool:
+        return bool(module.groups == 1)
 
-    def weight_matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+    def weight_matrix_shape(self, module: Any) -> tuple[int, int]:
         w = module.weight
         return w.shape[0], w[0].numel()
 
 
-def _pad_nonzero(module: nn.Module, x: Tensor, dims: int) -> Tensor:
+def _pad_nonzero(module: Any, x: Tensor, dims: int) -> Tensor:
     pads: list[int] = []
     for p in reversed(_padding(module, dims)):
         pads += [p, p]

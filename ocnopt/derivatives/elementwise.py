@@ -22,7 +22,7 @@ class DropoutDerivatives(StageDerivatives):
     """Dropout as a stage: the mask drawn in the nominal pass is replayed in the update pass."""
 
     def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
-        p = float(module.p)
+        p = float(module.p)  # type: ignore[arg-type]
         if not module.training or p == 0.0:
             return x, None
         if p == 1.0:
