@@ -1,0 +1,284 @@
+"""The optimizers a benchmark compares, by name, all driven through one ``Stepper`` interface.
+
+ocnopt's modes are named ``<backend>-<curvature>[-fb]``:
+
+* ``<backend>-<curvature>``: ``order=1`` (backpropagation + the base optimizer given by the
+  curvature model), e.g. ``autograd-adam`` (= torch Adam), ``autograd-kfac``;
+* ``<backend>-<curvature>-fb``: ``order=2`` with the feedback policies du = k + K dx and the
+  value correction, e.g. ``lowrank-kfac-fb``; ``autograd-full-fb`` is vanilla DDP (exact
+  value Hessians, full curvature), for small problems only.
+
+backend in autograd, lowrank, backpack; curvature in sgd, rmsprop, adam, adamw, kfac, ekfac,
+full (full only with autograd).
+
+The peers, which nobody here wrote, run through the same loop:
+
+* ``torch-sgd`` (``torch.optim.SGD``, momentum 0.9), ``torch-rmsprop``, ``torch-adam``;
+* ``curvlinops-kfac``: p <- p - lr (K + damping)^-1 g with curvlinops'
+  ``KFACInverseLinearOperator`` of a ``KFACLinearOperator`` (Monte-Carlo Fisher, one sample)
+  rebuilt on the current batch every ``update_every`` steps (10, as ocnopt's ``inv_every``).
+
+Hyper-parameters other than the learning rate are fixed per family (``HYPER``) and recorded in
+every result; the learning rate has a hand-set default (``DEFAULT_LR``, not tuned on any split)
+and the ``sweep`` protocol chooses it on the validation split.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .problems import Problem
+
+BACKENDS = ("autograd", "lowrank", "backpack")
+CURVATURES = ("sgd", "rmsprop", "adam", "adamw", "kfac", "ekfac", "full")
+PEERS = ("torch-sgd", "torch-rmsprop", "torch-adam", "curvlinops-kfac")
+
+#: hand-set learning rates (not tuned on any split); the sweep grid is centred on them
+DEFAULT_LR = {"sgd": 0.05, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3, "kfac": 0.02,
+              "ekfac": 0.02, "full": 0.3}
+#: the other hyper-parameters, fixed per family (torch's names)
+HYPER: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.9}, "rmsprop": {}, "adam": {}, "adamw": {},
+    # K-FAC: the library default damping 1e-3 lets the step blow up on these small problems;
+    # the Fisher is the library's default (empirical at order 1 and with backend lowrank)
+    "kfac": {"damping": 0.1},
+    "ekfac": {"damping": 0.1},
+    "full": {"damping": 0.1},
+}
+CURVLINOPS_KFAC = {"damping": 0.1, "fisher_type": "mc", "update_every": 10}
+
+#: the default comparison of ``ocnopt bench run`` (order 1 and order 2 against the peers)
+DEFAULT_SET = ("torch-sgd", "torch-adam", "curvlinops-kfac", "autograd-sgd", "autograd-adam",
+               "autograd-kfac", "lowrank-adam-fb", "lowrank-kfac-fb")
+
+
+class Stepper(Protocol):
+    """One optimizer bound to one model: ``step`` does a whole training step on a batch and
+    returns the loss before it; ``skipped`` counts steps the optimizer refused (non-finite)."""
+
+    skipped: int
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float: ...
+
+
+def torch_loss(name: str) -> nn.Module:
+    return nn.CrossEntropyLoss() if name == "cross_entropy" else nn.MSELoss()
+
+
+class TorchStepper:
+    """A ``torch.optim`` optimizer: zero_grad, forward, backward, step."""
+
+    def __init__(self, model: nn.Module, loss: str, optimizer: torch.optim.Optimizer):
+        self.model, self.loss_fn, self.opt = model, torch_loss(loss), optimizer
+        self.skipped = 0
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(inputs), targets)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+class CurvlinopsKFACStepper:
+    """K-FAC from curvlinops: p <- p - lr (K + damping I)^-1 grad, K rebuilt every
+    ``update_every`` steps from the current batch (its inverse is cached in between)."""
+
+    def __init__(self, model: nn.Module, loss: str, lr: float, damping: float,
+                 fisher_type: str, update_every: int, seed: int):
+        from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+        self._K, self._Kinv = KFACLinearOperator, KFACInverseLinearOperator
+        self.model, self.loss_fn = model, torch_loss(loss)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.lr, self.damping, self.fisher_type = lr, damping, fisher_type
+        self.update_every, self.seed = update_every, seed
+        self.k = 0
+        self.skipped = 0
+        self.inverse: Any = None
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float:
+        if self.k % self.update_every == 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                K = self._K(self.model, self.loss_fn, self.params, [(inputs, targets)],
+                            fisher_type=self.fisher_type, check_deterministic=False,
+                            seed=self.seed * 100_003 + self.k)
+                K.compute_kronecker_factors()
+                self.inverse = self._Kinv(K, damping=self.damping)
+        self.k += 1
+        loss = self.loss_fn(self.model(inputs), targets)
+        grads = torch.autograd.grad(loss, self.params)
+        direction = self.inverse @ list(grads)
+        with torch.no_grad():
+            for p, d in zip(self.params, direction):
+                p.sub_(d, alpha=self.lr)
+        return float(loss.detach())
+
+
+class OCNOptStepper:
+    """``ocnopt.OCNOpt``: ``step(x, y)`` is the whole step."""
+
+    def __init__(self, model: nn.Module, loss: str, **kwargs: Any):
+        import ocnopt
+
+        self.opt = ocnopt.OCNOpt(model, loss=loss, **kwargs)
+
+    @property
+    def skipped(self) -> int:
+        return self.opt.skipped_steps
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float:
+        return float(self.opt.step(inputs, targets))
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A named optimizer: how to build its stepper, its fixed hyper-parameters, its default lr."""
+
+    name: str
+    family: str  # "ocnopt", "torch" or "curvlinops"
+    default_lr: float
+    hyper: dict[str, Any]
+    description: str
+    factory: Callable[[nn.Module, str, float, int], Stepper]
+    order: int | None = None  # ocnopt: 1 or 2
+    backend: str | None = None
+    curvature: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """Runs the exact backend's full matrices (order 2 with autograd, or curvature full)."""
+        return self.backend == "autograd" and (self.order == 2 or self.curvature == "full")
+
+    def make(self, model: nn.Module, loss: str, lr: float, seed: int) -> Stepper:
+        return self.factory(model, loss, lr, seed)
+
+    def config(self) -> dict[str, Any]:
+        """What a result file records about the optimizer."""
+        out: dict[str, Any] = {"name": self.name, "family": self.family,
+                               "description": self.description, "hyper": dict(self.hyper)}
+        if self.family == "ocnopt":
+            out.update(order=self.order, backend=self.backend, curvature=self.curvature,
+                       options=dict(self.options))
+        return out
+
+    def fits(self, problem: Problem) -> str | None:
+        """None when the optimizer runs on the problem, else the reason why not."""
+        if self.name in problem.unsupported:
+            return problem.unsupported[self.name]
+        if self.exact and problem.exact == "no":
+            return (f"{self.name} forms the exact backend's full per-sample matrices; "
+                    f"{problem.name} is too large for them")
+        return None
+
+
+def _peer(name: str) -> OptimizerSpec:
+    if name == "torch-sgd":
+        hp = {"momentum": 0.9}
+        return OptimizerSpec(name, "torch", DEFAULT_LR["sgd"], hp, "torch.optim.SGD, momentum 0.9",
+                             lambda m, loss, lr, seed: TorchStepper(
+                                 m, loss, torch.optim.SGD(m.parameters(), lr=lr, **hp)))
+    if name == "torch-rmsprop":
+        return OptimizerSpec(name, "torch", DEFAULT_LR["rmsprop"], {}, "torch.optim.RMSprop",
+                             lambda m, loss, lr, seed: TorchStepper(
+                                 m, loss, torch.optim.RMSprop(m.parameters(), lr=lr)))
+    if name == "torch-adam":
+        return OptimizerSpec(name, "torch", DEFAULT_LR["adam"], {}, "torch.optim.Adam",
+                             lambda m, loss, lr, seed: TorchStepper(
+                                 m, loss, torch.optim.Adam(m.parameters(), lr=lr)))
+    hp = dict(CURVLINOPS_KFAC)
+    return OptimizerSpec(
+        name, "curvlinops", DEFAULT_LR["kfac"], hp,
+        "curvlinops KFACInverseLinearOperator(KFACLinearOperator(MC Fisher), damping 0.1) @ grad, "
+        "rebuilt on the current batch every 10 steps",
+        lambda m, loss, lr, seed: CurvlinopsKFACStepper(m, loss, lr, seed=seed, **hp))
+
+
+def parse_optimizer(name: str) -> OptimizerSpec:
+    """The optimizer called ``name``; ``ValueError`` naming what is accepted otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer name must be a string, got {type(name).__name__}")
+    if name in PEERS:
+        return _peer(name)
+    parts = name.split("-")
+    feedback = len(parts) == 3 and parts[2] == "fb"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not feedback) \
+            or parts[0] not in BACKENDS or parts[1] not in CURVATURES:
+        raise ValueError(
+            f"unknown optimizer {name!r}: accepted {', '.join(PEERS)} or <backend>-<curvature>[-fb] "
+            f"with backend in {{{', '.join(BACKENDS)}}} and curvature in {{{', '.join(CURVATURES)}}}"
+            " ('-fb': order 2 with feedback)")
+    backend, curvature = parts[0], parts[1]
+    if curvature == "full" and backend != "autograd":
+        raise ValueError(f"unknown optimizer {name!r}: curvature 'full' needs E[Q_uu] as a matrix, "
+                         "which only backend 'autograd' forms (use autograd-full or autograd-full-fb)")
+    order = 2 if feedback else 1
+    hp = dict(HYPER[curvature])
+    kwargs = {"curvature": curvature, "backend": backend, "order": order, **hp}
+    if feedback:
+        kwargs["feedback"] = True
+    what = "vanilla DDP (exact value Hessians, full curvature)" if name == "autograd-full-fb" else (
+        f"order {order}{' with feedback' if feedback else ''}, curvature {curvature}, "
+        f"backend {backend}")
+    return OptimizerSpec(
+        name, "ocnopt", DEFAULT_LR[curvature], hp, f"ocnopt: {what}",
+        lambda m, loss, lr, seed: OCNOptStepper(m, loss, lr=lr, seed=seed, **kwargs),
+        order=order, backend=backend, curvature=curvature,
+        options={"feedback": feedback} if feedback else {})
+
+
+def all_names() -> list[str]:
+    """Every optimizer name the registry accepts."""
+    names = list(PEERS)
+    for fb in ("", "-fb"):
+        for b in BACKENDS:
+            for c in CURVATURES:
+                if c == "full" and b != "autograd":
+                    continue
+                names.append(f"{b}-{c}{fb}")
+    return names
+
+
+#: the ``all`` set: peers, every order-1 mode of the autograd backend (the other backends give
+#: the same order-1 step), every order-2 mode of the scalable backends, and the exact ones
+ALL_SET = (*PEERS, *(f"autograd-{c}" for c in CURVATURES),
+           "lowrank-adam-fb", "lowrank-kfac-fb", "lowrank-ekfac-fb", "backpack-kfac-fb",
+           "autograd-adam-fb", "autograd-kfac-fb", "autograd-full-fb")
+
+
+def select(problem: Problem, names: list[str] | None) -> list[OptimizerSpec]:
+    """The optimizers named (``None`` or ``["default"]``: ``DEFAULT_SET``; ``["all"]``: every one
+    in ``ALL_SET`` that fits the problem). Named ones that do not fit raise ``ValueError``."""
+    if not names or names == ["default"]:
+        specs = [parse_optimizer(n) for n in DEFAULT_SET]
+        return [s for s in specs if s.fits(problem) is None]
+    if names == ["all"]:
+        specs = [parse_optimizer(n) for n in ALL_SET]
+        return [s for s in specs if s.fits(problem) is None
+                and not (s.exact and problem.exact != "default")]
+    specs = []
+    for n in names:
+        s = parse_optimizer(n)
+        reason = s.fits(problem)
+        if reason is not None:
+            raise ValueError(f"optimizer {n!r} does not run on {problem.name}: {reason}")
+        if s.name not in [t.name for t in specs]:
+            specs.append(s)
+    return specs
+
+
+def lr_grid(center: float, points: int = 9, decades: float = 4.0) -> list[float]:
+    """``points`` log-spaced learning rates over ``decades`` decades centred on ``center``."""
+    if points < 2:
+        return [float(center)]
+    lo = math.log10(center) - decades / 2
+    return [float(10 ** (lo + decades * i / (points - 1))) for i in range(points)]

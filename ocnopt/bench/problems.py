@@ -1,0 +1,283 @@
+"""The benchmark problems of BENCHMARKS.md: offline data, fixed splits, the networks.
+
+Every problem has three splits, fixed by ``split_seed`` (default 0) and independent of the
+training seeds:
+
+* ``test``: held out once (scikit-learn problems: stratified 30 %; mnist1d: the 1000 test
+  samples of ``make_dataset``; quadratic: 30 %). Only ever evaluated, never used to choose.
+* ``val``: 20 % of the remaining training data (stratified), used by the ``sweep`` protocol to
+  choose the learning rate.
+* ``fit``: the other 80 %: every protocol trains on it (so a learning rate chosen on ``val``
+  transfers to the ``train`` protocol unchanged).
+
+Inputs are standardised with statistics of the ``fit`` split only (per feature for the
+fully-connected problems, one scalar for the images). mnist1d comes standardised by
+``make_dataset`` itself and is used as generated.
+
+Shapes (N = samples): wine-fcn (N, 13), 3 classes; digits-fcn (N, 64), 10 classes; digits-cnn
+(N, 1, 8, 8), 10 classes; mnist1d-mlp (N, 40), 10 classes; mnist1d-cnn (N, 1, 40), 10 classes;
+quadratic (N, 100) with targets (N, 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+SPLIT_SEED = 0
+TEST_FRACTION = 0.3
+VAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Tensors of the three splits (inputs float32, class indices int64 or regression targets)."""
+
+    name: str
+    X_fit: Tensor
+    y_fit: Tensor
+    X_val: Tensor
+    y_val: Tensor
+    X_test: Tensor
+    y_test: Tensor
+    classes: int | None  # None for regression
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        return {"fit": len(self.y_fit), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def subset(self, n: int | None) -> Dataset:
+        """The first ``n`` samples of every split (the splits are already shuffled)."""
+        if n is None:
+            return self
+        return Dataset(self.name, self.X_fit[:n], self.y_fit[:n], self.X_val[:n], self.y_val[:n],
+                       self.X_test[:n], self.y_test[:n], self.classes, dict(self.meta))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A benchmark problem: its data, its network and the defaults of its protocols."""
+
+    name: str
+    description: str
+    network: str
+    loss: str  # "cross_entropy" or "mse"
+    load: Callable[[int], Dataset]
+    build: Callable[[], nn.Sequential]
+    epochs: int  # default epochs of the train protocol
+    batch_size: int
+    target: float  # time-to-target: test accuracy to reach (mse: test loss to go under)
+    #: which exact-backend modes (order 2 "autograd-*-fb", curvature "full") run here:
+    #: "default" (in the default and "all" sets), "on-request" (only when named), "no"
+    exact: str = "on-request"
+    #: peers and backends that cannot handle a layer of the network: name -> reason
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.loss == "cross_entropy" else "mse"
+
+    def model(self, seed: int) -> nn.Sequential:
+        """The network with its initial weights drawn from ``seed`` (global RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.build()
+
+
+# ---- splits -------------------------------------------------------------------------------------
+def _split(X: np.ndarray, y: np.ndarray, seed: int, stratify: bool, test: tuple | None = None
+           ) -> tuple[np.ndarray, ...]:
+    """(X_fit, y_fit, X_val, y_val, X_test, y_test); ``test`` given: split only fit/val."""
+    from sklearn.model_selection import train_test_split
+
+    if test is None:
+        X, X_te, y, y_te = train_test_split(X, y, test_size=TEST_FRACTION, random_state=seed,
+                                            stratify=y if stratify else None)
+    else:
+        X_te, y_te = test
+    X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=VAL_FRACTION, random_state=seed,
+                                                  stratify=y if stratify else None)
+    return X_fit, y_fit, X_val, y_val, X_te, y_te
+
+
+def _standardise(parts: tuple[np.ndarray, ...], per_feature: bool) -> tuple[np.ndarray, ...]:
+    X_fit, y_fit, X_val, y_val, X_te, y_te = parts
+    if per_feature:
+        mean, std = X_fit.mean(0), X_fit.std(0)
+        std = np.where(std > 0, std, 1.0)
+    else:
+        mean, std = X_fit.mean(), X_fit.std()
+    return ((X_fit - mean) / std, y_fit, (X_val - mean) / std, y_val, (X_te - mean) / std, y_te)
+
+
+def _tensors(name: str, parts: tuple[np.ndarray, ...], classes: int | None,
+             shape: tuple[int, ...], meta: dict[str, Any]) -> Dataset:
+    X_fit, y_fit, X_val, y_val, X_te, y_te = parts
+
+    def xs(a: np.ndarray) -> Tensor:
+        return torch.tensor(np.asarray(a, dtype=np.float32).reshape(-1, *shape))
+
+    def ys(a: np.ndarray) -> Tensor:
+        if classes is None:
+            return torch.tensor(np.asarray(a, dtype=np.float32).reshape(-1, 1))
+        return torch.tensor(np.asarray(a, dtype=np.int64))
+
+    return Dataset(name, xs(X_fit), ys(y_fit), xs(X_val), ys(y_val), xs(X_te), ys(y_te),
+                   classes, meta)
+
+
+# ---- loaders ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def load_wine(split_seed: int = SPLIT_SEED) -> Dataset:
+    """scikit-learn ``load_wine`` (178 x 13, 3 classes, bundled with scikit-learn)."""
+    from sklearn.datasets import load_wine as sk_load
+
+    X, y = sk_load(return_X_y=True)
+    parts = _standardise(_split(X, y, split_seed, stratify=True), per_feature=True)
+    return _tensors("wine", parts, 3, (13,), {"source": "sklearn.datasets.load_wine"})
+
+
+@functools.lru_cache(maxsize=16)
+def load_digits(split_seed: int = SPLIT_SEED, image: bool = False) -> Dataset:
+    """scikit-learn ``load_digits`` (1797 8x8 images, 10 classes, bundled with scikit-learn);
+    flattened to 64 features (standardised per feature) or as 1x8x8 images (one scalar)."""
+    from sklearn.datasets import load_digits as sk_load
+
+    X, y = sk_load(return_X_y=True)
+    parts = _standardise(_split(X, y, split_seed, stratify=True), per_feature=not image)
+    shape = (1, 8, 8) if image else (64,)
+    return _tensors("digits", parts, 10, shape, {"source": "sklearn.datasets.load_digits"})
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+    """``mnist1d.data.make_dataset()`` with its default arguments: 5000 samples, 4000 train /
+    1000 test, seed 42, generated locally (no download; ``get_dataset`` would fetch a pickle).
+
+    make_dataset seeds Python's and NumPy's global generators; their states are restored."""
+    os.environ.setdefault("MPLBACKEND", "Agg")  # mnist1d.utils imports pyplot
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:  # pragma: no cover - installed with the bench extra
+        raise ImportError("problem mnist1d needs the mnist1d package: pip install 'ocnopt[bench]'"
+                          ) from err
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+    return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+@functools.lru_cache(maxsize=16)
+def load_mnist1d(split_seed: int = SPLIT_SEED, channel: bool = False) -> Dataset:
+    """mnist1d (40-sample signals, 10 classes): fit/val from the 4000 training samples, test =
+    the 1000 test samples; as (N, 40) or (N, 1, 40)."""
+    d = _mnist1d_arrays()
+    parts = _split(d["x"], d["y"], split_seed, stratify=True, test=(d["x_test"], d["y_test"]))
+    shape = (1, 40) if channel else (40,)
+    return _tensors("mnist1d", parts, 10, shape,
+                    {"source": "mnist1d.data.make_dataset(get_dataset_args())"})
+
+
+QUAD_DIM = 100
+QUAD_SAMPLES = 2000
+QUAD_NOISE = 0.1
+QUAD_EIGS = (1e-2, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def load_quadratic(split_seed: int = SPLIT_SEED) -> Dataset:
+    """A noisy quadratic with a known Hessian: inputs x ~ N(0, S), S = Q diag(s) Q^T with s
+    log-spaced in [1e-2, 1] (condition number 100) and Q a random rotation; targets
+    y = w*^T x + eps, eps ~ N(0, 0.1^2). For the linear model u (100 parameters) the expected
+    loss E (u^T x - y)^2 = (u - w*)^T S (u - w*) + 0.01: Hessian 2 S, minimum 0.01."""
+    rng = np.random.default_rng(1000 + split_seed)
+    s = np.geomspace(QUAD_EIGS[0], QUAD_EIGS[1], QUAD_DIM)
+    Q, _ = np.linalg.qr(rng.standard_normal((QUAD_DIM, QUAD_DIM)))
+    w = rng.standard_normal(QUAD_DIM)
+    X = (rng.standard_normal((QUAD_SAMPLES, QUAD_DIM)) * np.sqrt(s)) @ Q.T
+    y = X @ w + QUAD_NOISE * rng.standard_normal(QUAD_SAMPLES)
+    parts = _split(X, y, split_seed, stratify=False)
+    meta = {"source": "synthetic", "hessian_eigenvalues": (2 * s).tolist(),
+            "noise_variance": QUAD_NOISE**2, "condition_number": float(s[-1] / s[0])}
+    return _tensors("quadratic", parts, None, (QUAD_DIM,), meta)
+
+
+# ---- networks -----------------------------------------------------------------------------------
+def fcn(d_in: int, hidden: int, classes: int, layers: int = 5,
+        activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    """``layers`` Linear layers of width ``hidden`` with ``activation`` between them."""
+    widths = [d_in] + [hidden] * (layers - 1) + [classes]
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        mods.append(nn.Linear(a, b))
+        if i < layers - 1:
+            mods.append(activation())
+    return nn.Sequential(*mods)
+
+
+def digits_cnn() -> nn.Sequential:
+    """4 conv 3x3 (32 channels, padding 1) with ReLU on 1x8x8, then Linear 2048-32, Linear 32-10."""
+    mods: list[nn.Module] = []
+    for c_in in (1, 32, 32, 32):
+        mods += [nn.Conv2d(c_in, 32, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Flatten(), nn.Linear(32 * 64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def mnist1d_cnn() -> nn.Sequential:
+    """3 Conv1d (25 channels, kernel 5, stride 2, padding 2: 40 -> 20 -> 10 -> 5) with ReLU, as
+    mnist1d's reference CNN, then a Linear head 125-10."""
+    mods: list[nn.Module] = []
+    for c_in in (1, 25, 25):
+        mods += [nn.Conv1d(c_in, 25, 5, stride=2, padding=2), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Flatten(), nn.Linear(25 * 5, 10))
+
+
+_CONV1D = "curvlinops' K-FAC supports Linear and Conv2d layers only (this network has Conv1d)"
+
+PROBLEMS: dict[str, Problem] = {p.name: p for p in [
+    Problem("wine-fcn", "scikit-learn wine, 13 features, 3 classes", "5 Linear, hidden 16, Tanh",
+            "cross_entropy", load_wine, lambda: fcn(13, 16, 3), epochs=40, batch_size=16,
+            target=0.95, exact="default"),
+    Problem("digits-fcn", "scikit-learn digits, 64 features, 10 classes",
+            "5 Linear, hidden 32, Tanh", "cross_entropy", load_digits, lambda: fcn(64, 32, 10),
+            epochs=20, batch_size=32, target=0.95),
+    Problem("digits-cnn", "scikit-learn digits as 1x8x8 images, 10 classes",
+            "4 Conv2d 3x3 (32 ch, pad 1) + ReLU, Linear 2048-32, Linear 32-10", "cross_entropy",
+            lambda seed: load_digits(seed, image=True), digits_cnn, epochs=10, batch_size=32,
+            target=0.95, exact="no"),
+    Problem("mnist1d-mlp", "mnist1d (make_dataset defaults), 40 features, 10 classes",
+            "MLP 40-100-100-10, ReLU", "cross_entropy", load_mnist1d,
+            lambda: fcn(40, 100, 10, layers=3, activation=nn.ReLU), epochs=20, batch_size=64,
+            target=0.6, exact="no"),
+    Problem("mnist1d-cnn", "mnist1d as 1x40 signals, 10 classes",
+            "3 Conv1d (25 ch, kernel 5, stride 2) + ReLU, Linear 125-10", "cross_entropy",
+            lambda seed: load_mnist1d(seed, channel=True), mnist1d_cnn, epochs=10, batch_size=64,
+            target=0.6, exact="no", unsupported={"curvlinops-kfac": _CONV1D}),
+    Problem("quadratic", "noisy quadratic, 100 parameters, Hessian eigenvalues 2e-2..2 known",
+            "Linear 100-1 without bias", "mse", load_quadratic,
+            lambda: nn.Sequential(nn.Linear(QUAD_DIM, 1, bias=False)), epochs=10, batch_size=32,
+            target=0.02, exact="default"),
+]}
+
+
+def get_problem(name: str) -> Problem:
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}: accepted {', '.join(PROBLEMS)}")
+    return PROBLEMS[name]
+
+
+def load(problem: str | Problem, split_seed: int = SPLIT_SEED, subset: int | None = None) -> Dataset:
+    """The problem's data (offline), split by ``split_seed``, each split cut to ``subset``."""
+    p = get_problem(problem) if isinstance(problem, str) else problem
+    return p.load(split_seed).subset(subset)

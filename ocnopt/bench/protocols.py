@@ -1,0 +1,668 @@
+"""The protocols of BENCHMARKS.md: train, sweep, overhead and time-to-target.
+
+Every run writes one JSON file as soon as it finishes (an interrupted invocation keeps the
+finished runs), atomically (a temporary file renamed into place). A file holds:
+
+* ``config``: the problem (data sizes, split seed, subset, network), the optimizer (family,
+  fixed hyper-parameters), the learning rate and where it came from, epochs, batch size,
+  seed, target, thread count;
+* ``environment``: library versions, thread count, machine (see ``environment``);
+* ``result``: what the run measured, deterministic for a given seed and thread count;
+* ``timing``: every wall-clock quantity and the dates (the only part that changes between two
+  runs of the same seed).
+
+An invocation also writes a manifest ``<protocol>-<problem>.manifest.json`` listing the runs it
+planned and its status (``running``, ``complete`` or ``interrupted``), so that a report can
+say which benchmark did not run to completion.
+
+Splits: every protocol trains on the ``fit`` split; ``sweep`` chooses the learning rate on the
+``val`` split only; the ``test`` split is evaluated and reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .optimizers import OptimizerSpec, lr_grid, parse_optimizer
+from .problems import Dataset, Problem
+
+SCHEMA = "ocnopt.bench/1"
+EVAL_CHUNK = 1024
+
+StepCallback = Callable[[int], None]
+DoneCallback = Callable[[dict[str, Any]], None]
+
+
+# ---- environment and files --------------------------------------------------------------------
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, thread counts and the machine (no dates: those go to ``timing``)."""
+    import ocnopt
+
+    versions = {"ocnopt": ocnopt.__version__, "python": platform.python_version(),
+                "torch": torch.__version__}
+    for dist in ("numpy", "scikit-learn", "mnist1d", "curvlinops-for-pytorch",
+                 "backpack-for-pytorch", "matplotlib", "typer", "rich"):
+        versions[dist] = _version(dist)
+    return {
+        "versions": versions,
+        "ocnopt_git_commit": _git_commit(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "machine": {"platform": platform.platform(), "arch": platform.machine(),
+                    "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+                    "hostname": platform.node()},
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN / inf: non-finite floats become None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_finite(obj), f, indent=1, sort_keys=True, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_results(folder: Path) -> list[dict[str, Any]]:
+    """Every result file (``schema`` ocnopt.bench/1) under ``folder``, manifests included."""
+    out = []
+    for path in sorted(Path(folder).rglob("*.json")):
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(obj, dict) and obj.get("schema") == SCHEMA:
+            obj["_path"] = str(path)
+            out.append(obj)
+    return out
+
+
+class Manifest:
+    """The plan of one invocation and its status, rewritten whenever it changes."""
+
+    def __init__(self, folder: Path, protocol: str, problem: str, planned: list[str],
+                 config: dict[str, Any]):
+        self.path = Path(folder) / f"{protocol}-{problem}.manifest.json"
+        self.obj: dict[str, Any] = {
+            "schema": SCHEMA, "kind": "manifest", "protocol": protocol, "problem": problem,
+            "planned": planned, "finished": [], "status": "running", "config": config,
+            "environment": environment(), "timing": {"started_at": _now()}}
+        self.save()
+
+    def done(self, filename: str) -> None:
+        self.obj["finished"].append(filename)
+        self.save()
+
+    def close(self, status: str) -> None:
+        self.obj["status"] = status
+        self.obj["timing"]["finished_at"] = _now()
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.obj)
+
+
+# ---- one training run ---------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, X: Tensor, y: Tensor, loss: str) -> tuple[float, float | None]:
+    """(mean loss, accuracy or None for regression) over (X, y), in chunks."""
+    total, correct = 0.0, 0
+    for i in range(0, len(y), EVAL_CHUNK):
+        out = model(X[i:i + EVAL_CHUNK])
+        t = y[i:i + EVAL_CHUNK]
+        if loss == "cross_entropy":
+            total += float(nn.functional.cross_entropy(out, t, reduction="sum"))
+            correct += int((out.argmax(1) == t).sum())
+        else:
+            total += float(nn.functional.mse_loss(out, t, reduction="sum")) / t[0].numel()
+    n = max(len(y), 1)
+    return total / n, (correct / n if loss == "cross_entropy" else None)
+
+
+def batches_for(n: int, batch_size: int, epochs: int, seed: int) -> list[list[Tensor]]:
+    """Per epoch, the index minibatches (the last one smaller), drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [list(torch.randperm(n, generator=g).split(batch_size)) for _ in range(epochs)]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def _eval_point(model: nn.Module, data: Dataset, loss: str, step: int, epoch: int
+                ) -> dict[str, Any]:
+    point: dict[str, Any] = {"step": step, "epoch": epoch}
+    for split, X, y in (("train", data.X_fit, data.y_fit), ("val", data.X_val, data.y_val),
+                        ("test", data.X_test, data.y_test)):
+        lo, acc = evaluate(model, X, y, loss)
+        point[f"{split}_loss"] = lo
+        if acc is not None:
+            point[f"{split}_accuracy"] = acc
+    return point
+
+
+def train_one(problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float, seed: int,
+              epochs: int, batch_size: int, on_step: StepCallback | None = None
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train ``problem.model(seed)`` with ``spec`` on the fit split; (result, timing).
+
+    The minibatch order comes from ``seed`` too, so every optimizer of a seed starts from the
+    same weights and sees the same batches. Evaluated (fit, val and test splits) before the
+    first step and after every epoch, outside the timed part. A non-finite minibatch loss ends
+    the run (``diverged``)."""
+    model = problem.model(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. ocnopt's non-finite-step warning: counted below
+        stepper = spec.make(model, problem.loss, lr, seed)
+        curve = [_eval_point(model, data, problem.loss, 0, 0)]
+        curve_seconds = [0.0]
+        batch_loss: list[float] = []
+        elapsed, diverged, step = 0.0, False, 0
+        started = time.perf_counter()
+        for epoch, batches in enumerate(batches_for(len(data.y_fit), batch_size, epochs, seed), 1):
+            for idx in batches:
+                x, y = data.X_fit[idx], data.y_fit[idx]
+                t0 = time.perf_counter()
+                loss = stepper.step(x, y)
+                elapsed += time.perf_counter() - t0
+                step += 1
+                batch_loss.append(loss)
+                if on_step is not None:
+                    on_step(1)
+                if not math.isfinite(loss):
+                    diverged = True
+                    break
+            curve.append(_eval_point(model, data, problem.loss, step, epoch))
+            curve_seconds.append(elapsed)
+            if diverged:
+                break
+        total = time.perf_counter() - started
+    final = {k: v for k, v in curve[-1].items() if k not in ("step", "epoch")}
+    result = {"steps": step, "epochs_done": curve[-1]["epoch"], "diverged": diverged,
+              "skipped_steps": int(stepper.skipped), "final": final, "curve": curve,
+              "batch_loss": batch_loss}
+    timing = {"train_seconds": elapsed, "total_seconds": total, "curve_train_seconds": curve_seconds,
+              "seconds_per_step": elapsed / max(step, 1)}
+    return result, timing
+
+
+def warm_up(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec], batch_size: int,
+            steps: int = 3) -> None:
+    """A few untimed steps of every optimizer on a throwaway model, so that the first timed run
+    does not pay for first-use costs (kernel dispatch caches, lazy imports, thread pools)."""
+    x, y = data.X_fit[:batch_size], data.y_fit[:batch_size]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for spec in specs:
+            stepper = spec.make(problem.model(0), problem.loss, spec.default_lr, 0)
+            for _ in range(steps):
+                stepper.step(x, y)
+
+
+def _problem_config(problem: Problem, data: Dataset, split_seed: int, subset: int | None
+                    ) -> dict[str, Any]:
+    meta = {k: v for k, v in data.meta.items() if k != "hessian_eigenvalues"}
+    return {"name": problem.name, "description": problem.description, "network": problem.network,
+            "loss": problem.loss, "metric": problem.metric, "classes": data.classes,
+            "split_seed": split_seed, "subset": subset, "sizes": data.sizes(), "data": meta}
+
+
+@dataclass
+class RunSettings:
+    """What a train or sweep invocation fixes for all its runs."""
+
+    epochs: int
+    batch_size: int
+    seeds: Sequence[int]
+    split_seed: int = 0
+    subset: int | None = None
+    target: float | None = None
+
+
+def _record(protocol: str, problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float,
+            lr_source: str, seed: int, s: RunSettings, result: dict[str, Any],
+            timing: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = {"problem": _problem_config(problem, data, s.split_seed, s.subset),
+              "optimizer": spec.config(), "lr": lr, "lr_source": lr_source, "epochs": s.epochs,
+              "batch_size": s.batch_size, "seed": seed,
+              "target": problem.target if s.target is None else s.target,
+              "evaluation": "fit/val/test before the first step and after every epoch",
+              **(extra or {})}
+    return {"schema": SCHEMA, "kind": "run", "protocol": protocol, "problem": problem.name,
+            "optimizer": spec.name, "seed": seed, "config": config,
+            "environment": environment(), "result": result, "timing": timing}
+
+
+def train_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
+                   s: RunSettings, out: Path, lrs: dict[str, tuple[float, str]] | None = None,
+                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None
+                   ) -> list[dict[str, Any]]:
+    """Protocol ``train``: every optimizer x seed, seed-major (the optimizers of a seed run
+    back to back, so drift of the machine hits them alike). ``lrs``: name -> (lr, source);
+    otherwise the optimizer's default learning rate."""
+    lrs = lrs or {}
+    plan = [(seed, spec) for seed in s.seeds for spec in specs]
+    names = [f"train-{problem.name}-{spec.name}-seed{seed}.json" for seed, spec in plan]
+    manifest = Manifest(out, "train", problem.name, names, {
+        "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
+        "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset,
+        "lrs": {sp.name: lrs.get(sp.name, (sp.default_lr, "default"))[0] for sp in specs}})
+    records = []
+    status = "interrupted"
+    try:
+        warm_up(problem, data, specs, s.batch_size)
+        for (seed, spec), name in zip(plan, names):
+            lr, source = lrs.get(spec.name, (spec.default_lr, "default"))
+            timing_start = _now()
+            result, timing = train_one(problem, data, spec, lr, seed, s.epochs, s.batch_size,
+                                       on_step)
+            timing.update(started_at=timing_start, finished_at=_now())
+            rec = _record("train", problem, data, spec, lr, source, seed, s, result, timing)
+            write_json(out / name, rec)
+            manifest.done(name)
+            records.append(rec)
+            if on_done is not None:
+                on_done(rec)
+        status = "complete"
+    finally:
+        manifest.close(status)
+    return records
+
+
+def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
+                   s: RunSettings, out: Path, points: int = 9, decades: float = 4.0,
+                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None
+                   ) -> list[dict[str, Any]]:
+    """Protocol ``sweep``: for every optimizer a grid of ``points`` learning rates log-spaced
+    over ``decades`` decades around its default; every grid point x seed is one run. The
+    choice (``sweep_summary``) looks at the validation split only."""
+    plan = []
+    for seed in s.seeds:
+        for spec in specs:
+            grid = lr_grid(spec.default_lr, points, decades)
+            for i, lr in enumerate(grid):
+                plan.append((seed, spec, i, lr, grid))
+    names = [f"sweep-{problem.name}-{spec.name}-lr{i:02d}-seed{seed}.json"
+             for seed, spec, i, _, _ in plan]
+    manifest = Manifest(out, "sweep", problem.name, names, {
+        "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
+        "batch_size": s.batch_size, "points": points, "decades": decades,
+        "split_seed": s.split_seed, "subset": s.subset})
+    records = []
+    status = "interrupted"
+    try:
+        warm_up(problem, data, specs, s.batch_size)
+        for (seed, spec, i, lr, grid), name in zip(plan, names):
+            timing_start = _now()
+            result, timing = train_one(problem, data, spec, lr, seed, s.epochs, s.batch_size,
+                                       on_step)
+            timing.update(started_at=timing_start, finished_at=_now())
+            rec = _record("sweep", problem, data, spec, lr, f"grid point {i}", seed, s, result,
+                          timing, {"grid": grid, "grid_index": i, "selection": "val split"})
+            write_json(out / name, rec)
+            manifest.done(name)
+            records.append(rec)
+            if on_done is not None:
+                on_done(rec)
+        status = "complete"
+    finally:
+        manifest.close(status)
+    return records
+
+
+# ---- summaries ----------------------------------------------------------------------------------
+def mean_std(xs: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation (ddof=1; 0 for one value) of the finite values."""
+    v = [x for x in xs if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def reached(metric: str, value: float | None, target: float) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return value >= target if metric == "accuracy" else value <= target
+
+
+def time_to_target(record: dict[str, Any], target: float | None = None) -> dict[str, Any]:
+    """Protocol ``time-to-target``: the first evaluation point (after an epoch) where the test
+    metric reaches ``target`` (accuracy >= target, mse <= target): its step and the training
+    wall-clock up to it; ``None`` if never reached."""
+    cfg = record["config"]
+    metric = cfg["problem"]["metric"]
+    target = cfg["target"] if target is None else target
+    key = "test_accuracy" if metric == "accuracy" else "test_loss"
+    for point, sec in zip(record["result"]["curve"], record["timing"]["curve_train_seconds"]):
+        if reached(metric, point.get(key), target):
+            return {"target": target, "step": point["step"], "epoch": point["epoch"],
+                    "seconds": sec}
+    return {"target": target, "step": None, "epoch": None, "seconds": None}
+
+
+def _group_key(rec: dict[str, Any]) -> tuple:
+    c = rec["config"]
+    return (rec["problem"], rec["optimizer"], c["lr"], c["epochs"], c["batch_size"],
+            c["problem"]["subset"], c["problem"]["split_seed"])
+
+
+def train_summary(records: Sequence[dict[str, Any]], reference: str = "torch-sgd"
+                  ) -> list[dict[str, Any]]:
+    """Per (problem, optimizer, lr, epochs, ...) over seeds: final training loss, test metric
+    (mean, std), wall time, time ratio to ``reference``, time-to-target."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("kind") == "run" and r["protocol"] == "train":
+            groups.setdefault(_group_key(r), []).append(r)
+    rows = []
+    for key, recs in groups.items():
+        recs = sorted(recs, key=lambda r: r["seed"])
+        metric = recs[0]["config"]["problem"]["metric"]
+        test_key = "test_accuracy" if metric == "accuracy" else "test_loss"
+        loss_m, loss_s = mean_std([r["result"]["final"]["train_loss"] for r in recs])
+        test_m, test_s = mean_std([r["result"]["final"].get(test_key) for r in recs])
+        time_m, time_s = mean_std([r["timing"]["train_seconds"] for r in recs])
+        ttt = [time_to_target(r) for r in recs]
+        hit = [t for t in ttt if t["seconds"] is not None]
+        rows.append({
+            "problem": key[0], "optimizer": key[1], "lr": key[2], "epochs": key[3],
+            "batch_size": key[4], "subset": key[5], "metric": metric,
+            "lr_source": recs[0]["config"]["lr_source"],
+            "family": recs[0]["config"]["optimizer"]["family"],
+            "order": recs[0]["config"]["optimizer"].get("order"),
+            "seeds": [r["seed"] for r in recs], "train_loss": loss_m, "train_loss_std": loss_s,
+            "test": test_m, "test_std": test_s, "seconds": time_m, "seconds_std": time_s,
+            "steps": recs[0]["result"]["steps"],
+            "diverged": sum(bool(r["result"]["diverged"]) for r in recs),
+            "skipped_steps": sum(int(r["result"]["skipped_steps"]) for r in recs),
+            "target": ttt[0]["target"], "target_reached": len(hit),
+            "target_seconds": statistics.median([t["seconds"] for t in hit]) if hit else None,
+            "target_steps": statistics.median([t["step"] for t in hit]) if hit else None,
+        })
+    for row in rows:
+        ref = [r for r in rows if r["optimizer"] == reference and r["problem"] == row["problem"]
+               and r["epochs"] == row["epochs"] and r["batch_size"] == row["batch_size"]
+               and r["subset"] == row["subset"]]
+        row["time_ratio"] = (row["seconds"] / ref[0]["seconds"]
+                             if ref and ref[0]["seconds"] and row["seconds"] is not None else None)
+    return rows
+
+
+def sweep_summary(records: Sequence[dict[str, Any]], margin: float = 0.02
+                  ) -> list[dict[str, Any]]:
+    """Per (problem, optimizer): the validation score of every grid point (mean over seeds;
+    accuracy, or mse for regression; a diverged run scores 0 accuracy / +inf mse), the chosen
+    learning rate (best validation score), the test metric there (mean over seeds), and the
+    tunability = share of the grid within ``margin`` of the best validation score (accuracy:
+    ``margin`` absolute, 2 points; mse: within a factor 1 + ``margin``)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("kind") == "run" and r["protocol"] == "sweep":
+            c = r["config"]
+            groups.setdefault((r["problem"], r["optimizer"], c["epochs"], c["batch_size"],
+                               c["problem"]["subset"]), []).append(r)
+    rows = []
+    for key, recs in groups.items():
+        metric = recs[0]["config"]["problem"]["metric"]
+        by_lr: dict[float, list[dict[str, Any]]] = {}
+        for r in recs:
+            by_lr.setdefault(r["config"]["lr"], []).append(r)
+        grid = sorted(by_lr)
+        val, test = [], []
+        for lr in grid:
+            scores, tests = [], []
+            for r in by_lr[lr]:
+                fin = r["result"]["final"]
+                if metric == "accuracy":
+                    v = fin.get("val_accuracy")
+                    scores.append(0.0 if r["result"]["diverged"] or v is None else v)
+                    tests.append(fin.get("test_accuracy"))
+                else:
+                    v = fin.get("val_loss")
+                    scores.append(math.inf if r["result"]["diverged"] or v is None else v)
+                    tests.append(fin.get("test_loss"))
+            val.append(statistics.fmean(scores))
+            test.append(mean_std(tests)[0])
+        if metric == "accuracy":
+            best = max(val)
+            i_best = val.index(best)
+            within = [v >= best - margin for v in val]
+        else:
+            best = min(val)
+            i_best = val.index(best)
+            within = [v <= best * (1 + margin) for v in val]
+        rows.append({
+            "problem": key[0], "optimizer": key[1], "epochs": key[2], "batch_size": key[3],
+            "subset": key[4], "metric": metric,
+            "family": recs[0]["config"]["optimizer"]["family"],
+            "order": recs[0]["config"]["optimizer"].get("order"),
+            "grid": grid, "val": val, "test": test, "best_val": best, "best_lr": grid[i_best],
+            "test_at_best": test[i_best], "tunability": sum(within) / len(grid),
+            "points": len(grid), "seeds": sorted({r["seed"] for r in recs}),
+            "diverged": sum(bool(r["result"]["diverged"]) for r in recs),
+        })
+    return rows
+
+
+def lrs_from_sweep(folder: Path, problem: str) -> dict[str, tuple[float, str]]:
+    """name -> (learning rate chosen on the val split, source) from the sweep files in folder."""
+    rows = [r for r in sweep_summary(read_results(folder)) if r["problem"] == problem]
+    return {r["optimizer"]: (r["best_lr"], f"sweep (val split) in {folder}") for r in rows}
+
+
+# ---- overhead -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ logging writes there)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(run: Callable[[], None]) -> int | None:
+    """Peak of live bytes handed out by torch's CPU allocator while ``run()`` executes, above
+    what was live when it started (from ``torch.profiler`` memory events); None if the
+    profiler cannot tell."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with _quiet_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                run()
+            events = sorted((e.start_ns(), int(e.nbytes()))
+                            for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    except Exception:  # noqa: BLE001 - any profiler failure: no number rather than a crash
+        return None
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak if events else None
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec], out: Path,
+                      batch_size: int, seed: int = 0, warmup: int = 10, rounds: int = 20,
+                      block: int = 5, memory_steps: int = 11, split_seed: int = 0,
+                      subset: int | None = None, on_step: StepCallback | None = None
+                      ) -> dict[str, Any]:
+    """Protocol ``overhead``, in one process. Time: every optimizer gets its own copy of the
+    same initial model and cycles through the same minibatches of the fit split; after
+    ``warmup`` steps each, ``rounds`` rounds run ``block`` consecutive steps per optimizer, the
+    order reshuffled every round (seeded), every step timed. Reported per optimizer: median
+    and mean time per step (the mean amortises periodic work such as K-FAC inverses), each
+    as a ratio to torch-sgd. Memory: afterwards, per optimizer, a fresh model and optimizer run
+    ``memory_steps`` steps under ``torch.profiler``; the peak of live bytes above the start
+    (optimizer state, gradients, temporaries; not the model or the data) and its ratio."""
+    ref = parse_optimizer("torch-sgd")
+    specs = [ref] + [s for s in specs if s.name != ref.name]
+    g = torch.Generator().manual_seed(seed)
+    idx = list(torch.randperm(len(data.y_fit), generator=g).split(batch_size))
+    pool = [(data.X_fit[i], data.y_fit[i]) for i in idx if len(i) == batch_size] or \
+        [(data.X_fit[idx[0]], data.y_fit[idx[0]])]
+    runners: dict[str, dict[str, Any]] = {}
+    started, t_start = _now(), time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for spec in specs:
+            model = problem.model(seed)
+            runners[spec.name] = {"stepper": spec.make(model, problem.loss, spec.default_lr, seed),
+                                  "k": 0, "ns": [], "spec": spec}
+
+        def one(r: dict[str, Any], timed: bool) -> None:
+            x, y = pool[r["k"] % len(pool)]
+            r["k"] += 1
+            t0 = time.perf_counter_ns()
+            r["stepper"].step(x, y)
+            if timed:
+                r["ns"].append(time.perf_counter_ns() - t0)
+            if on_step is not None:
+                on_step(1)
+
+        for r in runners.values():
+            for _ in range(warmup):
+                one(r, False)
+        rng = random.Random(seed)
+        order = list(runners)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                for _ in range(block):
+                    one(runners[name], True)
+        memory: dict[str, int | None] = {}
+        for spec in specs:
+            model = problem.model(seed)
+
+            def run(spec: OptimizerSpec = spec, model: nn.Module = model) -> None:
+                st = spec.make(model, problem.loss, spec.default_lr, seed)
+                for k in range(memory_steps):
+                    x, y = pool[k % len(pool)]
+                    st.step(x, y)
+
+            memory[spec.name] = peak_memory(run)
+            if on_step is not None:
+                on_step(memory_steps)
+    rows: dict[str, Any] = {}
+    for name, r in runners.items():
+        ms = [t / 1e6 for t in r["ns"]]
+        rows[name] = {"median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms),
+                      "p25_ms": _quantile(ms, 0.25), "p75_ms": _quantile(ms, 0.75),
+                      "steps_timed": len(ms), "peak_bytes": memory[name],
+                      "skipped_steps": int(r["stepper"].skipped), "lr": r["spec"].default_lr,
+                      "optimizer": r["spec"].config()}
+    base = rows[ref.name]
+    for row in rows.values():
+        row["median_ratio"] = row["median_ms"] / base["median_ms"]
+        row["mean_ratio"] = row["mean_ms"] / base["mean_ms"]
+        row["memory_ratio"] = (row["peak_bytes"] / base["peak_bytes"]
+                               if row["peak_bytes"] and base["peak_bytes"] else None)
+    n_params = sum(p.numel() for p in problem.model(seed).parameters())
+    rec = {
+        "schema": SCHEMA, "kind": "run", "protocol": "overhead", "problem": problem.name,
+        "optimizer": None, "seed": seed,
+        "config": {"problem": _problem_config(problem, data, split_seed, subset),
+                   "optimizers": [s.name for s in specs], "reference": ref.name,
+                   "batch_size": batch_size, "warmup": warmup, "rounds": rounds, "block": block,
+                   "memory_steps": memory_steps, "seed": seed, "parameters": n_params,
+                   "lr": "each optimizer's default",
+                   "method": "one process; interleaved shuffled rounds; time.perf_counter_ns per "
+                             "step; memory from torch.profiler allocator events"},
+        "environment": environment(),
+        # an overhead result is made of timings: all of it is machine- and load-dependent
+        "result": {"rows": rows},
+        "timing": {"started_at": started, "finished_at": _now(),
+                   "total_seconds": time.perf_counter() - t_start},
+    }
+    write_json(Path(out) / f"overhead-{problem.name}.json", rec)
+    return rec

@@ -1,0 +1,433 @@
+"""Protocol ``report``: a Markdown page with tables and PNG plots, made from saved results only.
+
+``render(folder, images)`` reads every result file under ``folder`` and returns the Markdown
+section; the plots (loss vs step and vs wall-clock with seed bands, validation accuracy vs
+learning rate, overhead bars) are written into ``images``. ``splice`` puts a section between
+the markers ``BEGIN`` / ``END`` of a Markdown file, leaving the rest of the file as it is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .protocols import mean_std, read_results, sweep_summary, train_summary
+
+BEGIN = "<!-- ocnopt bench report: begin -->"
+END = "<!-- ocnopt bench report: end -->"
+
+FAMILY_STYLE = {"torch": "-", "curvlinops": "-", "ocnopt1": "--", "ocnopt2": "-."}
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def _f(x: float | None, fmt: str = ".4f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _pm(m: float | None, s: float | None, metric: str = "accuracy") -> str:
+    if m is None:
+        return "n/a"
+    if metric == "accuracy":
+        return f"{100 * m:.1f} ± {100 * (s or 0):.1f}"
+    return f"{m:.4g} ± {s or 0:.2g}"
+
+
+def _lr(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _mode(row: dict[str, Any]) -> str:
+    if row["family"] != "ocnopt":
+        return f"peer ({row['family']})"
+    return f"ocnopt, order {row['order']}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _style(family: str, order: int | None) -> str:
+    return FAMILY_STYLE["ocnopt2" if order == 2 else "ocnopt1"] if family == "ocnopt" \
+        else FAMILY_STYLE[family]
+
+
+def _metric_name(metric: str) -> str:
+    return "test acc. (%)" if metric == "accuracy" else "test MSE"
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+def _plt() -> Any:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int) -> list[Any]:
+    plt = _plt()
+    cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_curves(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> None:
+    """Training loss (fit split, after every epoch) vs step and vs training wall-clock; the
+    line is the mean over seeds, the band mean ± std (time axis: mean time over seeds)."""
+    import numpy as np
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (name, recs), color in zip(groups.items(), _colors(len(groups))):
+        n = min(len(r["result"]["curve"]) for r in recs)
+        loss = np.array([[p["train_loss"] if p["train_loss"] is not None else np.nan
+                          for p in r["result"]["curve"][:n]] for r in recs], dtype=float)
+        steps = np.array([p["step"] for p in recs[0]["result"]["curve"][:n]], dtype=float)
+        secs = np.array([r["timing"]["curve_train_seconds"][:n] for r in recs], dtype=float)
+        m, s = np.nanmean(loss, 0), np.nanstd(loss, 0)
+        opt = recs[0]["config"]["optimizer"]
+        ls = _style(opt["family"], opt.get("order"))
+        for ax, x in ((axes[0], steps), (axes[1], secs.mean(0))):
+            ax.plot(x, m, ls, color=color, label=name, lw=1.6)
+            ax.fill_between(x, np.clip(m - s, 1e-12, None), m + s, color=color, alpha=0.15, lw=0)
+    for ax, xl in ((axes[0], "step"), (axes[1], "training wall-clock (s)")):
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("training loss (fit split)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Validation metric vs learning rate, one line per optimizer."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    metric = rows[0]["metric"]
+    for row, color in zip(rows, _colors(len(rows))):
+        y = [100 * v if metric == "accuracy" else v for v in row["val"]]
+        ax.plot(row["grid"], y, _style(row["family"], row["order"]), marker="o", ms=3,
+                color=color, label=row["optimizer"])
+    ax.set_xscale("log")
+    if metric != "accuracy":
+        ax.set_yscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else "validation MSE")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_overhead(rows: dict[str, dict[str, Any]], title: str, path: Path) -> None:
+    """Median time per step and peak memory, each as a ratio to torch-sgd."""
+    import numpy as np
+
+    plt = _plt()
+    names = list(rows)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2), 4.2))
+    t = [rows[n]["median_ratio"] for n in names]
+    mem = [rows[n]["memory_ratio"] or 0.0 for n in names]
+    ax.bar(x - 0.2, t, 0.4, label="median time per step / torch-sgd")
+    ax.bar(x + 0.2, mem, 0.4, label="peak memory / torch-sgd")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("ratio to torch-sgd (log)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- sections -------------------------------------------------------------------------------------
+def _environment_line(records: list[dict[str, Any]]) -> str:
+    envs = {}
+    for r in records:
+        e = r.get("environment", {})
+        v = e.get("versions", {})
+        key = (v.get("ocnopt"), e.get("ocnopt_git_commit"), v.get("torch"),
+               v.get("curvlinops-for-pytorch"), e.get("threads"),
+               e.get("machine", {}).get("cpu"), e.get("machine", {}).get("cpu_count"))
+        envs[key] = envs.get(key, 0) + 1
+    lines = []
+    for (ocn, commit, tv, cl, threads, cpu, cores), n in envs.items():
+        lines.append(f"- {n} file(s): ocnopt {ocn} (commit {(commit or 'n/a')[:10]}), torch {tv}, "
+                     f"curvlinops {cl}, {threads} torch thread(s), {cores} cores, CPU `{cpu}`")
+    return "\n".join(lines)
+
+
+def _completion(records: list[dict[str, Any]], folder: Path) -> list[str]:
+    notes = []
+    for m in records:
+        if m.get("kind") != "manifest":
+            continue
+        missing = [f for f in m["planned"] if not (Path(m["_path"]).parent / f).exists()]
+        if m["status"] != "complete" or missing:
+            notes.append(f"- **{m['protocol']} {m['problem']} did not run to completion** "
+                         f"(status: {m['status']}): {len(m['planned']) - len(missing)} of "
+                         f"{len(m['planned'])} planned runs have results; the tables show only "
+                         "those, nothing is extrapolated.")
+    return notes
+
+
+def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[str, list]:
+    rows = train_summary(records)
+    out = []
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    for prob in problems:
+        prow = [r for r in rows if r["problem"] == prob]
+        recs = [r for r in records if r.get("kind") == "run" and r["protocol"] == "train"
+                and r["problem"] == prob]
+        c = recs[0]["config"]
+        metric = prow[0]["metric"]
+        seeds = sorted({s for r in prow for s in r["seeds"]})
+        target = prow[0]["target"]
+        tname = f"{100 * target:.0f} % test acc." if metric == "accuracy" else f"test MSE ≤ {target}"
+        sizes = c["problem"]["sizes"]
+        sources = sorted({r["lr_source"] for r in prow})
+        out.append(f"### train: {prob}\n")
+        out.append(f"{c['problem']['description']}; network {c['problem']['network']}; splits "
+                   f"fit/val/test = {sizes['fit']}/{sizes['val']}/{sizes['test']}"
+                   f"{' (subset)' if c['problem']['subset'] else ''}; {prow[0]['epochs']} epochs of "
+                   f"minibatches of {prow[0]['batch_size']} ({prow[0]['steps']} steps); seeds "
+                   f"{', '.join(map(str, seeds))}; learning rates: {'; '.join(sources)}. Time: the "
+                   "training loop only (evaluation excluded); x torch-sgd = ratio of the means in "
+                   "the same invocation. Time to target: median over the seeds that reached it.\n")
+        header = ["optimizer", "mode", "lr", "final train loss", _metric_name(metric),
+                  "train time (s)", "x torch-sgd", f"time to {tname}", "notes"]
+        body = []
+        for r in sorted(prow, key=lambda r: (r["family"] == "ocnopt", r["order"] or 0,
+                                              r["optimizer"])):
+            notes = []
+            if r["diverged"]:
+                notes.append(f"{r['diverged']} diverged")
+            if r["skipped_steps"]:
+                notes.append(f"{r['skipped_steps']} skipped steps")
+            if len(r["seeds"]) < len(seeds):
+                notes.append(f"{len(r['seeds'])}/{len(seeds)} seeds")
+            ttt = "not reached" if r["target_seconds"] is None else (
+                f"{r['target_seconds']:.2f} s ({r['target_steps']:.0f} steps)")
+            body.append([f"`{r['optimizer']}`", _mode(r), _lr(r["lr"]),
+                         _pm(r["train_loss"], r["train_loss_std"], "loss"),
+                         _pm(r["test"], r["test_std"], metric),
+                         _pm(r["seconds"], r["seconds_std"], "loss"),
+                         _f(r["time_ratio"], ".2f"),
+                         f"{ttt}, {r['target_reached']}/{len(r['seeds'])}", ", ".join(notes)])
+        out.append(_table(header, body, "llrrrrrll"))
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in sorted(recs, key=lambda r: (r["optimizer"], r["seed"])):
+            groups.setdefault(r["optimizer"], []).append(r)
+        img = images / f"train-{prob}.png"
+        plot_curves(groups, f"{prob}: training loss, mean ± std over {len(seeds)} seed(s)", img)
+        out.append(f"\n![{prob}: loss vs step and vs time]({rel}{img.name})\n")
+    return "\n".join(out), rows
+
+
+def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[str, list]:
+    rows = sweep_summary(records)
+    out = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        prow = [r for r in rows if r["problem"] == prob]
+        metric = prow[0]["metric"]
+        pts = {r["points"] for r in prow}
+        lo = min(min(r["grid"]) for r in prow)
+        out.append(f"### sweep: {prob}\n")
+        spans = {round(math.log10(max(r["grid"]) / min(r["grid"])), 2) for r in prow}
+        note = ""
+        if min(pts) < 8 or min(spans) < 4:
+            note = " **The grid is smaller than the protocol's (>= 8 values over 4 decades).**"
+        out.append(
+            f"{prow[0]['epochs']} epochs, batch {prow[0]['batch_size']}, seeds "
+            f"{', '.join(map(str, prow[0]['seeds']))}; per optimizer {sorted(pts)} learning rates "
+            f"log-spaced over {sorted(spans)} decades around its default (lowest {lo:.2g}). The "
+            "learning rate is chosen on the validation split; the test metric is read once, at "
+            "the chosen rate. Tunability: share of the grid whose validation "
+            + ("accuracy is within 2 points of the optimizer's best" if metric == "accuracy"
+               else "MSE is within 2 % of the optimizer's best") + f".{note}\n")
+        header = ["optimizer", "mode", "grid", "best val." + (" acc. (%)" if metric == "accuracy"
+                                                               else " MSE"),
+                  "chosen lr", _metric_name(metric) + " at chosen lr", "tunability", "diverged runs"]
+        body = []
+        for r in sorted(prow, key=lambda r: (r["family"] == "ocnopt", r["order"] or 0,
+                                              r["optimizer"])):
+            best = f"{100 * r['best_val']:.1f}" if metric == "accuracy" else f"{r['best_val']:.4g}"
+            test = "n/a" if r["test_at_best"] is None else (
+                f"{100 * r['test_at_best']:.1f}" if metric == "accuracy"
+                else f"{r['test_at_best']:.4g}")
+            body.append([f"`{r['optimizer']}`", _mode(r),
+                         f"{_lr(min(r['grid']))} .. {_lr(max(r['grid']))} ({r['points']})", best,
+                         _lr(r["best_lr"]), test, f"{100 * r['tunability']:.0f} %",
+                         str(r["diverged"])])
+        out.append(_table(header, body, "llrrrrrr"))
+        img = images / f"sweep-{prob}.png"
+        plot_sweep(prow, f"{prob}: validation metric vs learning rate", img)
+        out.append(f"\n![{prob}: accuracy vs learning rate]({rel}{img.name})\n")
+    return "\n".join(out), rows
+
+
+def _overhead_section(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[str, list]:
+    out, summaries = [], []
+    for rec in records:
+        if rec.get("kind") != "run" or rec["protocol"] != "overhead":
+            continue
+        c, rows = rec["config"], rec["result"]["rows"]
+        rows = {n: rows[n] for n in c["optimizers"] if n in rows}  # the order of the invocation
+        prob = rec["problem"]
+        out.append(f"### overhead: {prob}\n")
+        out.append(
+            f"{c['parameters']} parameters, batch {c['batch_size']}, {c['warmup']} warm-up steps, "
+            f"then {c['rounds']} interleaved rounds of {c['block']} steps per optimizer (order "
+            f"shuffled each round), {rec['environment']['threads']} thread(s). Time per step: "
+            "median (and mean, which amortises periodic work such as K-FAC inverses) over the "
+            f"timed steps. Memory: peak of live bytes from torch's CPU allocator over "
+            f"{c['memory_steps']} steps of a fresh optimizer (state, gradients, temporaries; "
+            "not the model nor the data). Ratios to torch-sgd in the same process.\n")
+        header = ["optimizer", "median ms/step", "x torch-sgd", "mean ms/step", "x torch-sgd",
+                  "peak memory (MiB)", "x torch-sgd"]
+        body = []
+        for name, r in rows.items():
+            mib = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+            body.append([f"`{name}`", _f(r["median_ms"], ".2f"), _f(r["median_ratio"], ".2f"),
+                         _f(r["mean_ms"], ".2f"), _f(r["mean_ratio"], ".2f"), _f(mib, ".2f"),
+                         _f(r["memory_ratio"], ".2f")])
+            summaries.append({"problem": prob, "optimizer": name, **{
+                k: r[k] for k in ("median_ms", "median_ratio", "mean_ms", "mean_ratio",
+                                  "peak_bytes", "memory_ratio")}})
+        out.append(_table(header, body))
+        img = images / f"overhead-{prob}.png"
+        plot_overhead(rows, f"{prob}: cost per step relative to torch-sgd", img)
+        out.append(f"\n![{prob}: overhead]({rel}{img.name})\n")
+    return "\n".join(out), summaries
+
+
+def _better(a: float, b: float, accuracy: bool) -> bool:
+    return a > b if accuracy else a < b
+
+
+def _best(rows: list[dict[str, Any]], accuracy: bool) -> dict[str, Any] | None:
+    out = None
+    for r in rows:
+        if out is None or _better(r["test"], out["test"], accuracy):
+            out = r
+    return out
+
+
+def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
+              overhead: list[dict[str, Any]]) -> list[str]:
+    """Plain statements computed from the tables (no judgement beyond the numbers)."""
+    lines = []
+    for prob in dict.fromkeys(r["problem"] for r in train):
+        rows = [r for r in train if r["problem"] == prob and r["test"] is not None]
+        if not rows:
+            continue
+        acc = rows[0]["metric"] == "accuracy"
+        peer = _best([r for r in rows if r["family"] != "ocnopt"], acc)
+        mine = _best([r for r in rows if r["family"] == "ocnopt"], acc)
+        fmt = (lambda v: f"{100 * v:.1f} %") if acc else (lambda v: f"{v:.4g}")
+        if peer and mine:
+            word = "above" if _better(mine["test"], peer["test"], acc) else (
+                "equal to" if mine["test"] == peer["test"] else "below")
+            lines.append(
+                f"- train {prob}: best ocnopt mode `{mine['optimizer']}` {fmt(mine['test'])} "
+                f"(± {fmt(mine['test_std'] or 0)}) is {word} the best peer `{peer['optimizer']}` "
+                f"{fmt(peer['test'])} (± {fmt(peer['test_std'] or 0)}); its training loop took "
+                f"{_f(mine['time_ratio'], '.1f')}x torch-sgd's time.")
+        by = {r["optimizer"]: r for r in rows}
+        for r in rows:
+            if r["order"] != 2:
+                continue
+            o1 = by.get(f"autograd-{r['optimizer'].split('-')[1]}")
+            if o1 is None:
+                continue
+            d_loss = (r["train_loss"] or 0) - (o1["train_loss"] or 0)
+            lines.append(
+                f"- train {prob}: `{r['optimizer']}` (order 2) vs `{o1['optimizer']}` (order 1, "
+                f"same curvature): final training loss {_f(r['train_loss'], '.4g')} vs "
+                f"{_f(o1['train_loss'], '.4g')} ({'lower' if d_loss < 0 else 'higher'}), test "
+                f"{fmt(r['test'])} vs {fmt(o1['test'])}, time "
+                f"{_f((r['seconds'] or 0) / (o1['seconds'] or 1), '.1f')}x.")
+    for prob in dict.fromkeys(r["problem"] for r in sweep):
+        rows = [r for r in sweep if r["problem"] == prob]
+        peers = [r["tunability"] for r in rows if r["family"] != "ocnopt"]
+        o1 = [r["tunability"] for r in rows if r["family"] == "ocnopt" and r["order"] == 1]
+        o2 = [r["tunability"] for r in rows if r["family"] == "ocnopt" and r["order"] == 2]
+        parts = []
+        for label, xs in (("peers", peers), ("ocnopt order 1", o1), ("ocnopt order 2", o2)):
+            if xs:
+                m, _ = mean_std(xs)
+                parts.append(f"{label} {100 * (m or 0):.0f} % (range {100 * min(xs):.0f}-"
+                             f"{100 * max(xs):.0f} %)")
+        lines.append(f"- sweep {prob}: mean tunability " + "; ".join(parts) + ".")
+    for prob in dict.fromkeys(r["problem"] for r in overhead):
+        rows = [r for r in overhead if r["problem"] == prob and r["optimizer"] != "torch-sgd"]
+        if rows:
+            lo = min(rows, key=lambda r: r["median_ratio"])
+            hi = max(rows, key=lambda r: r["median_ratio"])
+            lines.append(f"- overhead {prob}: median time per step from "
+                         f"{lo['median_ratio']:.1f}x (`{lo['optimizer']}`) to "
+                         f"{hi['median_ratio']:.1f}x (`{hi['optimizer']}`) torch-sgd's.")
+    return lines
+
+
+def render(folder: Path, images: Path, rel: str = "", command: str | None = None
+           ) -> tuple[str, dict[str, Any]]:
+    """The Markdown section for every result under ``folder`` (plots written to ``images``,
+    linked as ``rel`` + file name) and the summaries as plain data."""
+    folder = Path(folder)
+    records = read_results(folder)
+    runs = [r for r in records if r.get("kind") == "run"]
+    if not runs:
+        raise FileNotFoundError(f"no ocnopt bench result files under {folder}")
+    images.mkdir(parents=True, exist_ok=True)
+    train_md, train_rows = _train_section(records, images, rel)
+    sweep_md, sweep_rows = _sweep_section(records, images, rel)
+    over_md, over_rows = _overhead_section(records, images, rel)
+    parts = [f"Generated by `{command or 'ocnopt bench report'}` from {len(runs)} result files "
+             "(JSON: configuration, seeds, library versions, thread count, machine). Timings "
+             "come from a shared machine and are noisy; ratios are taken within one invocation.",
+             "", _environment_line(runs), ""]
+    parts += _completion(records, folder)
+    findings = _findings(train_rows, sweep_rows, over_rows)
+    if findings:
+        parts += ["", "**What the tables say** (computed from them):", "", *findings, ""]
+    for md in (train_md, sweep_md, over_md):
+        if md:
+            parts += ["", md]
+    summary = {"train": train_rows, "sweep": sweep_rows, "overhead": over_rows,
+               "findings": findings, "files": len(runs)}
+    return "\n".join(parts).rstrip() + "\n", summary
+
+
+def splice(path: Path, section: str) -> None:
+    """Replace what lies between ``BEGIN`` and ``END`` in ``path`` by ``section`` (append the
+    markers and the section when the file has none; create the file if needed). The file is
+    read right before it is written, so concurrent edits elsewhere in it are kept."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        new = head + block + tail
+    else:
+        new = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)

@@ -1,0 +1,560 @@
+"""The ``ocnopt`` command line: research comparisons from the shell.
+
+    ocnopt bench list                          problems and optimizers
+    ocnopt bench run digits-fcn                protocol train (default comparison)
+    ocnopt bench sweep digits-fcn              protocol sweep (learning-rate grid, tunability)
+    ocnopt bench overhead digits-fcn           protocol overhead (time and memory per step)
+    ocnopt bench report results/bench          Markdown + PNG plots from saved results
+
+Bad arguments exit with code 2 and a one-line reason; Ctrl-C keeps the results of the runs
+that finished (each run's JSON is written as soon as it ends) and exits with code 130.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+app = typer.Typer(help="ocnopt: optimal-control neural optimizers for PyTorch.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown")
+bench = typer.Typer(
+    help="Benchmarks of BENCHMARKS.md: problems with offline data, ocnopt's modes "
+         "(`<backend>-<curvature>[-fb]`) against torch.optim and curvlinops K-FAC.",
+    no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(bench, name="bench")
+
+DEFAULT_OUT = Path("results/bench")
+
+
+@app.callback()
+def main() -> None:
+    """ocnopt: optimal-control neural optimizers for PyTorch."""
+
+
+# ---- errors, checks -----------------------------------------------------------------------------
+class UsageError(Exception):
+    """A bad argument: reported on one line, exit code 2."""
+
+
+def fail(message: str) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as err:
+        fail(str(err))
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and not value > 0:
+        raise UsageError(f"{name} must be positive, got {value}")
+
+
+def _problem(name: str) -> Any:
+    from .bench.problems import PROBLEMS
+
+    if name not in PROBLEMS:
+        raise UsageError(f"unknown problem {name!r}; accepted: {', '.join(PROBLEMS)}")
+    return PROBLEMS[name]
+
+
+def _optimizers(problem: Any, names: list[str] | None) -> list[Any]:
+    from .bench.optimizers import select
+
+    flat = [n.strip() for item in (names or []) for n in item.split(",") if n.strip()]
+    try:
+        return select(problem, flat or None)
+    except ValueError as err:
+        raise UsageError(str(err).replace("\n", " ")) from err
+
+
+def _writable(out: Path) -> Path:
+    """Create ``out`` if needed and check that a file can be written into it."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"cannot write results to {out}: it exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ocnopt-write-check.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write results to {out}: {err.strerror or err}") from err
+    return out
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ---- output -------------------------------------------------------------------------------------
+def _console(err: bool = False) -> Console:
+    c = Console(stderr=err)
+    if not c.is_terminal:
+        c.width = max(c.width, 160)  # a pipe reports 80 columns: too narrow for the tables
+    return c
+
+
+class Feedback:
+    """A rich progress bar on a terminal; one line per finished run otherwise (not with --json)."""
+
+    def __init__(self, total: int, label: str, quiet: bool):
+        self.console = _console(err=True)
+        self.quiet = quiet
+        self.bar = self.console.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self.total, self.label = total, label
+        self.runs = 0
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> Feedback:
+        if self.bar:
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("steps"),
+                                     TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=self.console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def step(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def done(self, rec: dict[str, Any]) -> None:
+        self.runs += 1
+        if self.quiet:
+            return
+        fin = rec["result"]["final"]
+        if fin.get("test_accuracy") is not None:
+            metric = (f"val acc {100 * fin['val_accuracy']:.1f}%, "
+                      f"test acc {100 * fin['test_accuracy']:.1f}%")
+        else:
+            metric = (f"val mse {_fmt(fin.get('val_loss'), '.4g')}, "
+                      f"test mse {_fmt(fin.get('test_loss'), '.4g')}")
+        line = (f"{rec['protocol']} {rec['problem']} {rec['optimizer']} lr {rec['config']['lr']:.3g}"
+                f" seed {rec['seed']}: train loss {_fmt(fin['train_loss'], '.4g')}, {metric}, "
+                f"{rec['timing']['train_seconds']:.2f} s"
+                f"{' (diverged)' if rec['result']['diverged'] else ''}")
+        if self.progress is not None:
+            self.progress.console.print(line, highlight=False)
+        else:
+            self.console.print(f"[{time.perf_counter() - self.start:6.0f} s] {line}",
+                               highlight=False, soft_wrap=True)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _train_table(rows: list[dict[str, Any]], title: str) -> Table:
+    metric = rows[0]["metric"] if rows else "accuracy"
+    t = Table(title=title, caption="mean ± std over seeds; time: the training loop only; "
+                                   "x torch-sgd: ratio of mean times in this invocation")
+    for col in ("optimizer", "mode", "lr", "train loss", "test acc %" if metric == "accuracy"
+                else "test mse", "time s", "x torch-sgd", "to target", "notes"):
+        t.add_column(col, justify="left" if col in ("optimizer", "mode", "notes") else "right",
+                     no_wrap=col != "notes")
+    for r in rows:
+        mode = f"peer ({r['family']})" if r["family"] != "ocnopt" else f"order {r['order']}"
+        test = (f"{100 * r['test']:.1f} ± {100 * (r['test_std'] or 0):.1f}"
+                if metric == "accuracy" and r["test"] is not None
+                else f"{_fmt(r['test'], '.4g')} ± {_fmt(r['test_std'], '.2g')}")
+        target = ("-" if r["target_seconds"] is None
+                  else f"{r['target_seconds']:.2f} s") + f" ({r['target_reached']}/{len(r['seeds'])})"
+        notes = []
+        if r["diverged"]:
+            notes.append(f"{r['diverged']} diverged")
+        if r["skipped_steps"]:
+            notes.append(f"{r['skipped_steps']} skipped steps")
+        t.add_row(r["optimizer"], mode, f"{r['lr']:.3g}",
+                  f"{_fmt(r['train_loss'], '.4f')} ± {_fmt(r['train_loss_std'], '.4f')}", test,
+                  f"{_fmt(r['seconds'], '.2f')}", _fmt(r["time_ratio"], ".2f"), target,
+                  ", ".join(notes))
+    return t
+
+
+def _emit_json(obj: Any) -> None:
+    from .bench.protocols import _finite
+
+    typer.echo(json.dumps(_finite(obj), indent=1, sort_keys=True))
+
+
+def _interrupted(records: list[dict[str, Any]], planned: int, out: Path) -> None:
+    typer.echo(f"Interrupted: {len(records)} of {planned} runs finished; their results are in "
+               f"{out} (the run in progress was discarded).", err=True)
+
+
+# ---- commands -----------------------------------------------------------------------------------
+OptOption = Annotated[list[str] | None, typer.Option(
+    "--optimizers", "-o",
+    help="Optimizers, comma-separated or repeated: peers torch-sgd, torch-rmsprop, torch-adam, "
+         "curvlinops-kfac; ocnopt modes `<backend>-<curvature>[-fb]` (e.g. autograd-adam = order 1, "
+         "lowrank-kfac-fb = order 2 with feedback, autograd-full-fb = vanilla DDP); 'default' or "
+         "'all' (every one that fits the problem). See `ocnopt bench list`.")]
+OutOption = Annotated[Path, typer.Option(
+    "--out", help="Folder for the JSON results (one file per run, written when it finishes).")]
+ThreadsOption = Annotated[int, typer.Option(
+    "--threads", help="torch.set_num_threads, fixed and recorded (timings depend on it).")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print machine-readable JSON on stdout instead of the table and progress.")]
+SubsetOption = Annotated[int | None, typer.Option(
+    "--subset", help="Use only the first N samples of each split (quick checks).")]
+SplitSeedOption = Annotated[int, typer.Option(
+    "--split-seed", help="Seed of the fit/val/test split (fixed by default).")]
+
+
+@bench.command("list", short_help="List the problems and the optimizers.")
+def list_cmd(json_out: JsonOption = False) -> None:
+    """List the problems and the optimizers (and which optimizers do not fit which problem)."""
+    from .bench.optimizers import ALL_SET, DEFAULT_SET, all_names, parse_optimizer
+    from .bench.problems import PROBLEMS
+
+    specs = [parse_optimizer(n) for n in all_names()]
+    if json_out:
+        _emit_json({
+            "problems": [{"name": p.name, "description": p.description, "network": p.network,
+                          "loss": p.loss, "epochs": p.epochs, "batch_size": p.batch_size,
+                          "target": p.target} for p in PROBLEMS.values()],
+            "optimizers": [{**s.config(), "default_lr": s.default_lr,
+                            "not_on": {p.name: s.fits(p) for p in PROBLEMS.values()
+                                       if s.fits(p) is not None}} for s in specs],
+            "sets": {"default": list(DEFAULT_SET), "all": list(ALL_SET)}})
+        return
+    con = _console()
+    t = Table(title="problems (offline data)")
+    for col in ("problem", "data", "network", "epochs", "batch", "target"):
+        t.add_column(col, justify="right" if col in ("epochs", "batch", "target") else "left")
+    for p in PROBLEMS.values():
+        t.add_row(p.name, p.description, p.network, str(p.epochs), str(p.batch_size),
+                  f"{p.target:g} ({'test acc' if p.metric == 'accuracy' else 'test mse'})")
+    con.print(t)
+    t = Table(title="optimizers: peers, then ocnopt's <backend>-<curvature>[-fb] "
+                    "(-fb = order 2 with feedback)")
+    for col in ("optimizer", "default lr", "in sets", "description", "does not run on"):
+        t.add_column(col)
+    for s in specs:
+        sets = ", ".join(n for n, members in (("default", DEFAULT_SET), ("all", ALL_SET))
+                         if s.name in members)
+        t.add_row(s.name, f"{s.default_lr:g}", sets, s.description,
+                  ", ".join(p.name for p in PROBLEMS.values() if s.fits(p) is not None))
+    con.print(t)
+
+
+@bench.command("run", short_help="Protocol train: fixed epochs, several seeds, a comparison table.")
+def run_cmd(
+    problem: Annotated[str, typer.Argument(help="Problem name (see `ocnopt bench list`).")],
+    optimizers: OptOption = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the problem's).")] = None,
+    seeds: Annotated[int, typer.Option(help="Number of seeds: 0, 1, ..., N-1 (initial weights "
+                                            "and minibatch order).")] = 3,
+    out: OutOption = DEFAULT_OUT,
+    batch_size: Annotated[int | None, typer.Option(help="Minibatch size (default: the "
+                                                        "problem's).")] = None,
+    lr_from: Annotated[Path | None, typer.Option(
+        "--lr-from", help="Take each optimizer's learning rate from the sweep results in this "
+                          "folder (chosen on the validation split).")] = None,
+    target: Annotated[float | None, typer.Option(
+        help="Time-to-target: test accuracy to reach (mse problems: test loss to go under).")] = None,
+    subset: SubsetOption = None,
+    split_seed: SplitSeedOption = 0,
+    threads: ThreadsOption = 1,
+    json_out: JsonOption = False,
+) -> None:
+    """Protocol train: fixed epochs, several seeds; final training loss, test accuracy
+    (mean ± std over seeds), wall-clock time and time to a target accuracy per optimizer.
+
+    The default compares torch SGD, torch Adam, curvlinops K-FAC and ocnopt's order-1
+    (autograd-sgd, autograd-adam, autograd-kfac) and order-2 (lowrank-adam-fb,
+    lowrank-kfac-fb) modes; on digits-fcn it takes about 1-2 minutes on 2 cores.
+    """
+    from .bench.problems import load
+    from .bench.protocols import RunSettings, lrs_from_sweep, steps_per_epoch, train_protocol
+
+    with usage_errors():
+        prob = _problem(problem)
+        for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--batch-size", batch_size),
+                        ("--subset", subset), ("--threads", threads), ("--target", target)):
+            _positive(name, v)
+        specs = _optimizers(prob, optimizers)
+        lrs = None
+        if lr_from is not None:
+            if not lr_from.is_dir():
+                raise UsageError(f"--lr-from {lr_from}: not a directory")
+            lrs = lrs_from_sweep(lr_from, prob.name)
+            missing = [s.name for s in specs if s.name not in lrs]
+            if missing:
+                raise UsageError(f"--lr-from {lr_from}: no sweep results for {', '.join(missing)} "
+                                 f"on {prob.name}")
+        out = _writable(out)
+    _threads(threads)
+    settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
+                           seeds=list(range(seeds)), split_seed=split_seed, subset=subset,
+                           target=target)
+    data = load(prob, split_seed, subset)
+    total = len(specs) * seeds * settings.epochs * steps_per_epoch(len(data.y_fit),
+                                                                   settings.batch_size)
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    fb = Feedback(total, f"train {prob.name}", quiet=json_out)
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        fb.done(rec)
+
+    try:
+        with fb:
+            train_protocol(prob, data, specs, settings, out, lrs, on_step=fb.step, on_done=done)
+    except KeyboardInterrupt:
+        _interrupted(records, len(specs) * seeds, out)
+        _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out,
+                         "interrupted")
+        raise typer.Exit(130) from None
+    _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out, "complete")
+
+
+def _summarise_train(records: list[dict[str, Any]], problem: str, out: Path, seconds: float,
+                     json_out: bool, status: str) -> None:
+    from .bench.protocols import train_summary
+
+    rows = train_summary(records)
+    if json_out:
+        _emit_json({"protocol": "train", "problem": problem, "status": status, "out": str(out),
+                    "seconds": seconds, "rows": rows})
+        return
+    if rows:
+        title = (f"train {problem}: {rows[0]['epochs']} epochs x {rows[0]['steps']} steps, "
+                 f"batch {rows[0]['batch_size']}, seeds {', '.join(map(str, rows[0]['seeds']))}, "
+                 f"target {rows[0]['target']:g}")
+        _console().print(_train_table(rows, title))
+    _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out} "
+                     f"(`ocnopt bench report {out}` renders them)", highlight=False)
+
+
+@bench.command("sweep", short_help="Protocol sweep: learning-rate grid chosen on validation, tunability.")
+def sweep_cmd(
+    problem: Annotated[str, typer.Argument(help="Problem name (see `ocnopt bench list`).")],
+    optimizers: OptOption = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the problem's).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per grid point.")] = 1,
+    points: Annotated[int, typer.Option(help="Learning rates per optimizer (protocol: >= 8).")] = 9,
+    decades: Annotated[float, typer.Option(help="Decades the grid spans, centred on the "
+                                                "optimizer's default lr (protocol: >= 4).")] = 4.0,
+    out: OutOption = DEFAULT_OUT,
+    batch_size: Annotated[int | None, typer.Option(help="Minibatch size (default: the "
+                                                        "problem's).")] = None,
+    subset: SubsetOption = None,
+    split_seed: SplitSeedOption = 0,
+    threads: ThreadsOption = 1,
+    json_out: JsonOption = False,
+) -> None:
+    """Protocol sweep: a log-spaced learning-rate grid per optimizer, trained on the fit split
+    and scored on the validation split. Reports the best validation accuracy, the chosen
+    learning rate, the test accuracy there (read once), and the tunability: the share of the
+    grid within 2 points of the optimizer's best. `run --lr-from DIR` reuses the choice."""
+    from .bench.problems import load
+    from .bench.protocols import RunSettings, steps_per_epoch, sweep_protocol, sweep_summary
+
+    with usage_errors():
+        prob = _problem(problem)
+        for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--batch-size", batch_size),
+                        ("--subset", subset), ("--threads", threads), ("--decades", decades)):
+            _positive(name, v)
+        if points < 2:
+            raise UsageError(f"--points must be at least 2, got {points}")
+        specs = _optimizers(prob, optimizers)
+        out = _writable(out)
+    _threads(threads)
+    settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
+                           seeds=list(range(seeds)), split_seed=split_seed, subset=subset)
+    data = load(prob, split_seed, subset)
+    n_runs = len(specs) * seeds * points
+    total = n_runs * settings.epochs * steps_per_epoch(len(data.y_fit), settings.batch_size)
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    fb = Feedback(total, f"sweep {prob.name}", quiet=json_out)
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        fb.done(rec)
+
+    status = "complete"
+    try:
+        with fb:
+            sweep_protocol(prob, data, specs, settings, out, points, decades, on_step=fb.step,
+                           on_done=done)
+    except KeyboardInterrupt:
+        _interrupted(records, n_runs, out)
+        status = "interrupted"
+    rows = sweep_summary(records)
+    seconds = time.perf_counter() - started
+    if json_out:
+        _emit_json({"protocol": "sweep", "problem": prob.name, "status": status, "out": str(out),
+                    "seconds": seconds, "rows": rows})
+    else:
+        t = Table(title=f"sweep {prob.name}: {points} learning rates over {decades:g} decades, "
+                        f"{settings.epochs} epochs, chosen on the validation split",
+                  caption="tunability: share of the grid within 2 points of the best val. acc.")
+        for col in ("optimizer", "best val", "chosen lr", "test at chosen lr", "tunability",
+                    "diverged"):
+            t.add_column(col, justify="left" if col == "optimizer" else "right")
+        for r in rows:
+            acc = r["metric"] == "accuracy"
+            t.add_row(r["optimizer"], f"{100 * r['best_val']:.1f} %" if acc else f"{r['best_val']:.4g}",
+                      f"{r['best_lr']:.3g}",
+                      _fmt(r["test_at_best"] * 100 if acc and r["test_at_best"] is not None
+                           else r["test_at_best"], ".1f" if acc else ".4g"),
+                      f"{100 * r['tunability']:.0f} %", str(r["diverged"]))
+        _console().print(t)
+        _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out}",
+                         highlight=False)
+    if status != "complete":
+        raise typer.Exit(130)
+
+
+@bench.command("overhead", short_help="Protocol overhead: time and memory per step, ratios to torch SGD.")
+def overhead_cmd(
+    problem: Annotated[str, typer.Argument(help="Problem name (see `ocnopt bench list`).")],
+    optimizers: OptOption = None,
+    batch_size: Annotated[int | None, typer.Option(help="Minibatch size (default: the "
+                                                        "problem's).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per optimizer first.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 20,
+    block: Annotated[int, typer.Option(help="Consecutive steps per optimizer per round.")] = 5,
+    memory_steps: Annotated[int, typer.Option(help="Steps profiled for the peak memory.")] = 11,
+    seed: Annotated[int, typer.Option(help="Seed of the model, the batches and the order.")] = 0,
+    out: OutOption = DEFAULT_OUT,
+    threads: ThreadsOption = 1,
+    json_out: JsonOption = False,
+) -> None:
+    """Protocol overhead: median time per step (after warm-up) and peak memory of every
+    optimizer, as ratios to torch SGD on the same model and batches in the same process,
+    absolute values beside."""
+    from .bench.problems import load
+    from .bench.protocols import overhead_protocol
+
+    with usage_errors():
+        prob = _problem(problem)
+        for name, v in (("--batch-size", batch_size), ("--rounds", rounds), ("--block", block),
+                        ("--memory-steps", memory_steps), ("--threads", threads)):
+            _positive(name, v)
+        if warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {warmup}")
+        specs = _optimizers(prob, optimizers)
+        out = _writable(out)
+    _threads(threads)
+    data = load(prob)
+    n = len(specs) + (0 if any(s.name == "torch-sgd" for s in specs) else 1)
+    total = n * (warmup + rounds * block + memory_steps)
+    fb = Feedback(total, f"overhead {prob.name}", quiet=json_out)
+    try:
+        with fb:
+            rec = overhead_protocol(prob, data, specs, out, batch_size or prob.batch_size, seed,
+                                    warmup, rounds, block, memory_steps, on_step=fb.step)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted: the overhead protocol measures all optimizers in one process; "
+                   "nothing was written.", err=True)
+        raise typer.Exit(130) from None
+    rows = rec["result"]["rows"]
+    if json_out:
+        _emit_json({"protocol": "overhead", "problem": prob.name, "out": str(out), "rows": rows})
+        return
+    t = Table(title=f"overhead {prob.name}: batch {rec['config']['batch_size']}, "
+                    f"{rec['config']['rounds']} x {rec['config']['block']} timed steps each, "
+                    f"{threads} thread(s)",
+              caption="ratios to torch-sgd measured in this process; memory: peak live bytes "
+                      "of torch's CPU allocator above the model and data")
+    for col in ("optimizer", "median ms", "x sgd", "mean ms", "x sgd", "peak MiB", "x sgd"):
+        t.add_column(col, justify="left" if col == "optimizer" else "right")
+    for name, r in rows.items():
+        mib = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+        t.add_row(name, f"{r['median_ms']:.2f}", f"{r['median_ratio']:.2f}", f"{r['mean_ms']:.2f}",
+                  f"{r['mean_ratio']:.2f}", _fmt(mib, ".2f"), _fmt(r["memory_ratio"], ".2f"))
+    _console().print(t)
+    _console().print(f"results in {out}/overhead-{prob.name}.json", highlight=False)
+
+
+@bench.command("report", short_help="Protocol report: Markdown tables and PNG plots from saved results.")
+def report_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder with saved results (searched "
+                                                "recursively).")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Markdown file to write (default FOLDER/report.md); plots go to a "
+                      "folder 'plots' beside it.")] = None,
+    into: Annotated[Path | None, typer.Option(
+        "--into", help="Instead, put the report between the markers '<!-- ocnopt bench report: "
+                       "begin -->' and '<!-- ocnopt bench report: end -->' of this Markdown file "
+                       "(the rest of the file is kept); plots go to a folder named after it.")
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Protocol report: a Markdown page with tables (train, time-to-target, sweep with
+    tunability, overhead) and PNG plots (loss vs step and vs wall-clock with seed bands,
+    accuracy vs learning rate, overhead bars), made from the saved JSON results only."""
+    from .bench.report import render, splice
+
+    with usage_errors():
+        if not folder.is_dir():
+            raise UsageError(f"{folder}: not a directory")
+        if out is not None and into is not None:
+            raise UsageError("give --out or --into, not both")
+        target = into if into is not None else (out or folder / "report.md")
+        images = target.parent / (f"{target.stem}-plots" if into is not None else "plots")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            images.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot write the report to {target}: {err.strerror or err}") from err
+        if not os.access(target.parent, os.W_OK) or (target.exists() and
+                                                     not os.access(target, os.W_OK)):
+            raise UsageError(f"cannot write the report to {target}: permission denied")
+        rel = os.path.relpath(images, target.parent) + "/"
+        command = "ocnopt bench report " + " ".join(sys.argv[3:]) if sys.argv[1:3] == [
+            "bench", "report"] else None
+        try:
+            section, summary = render(folder, images, rel, command)
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from err
+    if into is not None:
+        splice(into, section)
+    else:
+        target.write_text("# ocnopt benchmark report\n\n" + section)
+    if json_out:
+        _emit_json({"report": str(target), "images": str(images), **summary})
+        return
+    _console().print(f"report written to {target} (plots in {images}); {summary['files']} result "
+                     "files", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,205 @@
+"""ocnopt.bench: the problems' data (offline, documented shapes and class counts, fixed splits),
+the networks, and the optimizer registry."""
+
+from __future__ import annotations
+
+import math
+import random
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+from ocnopt.bench import optimizers as registry  # noqa: E402
+from ocnopt.bench import problems  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the CLI's default (small models on a loaded machine run faster);
+    the previous count is restored for the other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# problem -> (input shape of one sample, classes or None, sizes fit/val/test)
+DOCUMENTED = {
+    "wine-fcn": ((13,), 3, (99, 25, 54)),
+    "digits-fcn": ((64,), 10, (1005, 252, 540)),
+    "digits-cnn": ((1, 8, 8), 10, (1005, 252, 540)),
+    "mnist1d-mlp": ((40,), 10, (3200, 800, 1000)),
+    "mnist1d-cnn": ((1, 40), 10, (3200, 800, 1000)),
+    "quadratic": ((100,), None, (1120, 280, 600)),
+}
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: any attempt to connect fails the test; the loaders' caches are emptied so
+    that they really run under it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for fn in (problems.load_wine, problems.load_digits, problems.load_mnist1d,
+               problems._mnist1d_arrays, problems.load_quadratic):
+        fn.cache_clear()
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTED))
+def test_loaders_offline_shapes_and_classes(name: str, offline) -> None:
+    if name.startswith("mnist1d"):
+        pytest.importorskip("mnist1d")
+    shape, classes, sizes = DOCUMENTED[name]
+    data = problems.load(name)
+    assert data.sizes() == dict(zip(("fit", "val", "test"), sizes))
+    assert data.classes == classes
+    for X, y in ((data.X_fit, data.y_fit), (data.X_val, data.y_val), (data.X_test, data.y_test)):
+        assert X.dtype == torch.float32 and tuple(X.shape[1:]) == shape
+        assert torch.isfinite(X).all()
+        if classes is None:
+            assert y.dtype == torch.float32 and tuple(y.shape[1:]) == (1,)
+        else:
+            assert y.dtype == torch.int64 and y.dim() == 1
+            assert set(y.tolist()) == set(range(classes))  # every class in every split
+    if name != "quadratic" and not name.startswith("mnist1d"):  # standardised on fit
+        mean = data.X_fit.mean().item()
+        assert abs(mean) < 1e-4
+    # the network takes the inputs and gives one output per class (one value for mse)
+    out = problems.get_problem(name).model(0)(data.X_test[:5])
+    assert tuple(out.shape) == (5, classes or 1)
+
+
+def test_splits_fixed_by_seed_and_disjoint() -> None:
+    a, b = problems.load("digits-fcn"), problems.load("digits-fcn")
+    assert torch.equal(a.X_fit, b.X_fit) and torch.equal(a.y_test, b.y_test)
+    c = problems.load_digits(split_seed=1)
+    assert not torch.equal(a.y_fit, c.y_fit)
+    rows = {tuple(r) for r in torch.cat([a.X_fit, a.X_val, a.X_test]).tolist()}
+    assert len(a.y_fit) + len(a.y_val) + len(a.y_test) == 1797
+    assert len(rows) > 1700  # digits has a few duplicate images, the splits are disjoint
+
+
+def test_mnist1d_is_make_dataset_defaults_and_leaves_global_rng_alone() -> None:
+    pytest.importorskip("mnist1d")
+    problems._mnist1d_arrays.cache_clear()
+    random.seed(123)
+    np.random.seed(123)  # noqa: NPY002 - the legacy global state is what make_dataset seeds
+    expected = (random.random(), np.random.rand())  # noqa: NPY002
+    random.seed(123)
+    np.random.seed(123)  # noqa: NPY002
+    d = problems._mnist1d_arrays()
+    assert (random.random(), np.random.rand()) == expected  # noqa: NPY002
+    assert d["x"].shape == (4000, 40) and d["x_test"].shape == (1000, 40)
+
+
+def test_quadratic_known_hessian() -> None:
+    data = problems.load("quadratic")
+    eig = np.array(data.meta["hessian_eigenvalues"])
+    assert len(eig) == 100 and math.isclose(eig.max() / eig.min(), 100.0)
+    # the empirical Hessian of the MSE, 2 X^T X / N, matches the population one in spectrum
+    X = torch.cat([data.X_fit, data.X_val, data.X_test]).double()
+    emp = torch.linalg.eigvalsh(2 * X.T @ X / len(X)).numpy()
+    assert abs(np.log(emp.max() / eig.max())) < 0.3 and abs(np.log(emp.min() / eig.min())) < 0.5
+
+
+def test_model_seeded_without_touching_global_rng() -> None:
+    p = problems.get_problem("digits-fcn")
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
+    m0, m0b, m1 = p.model(0), p.model(0), p.model(1)
+    assert torch.rand(1) == before
+    w = [q.detach() for q in m0.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(w, m0b.parameters()))
+    assert not torch.equal(w[0], next(m1.parameters()))
+
+
+# ---- the registry --------------------------------------------------------------------------------
+def test_every_name_parses_with_its_order() -> None:
+    names = registry.all_names()
+    assert {"torch-sgd", "torch-rmsprop", "torch-adam", "curvlinops-kfac"} <= set(names)
+    for n in names:
+        spec = registry.parse_optimizer(n)
+        assert spec.name == n
+        if spec.family == "ocnopt":
+            assert spec.order == (2 if n.endswith("-fb") else 1)
+    ddp = registry.parse_optimizer("autograd-full-fb")
+    assert ddp.exact and ddp.order == 2 and "vanilla DDP" in ddp.description
+    assert registry.parse_optimizer("lowrank-kfac-fb").options == {"feedback": True}
+    assert not registry.parse_optimizer("lowrank-kfac-fb").exact
+
+
+@pytest.mark.parametrize("bad", ["adam", "autograd-newton", "gpu-adam", "autograd-adam-xx",
+                                 "lowrank-full", "torch-lbfgs", "autograd-adam-fb-fb"])
+def test_unknown_names_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="accepted|only backend 'autograd'"):
+        registry.parse_optimizer(bad)
+
+
+def test_select_sets_and_fit() -> None:
+    digits = problems.get_problem("digits-fcn")
+    default = [s.name for s in registry.select(digits, None)]
+    assert {"torch-sgd", "torch-adam", "curvlinops-kfac"} <= set(default)
+    orders = {registry.parse_optimizer(n).order for n in default}
+    assert {1, 2} <= orders
+    assert [s.name for s in registry.select(digits, ["default"])] == default
+    wine_all = [s.name for s in registry.select(problems.get_problem("wine-fcn"), ["all"])]
+    assert "autograd-full-fb" in wine_all  # vanilla DDP on the small problem
+    assert "autograd-full-fb" not in [s.name for s in registry.select(digits, ["all"])]
+    cnn1d = problems.get_problem("mnist1d-cnn")
+    assert "curvlinops-kfac" not in [s.name for s in registry.select(cnn1d, ["all"])]
+    with pytest.raises(ValueError, match="does not run on mnist1d-cnn.*Conv2d"):
+        registry.select(cnn1d, ["curvlinops-kfac"])
+    with pytest.raises(ValueError, match="too large"):
+        registry.select(problems.get_problem("digits-cnn"), ["autograd-adam-fb"])
+
+
+def test_lr_grid_spans_four_decades() -> None:
+    grid = registry.lr_grid(1e-2)
+    assert len(grid) == 9 and math.isclose(grid[-1] / grid[0], 1e4)
+    assert math.isclose(grid[4], 1e-2)
+    assert all(b > a for a, b in zip(grid, grid[1:]))
+
+
+def test_twins_take_identical_steps() -> None:
+    """order-1 ocnopt sgd / adam and their torch.optim peers, driven by the harness's steppers,
+    end on the same weights (the harness adds nothing to either)."""
+    p = problems.get_problem("wine-fcn")
+    data = problems.load(p)
+    for mine, peer in (("autograd-sgd", "torch-sgd"), ("autograd-adam", "torch-adam")):
+        a, b = p.model(0), p.model(0)
+        sa = registry.parse_optimizer(mine).make(a, p.loss, 0.01, 0)
+        sb = registry.parse_optimizer(peer).make(b, p.loss, 0.01, 0)
+        for i in range(5):
+            x, y = data.X_fit[16 * i:16 * (i + 1)], data.y_fit[16 * i:16 * (i + 1)]
+            assert math.isclose(sa.step(x, y), sb.step(x, y), rel_tol=1e-5)
+        for q, r in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(q, r, rtol=1e-5, atol=1e-6)
+
+
+def test_curvlinops_peer_is_a_kfac_step() -> None:
+    """With update_every=1 the curvlinops peer's first step is -lr (K + damping)^-1 g."""
+    pytest.importorskip("curvlinops")
+    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+    p = problems.get_problem("wine-fcn")
+    data = problems.load(p)
+    x, y = data.X_fit[:16], data.y_fit[:16]
+    model, ref = p.model(0), p.model(0)
+    step = registry.CurvlinopsKFACStepper(model, p.loss, lr=0.1, damping=0.1, fisher_type="mc",
+                                          update_every=1, seed=0)
+    step.step(x, y)
+    params = list(ref.parameters())
+    K = KFACLinearOperator(ref, torch.nn.CrossEntropyLoss(), params, [(x, y)], fisher_type="mc",
+                           check_deterministic=False, seed=0)
+    K.compute_kronecker_factors()
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x), y), params)
+    d = KFACInverseLinearOperator(K, damping=0.1) @ list(g)
+    for q, r, di in zip(model.parameters(), params, d):
+        torch.testing.assert_close(q, r.detach() - 0.1 * di)
