@@ -181,7 +181,7 @@ class OptimizerSpec:
         return None
 
 
-def _peer(name: str) -> OptimizerSpec:
+def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
     if name == "torch-sgd":
         hp = {"momentum": 0.9}
         return OptimizerSpec(name, "torch", DEFAULT_LR["sgd"], hp, "torch.optim.SGD, momentum 0.9",
@@ -195,20 +195,25 @@ def _peer(name: str) -> OptimizerSpec:
         return OptimizerSpec(name, "torch", DEFAULT_LR["adam"], {}, "torch.optim.Adam",
                              lambda m, loss, lr, seed: TorchStepper(
                                  m, loss, torch.optim.Adam(m.parameters(), lr=lr)))
-    hp = dict(CURVLINOPS_KFAC)
+    lr = overrides.pop("lr", DEFAULT_LR["kfac"])
+    hp = {**CURVLINOPS_KFAC, **overrides}
     return OptimizerSpec(
-        name, "curvlinops", DEFAULT_LR["kfac"], hp,
-        "curvlinops KFACInverseLinearOperator(KFACLinearOperator(MC Fisher), damping 0.1) @ grad, "
-        "rebuilt on the current batch every 10 steps",
+        name, "curvlinops", lr, hp,
+        f"curvlinops KFACInverseLinearOperator(KFACLinearOperator({hp['fisher_type']} Fisher), "
+        f"damping {hp['damping']:g}) @ grad, rebuilt on the current batch every "
+        f"{hp['update_every']} steps",
         lambda m, loss, lr, seed: CurvlinopsKFACStepper(m, loss, lr, seed=seed, **hp))
 
 
-def parse_optimizer(name: str) -> OptimizerSpec:
-    """The optimizer called ``name``; ``ValueError`` naming what is accepted otherwise."""
+def parse_optimizer(name: str, problem: Problem | None = None) -> OptimizerSpec:
+    """The optimizer called ``name`` (with the hyper-parameter overrides of ``problem``, keyed
+    by curvature or by peer name; ``"lr"`` there replaces the default learning rate);
+    ``ValueError`` naming what is accepted otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"optimizer name must be a string, got {type(name).__name__}")
+    overrides = problem.hyper if problem is not None else {}
     if name in PEERS:
-        return _peer(name)
+        return _peer(name, dict(overrides.get(name, {})))
     parts = name.split("-")
     feedback = len(parts) == 3 and parts[2] == "fb"
     if len(parts) not in (2, 3) or (len(parts) == 3 and not feedback) \
@@ -222,7 +227,9 @@ def parse_optimizer(name: str) -> OptimizerSpec:
         raise ValueError(f"unknown optimizer {name!r}: curvature 'full' needs E[Q_uu] as a matrix, "
                          "which only backend 'autograd' forms (use autograd-full or autograd-full-fb)")
     order = 2 if feedback else 1
-    hp = dict(HYPER[curvature])
+    extra = dict(overrides.get(curvature, {}))
+    lr = extra.pop("lr", DEFAULT_LR[curvature])
+    hp = {**HYPER[curvature], **extra}
     kwargs = {"curvature": curvature, "backend": backend, "order": order, **hp}
     if feedback:
         kwargs["feedback"] = True
@@ -230,7 +237,7 @@ def parse_optimizer(name: str) -> OptimizerSpec:
         f"order {order}{' with feedback' if feedback else ''}, curvature {curvature}, "
         f"backend {backend}")
     return OptimizerSpec(
-        name, "ocnopt", DEFAULT_LR[curvature], hp, f"ocnopt: {what}",
+        name, "ocnopt", lr, hp, f"ocnopt: {what}",
         lambda m, loss, lr, seed: OCNOptStepper(m, loss, lr=lr, seed=seed, **kwargs),
         order=order, backend=backend, curvature=curvature,
         options={"feedback": feedback} if feedback else {})
@@ -259,15 +266,15 @@ def select(problem: Problem, names: list[str] | None) -> list[OptimizerSpec]:
     """The optimizers named (``None`` or ``["default"]``: ``DEFAULT_SET``; ``["all"]``: every one
     in ``ALL_SET`` that fits the problem). Named ones that do not fit raise ``ValueError``."""
     if not names or names == ["default"]:
-        specs = [parse_optimizer(n) for n in DEFAULT_SET]
+        specs = [parse_optimizer(n, problem) for n in DEFAULT_SET]
         return [s for s in specs if s.fits(problem) is None]
     if names == ["all"]:
-        specs = [parse_optimizer(n) for n in ALL_SET]
+        specs = [parse_optimizer(n, problem) for n in ALL_SET]
         return [s for s in specs if s.fits(problem) is None
                 and not (s.exact and problem.exact != "default")]
     specs = []
     for n in names:
-        s = parse_optimizer(n)
+        s = parse_optimizer(n, problem)
         reason = s.fits(problem)
         if reason is not None:
             raise ValueError(f"optimizer {n!r} does not run on {problem.name}: {reason}")

@@ -585,7 +585,7 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
     as a ratio to torch-sgd. Memory: afterwards, per optimizer, a fresh model and optimizer run
     ``memory_steps`` steps under ``torch.profiler``; the peak of live bytes above the start
     (optimizer state, gradients, temporaries; not the model or the data) and its ratio."""
-    ref = parse_optimizer("torch-sgd")
+    ref = parse_optimizer("torch-sgd", problem)
     specs = [ref] + [s for s in specs if s.name != ref.name]
     g = torch.Generator().manual_seed(seed)
     idx = list(torch.randperm(len(data.y_fit), generator=g).split(batch_size))
