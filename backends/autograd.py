@@ -302,6 +302,8 @@ def psd_clip(V: Tensor) -> Tensor:
     The eigen-decomposition runs in float64; if it fails to converge (many repeated or tiny
     eigenvalues), it is retried on V + 1e-12 max|V| I."""
     V = 0.5 * (V + V.transpose(1, 2))
+    if not bool(torch.isfinite(V).all()):  # left to the optimizer's non-finite guard
+        return V
     V64 = V.to(torch.float64)
     try:
         evals, evecs = torch.linalg.eigh(V64)

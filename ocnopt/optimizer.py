@@ -41,7 +41,7 @@ class OCNOpt(torch.optim.Optimizer):
         loss: ``"cross_entropy"``, ``"mse"``, a torch loss module with mean reduction, or a
             per-sample callable ``fn(output, target) -> (B,)``. The objective is the batch mean.
         lr: learning rate (scales open-loop and feedback parts); default per curvature model
-            (sgd 1e-3, rmsprop 1e-2, adam/adamw 1e-3, kfac/ekfac 1e-1 ... as ``DEFAULT_LR``).
+            (sgd 1e-3, rmsprop 1e-2, adam/adamw 1e-3, kfac/ekfac 3e-2, full 1: ``DEFAULT_LR``).
         curvature: the model M of Q_uu: ``"sgd"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``,
             ``"kfac"``, ``"ekfac"``, ``"full"`` (E[Q_uu] from the exact backend).
         backend: who computes the derivatives: ``"autograd"`` (exact, full matrices) or
@@ -71,7 +71,7 @@ class OCNOpt(torch.optim.Optimizer):
     """
 
     DEFAULT_LR = {"sgd": 1e-3, "rmsprop": 1e-2, "adam": 1e-3, "adamw": 1e-3,
-                  "kfac": 1e-1, "ekfac": 1e-1, "full": 1.0}
+                  "kfac": 3e-2, "ekfac": 3e-2, "full": 1.0}
 
     def __init__(
         self,
@@ -262,14 +262,17 @@ class OCNOpt(torch.optim.Optimizer):
         predicted = None
         if second:
             with torch.no_grad():
-                result = self.engine.second_order(
-                    traj, terminal, policy_fn, lr=lr, weight_decay=wd,
-                    feedback=self.order == 2 and self.feedback,
-                    value_correction=self.order == 2 and self.value_correction,
-                    gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)),
-                    clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full,
-                    targets=targets, generator=self.generator,
-                    stats_from_value=hp.get("fisher_type", "empirical") != "empirical")
+                try:
+                    result = self.engine.second_order(
+                        traj, terminal, policy_fn, lr=lr, weight_decay=wd,
+                        feedback=self.order == 2 and self.feedback,
+                        value_correction=self.order == 2 and self.value_correction,
+                        gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)),
+                        clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full,
+                        targets=targets, generator=self.generator,
+                        stats_from_value=hp.get("fisher_type", "empirical") != "empirical")
+                except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
+                    return self._skip(terminal.loss, "value expansion")
             policies, predicted = result.policies, result.predicted_change
         else:
             expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats)

@@ -93,11 +93,12 @@ def test_curvature_models_are_pure():
                 assert (torch.equal(s[k], v) if isinstance(v, torch.Tensor) else s[k] == v), (name, k)
 
 
-def test_full_model_floors_indefinite_q_uu():
+def test_full_model_flips_and_floors_indefinite_q_uu():
     from ocnopt.curvature.full import floored_inverse
 
-    M = torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64))
+    M = torch.diag(torch.tensor([2.0, -1.0, 0.5, 1e-3], dtype=torch.float64))
     used, inv = floored_inverse(M, damping=0.0, eig_floor=0.1)
+    # |eigenvalues|, floored at 0.1 * max|lambda| = 0.2
     torch.testing.assert_close(torch.linalg.eigvalsh(used),
-                               torch.tensor([0.2, 0.5, 2.0], dtype=torch.float64))
-    torch.testing.assert_close(inv @ used, torch.eye(3, dtype=torch.float64))
+                               torch.tensor([0.2, 0.5, 1.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(inv @ used, torch.eye(4, dtype=torch.float64))

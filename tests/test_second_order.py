@@ -269,3 +269,20 @@ def test_order2_diagnostics_and_feedback_change_the_step():
     diag = o1.last_step
     assert diag.stages[0].feedback_norm == 0.0 and diag.stages[1].feedback_norm > 0
     assert diag.loss_after is not None and diag.predicted_change < 0
+
+
+def test_newton_mode_blow_up_is_skipped_not_raised():
+    """Newton mode without damping can blow up; decompositions of non-finite value Hessians
+    must end in a skipped step, not in an exception, and leave the parameters alone."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    opt = ocnopt.OCNOpt(m, curvature="full", order=2, lr=0.5, damping=0.0, gauss_newton=False)
+    with pytest.warns(ocnopt.NonFiniteStepWarning):
+        for _ in range(6):
+            before = [p.detach().clone() for p in m.parameters()]
+            opt.step(x, y)
+            if opt.last_step.skipped:
+                assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt.skipped_steps > 0
+    assert all(torch.isfinite(p).all() for p in m.parameters())

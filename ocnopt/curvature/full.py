@@ -4,7 +4,9 @@ Needs the batch-mean Q_uu of every stage, which only the exact autograd backend 
 (propagating V_xx, with or without the contraction terms). First-order mode (no feedback, no
 value correction) is then a block-diagonal Gauss-Newton (or Newton) step per stage. M is
 factorised by Cholesky; when it is not positive definite (Newton mode, small damping) its
-eigenvalues are floored at max(damping, eig_floor * max|eigenvalue|) (choice). The factorised
+eigenvalues are replaced by their absolute values (saddle-free Newton: a direction of negative
+curvature is descended, not climbed) and floored at max(damping, eig_floor * max|eigenvalue|)
+(choice). The factorised
 inverse of the current step is kept in the state so that ``solve`` applies it to the feedback.
 """
 
@@ -21,7 +23,8 @@ from .base import CurvatureModel, StageStatistics, State, check_damping, check_n
 
 
 def floored_inverse(M: Tensor, damping: float, eig_floor: float) -> tuple[Tensor, Tensor]:
-    """(M_used, M_used^{-1}) with M_used = M + damping I, or its eigenvalue-floored version."""
+    """(M_used, M_used^{-1}) with M_used = M + damping I, or, when that is not positive
+    definite, the matrix with eigenvalues max(|lambda|, floor)."""
     m = M.shape[0]
     eye = torch.eye(m, dtype=M.dtype, device=M.device)
     Md = 0.5 * (M + M.T) + damping * eye
@@ -30,7 +33,7 @@ def floored_inverse(M: Tensor, damping: float, eig_floor: float) -> tuple[Tensor
         return Md, torch.cholesky_inverse(L).to(M.dtype)
     evals, evecs = torch.linalg.eigh(Md.to(torch.float64))
     floor = max(damping, eig_floor * float(evals.abs().max()), torch.finfo(torch.float64).tiny)
-    evals = evals.clamp_min(floor)
+    evals = evals.abs().clamp_min(floor)  # negative curvature flipped (saddle-free), floored
     used = (evecs * evals) @ evecs.T
     return used.to(M.dtype), ((evecs / evals) @ evecs.T).to(M.dtype)
 
