@@ -52,7 +52,7 @@ HYPER: dict[str, dict[str, Any]] = {
     "ekfac": {"damping": 0.1},
     "full": {"damping": 0.1},
 }
-CURVLINOPS_KFAC = {"damping": 0.1, "fisher_type": "mc", "update_every": 10}
+CURVLINOPS_KFAC: dict[str, Any] = {"damping": 0.1, "fisher_type": "mc", "update_every": 10}
 
 #: the default comparison of ``ocnopt bench run`` (order 1 and order 2 against the peers)
 DEFAULT_SET = ("torch-sgd", "torch-adam", "curvlinops-kfac", "autograd-sgd", "autograd-adam",
@@ -63,7 +63,8 @@ class Stepper(Protocol):
     """One optimizer bound to one model: ``step`` does a whole training step on a batch and
     returns the loss before it; ``skipped`` counts steps the optimizer refused (non-finite)."""
 
-    skipped: int
+    @property
+    def skipped(self) -> int: ...
 
     def step(self, inputs: Tensor, targets: Tensor) -> float: ...
 
@@ -183,10 +184,10 @@ class OptimizerSpec:
 
 def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
     if name == "torch-sgd":
-        hp = {"momentum": 0.9}
-        return OptimizerSpec(name, "torch", DEFAULT_LR["sgd"], hp, "torch.optim.SGD, momentum 0.9",
+        return OptimizerSpec(name, "torch", DEFAULT_LR["sgd"], {"momentum": 0.9},
+                             "torch.optim.SGD, momentum 0.9",
                              lambda m, loss, lr, seed: TorchStepper(
-                                 m, loss, torch.optim.SGD(m.parameters(), lr=lr, **hp)))
+                                 m, loss, torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)))
     if name == "torch-rmsprop":
         return OptimizerSpec(name, "torch", DEFAULT_LR["rmsprop"], {}, "torch.optim.RMSprop",
                              lambda m, loss, lr, seed: TorchStepper(
@@ -196,7 +197,7 @@ def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
                              lambda m, loss, lr, seed: TorchStepper(
                                  m, loss, torch.optim.Adam(m.parameters(), lr=lr)))
     lr = overrides.pop("lr", DEFAULT_LR["kfac"])
-    hp = {**CURVLINOPS_KFAC, **overrides}
+    hp: dict[str, Any] = {**CURVLINOPS_KFAC, **overrides}
     return OptimizerSpec(
         name, "curvlinops", lr, hp,
         f"curvlinops KFACInverseLinearOperator(KFACLinearOperator({hp['fisher_type']} Fisher), "

@@ -88,8 +88,9 @@ def environment() -> dict[str, Any]:
     """Library versions, thread counts and the machine (no dates: those go to ``timing``)."""
     import ocnopt
 
-    versions = {"ocnopt": ocnopt.__version__, "python": platform.python_version(),
-                "torch": torch.__version__}
+    versions: dict[str, str | None] = {"ocnopt": ocnopt.__version__,
+                                       "python": platform.python_version(),
+                                       "torch": torch.__version__}
     for dist in ("numpy", "scikit-learn", "mnist1d", "curvlinops-for-pytorch",
                  "backpack-for-pytorch", "matplotlib", "typer", "rich"):
         versions[dist] = _version(dist)

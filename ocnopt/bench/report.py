@@ -158,7 +158,7 @@ def plot_overhead(rows: dict[str, dict[str, Any]], title: str, path: Path) -> No
 
 # ---- sections -------------------------------------------------------------------------------------
 def _environment_line(records: list[dict[str, Any]]) -> str:
-    envs = {}
+    envs: dict[tuple, int] = {}
     for r in records:
         e = r.get("environment", {})
         v = e.get("versions", {})
@@ -207,9 +207,11 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
                    f"fit/val/test = {sizes['fit']}/{sizes['val']}/{sizes['test']}"
                    f"{' (subset)' if c['problem']['subset'] else ''}; {prow[0]['epochs']} epochs of "
                    f"minibatches of {prow[0]['batch_size']} ({prow[0]['steps']} steps); seeds "
-                   f"{', '.join(map(str, seeds))}; learning rates: {'; '.join(sources)}. Time: the "
+                   f"{', '.join(map(str, seeds))}; learning rates: {'; '.join(sources)}"
+                   f"{' (val: chosen by the sweep)' if len(sources) > 1 else ''}. Time: the "
                    "training loop only (evaluation excluded); x torch-sgd = ratio of the means in "
                    "the same invocation. Time to target: median over the seeds that reached it.\n")
+        mixed = len(sources) > 1
         header = ["optimizer", "mode", "lr", "final train loss", _metric_name(metric),
                   "train time (s)", "x torch-sgd", f"time to {tname}", "notes"]
         body = []
@@ -224,7 +226,8 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
                 notes.append(f"{len(r['seeds'])}/{len(seeds)} seeds")
             ttt = "not reached" if r["target_seconds"] is None else (
                 f"{r['target_seconds']:.2f} s ({r['target_steps']:.0f} steps)")
-            body.append([f"`{r['optimizer']}`", _mode(r), _lr(r["lr"]),
+            lr = _lr(r["lr"]) + (" (val)" if mixed and r["lr_source"].startswith("sweep") else "")
+            body.append([f"`{r['optimizer']}`", _mode(r), lr,
                          _pm(r["train_loss"], r["train_loss_std"], "loss"),
                          _pm(r["test"], r["test_std"], metric),
                          _pm(r["seconds"], r["seconds_std"], "loss"),
@@ -350,19 +353,32 @@ def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
                 f"{fmt(peer['test'])} (± {fmt(peer['test_std'] or 0)}); its training loop took "
                 f"{_f(mine['time_ratio'], '.1f')}x torch-sgd's time.")
         by = {r["optimizer"]: r for r in rows}
+        twins = []
+        for twin, torch_peer in (("autograd-sgd", "torch-sgd"), ("autograd-rmsprop", "torch-rmsprop"),
+                                 ("autograd-adam", "torch-adam")):
+            a, b = by.get(twin), by.get(torch_peer)
+            if a and b and a["lr"] == b["lr"] and a["train_loss"] is not None \
+                    and b["train_loss"] is not None:
+                twins.append(f"`{twin}` vs `{torch_peer}` "
+                             f"{abs(a['train_loss'] - b['train_loss']):.1e} "
+                             f"({_f(a['seconds'] / b['seconds'] if b['seconds'] else None, '.1f')}x "
+                             "the time)")
+        if twins:
+            lines.append(f"- train {prob}: order-1 twins of the torch peers, difference of the mean "
+                         f"final training loss: {'; '.join(twins)}.")
         for r in rows:
             if r["order"] != 2:
                 continue
-            o1 = by.get(f"autograd-{r['optimizer'].split('-')[1]}")
-            if o1 is None:
+            first = by.get(f"autograd-{r['optimizer'].split('-')[1]}")
+            if first is None:
                 continue
-            d_loss = (r["train_loss"] or 0) - (o1["train_loss"] or 0)
+            d_loss = (r["train_loss"] or 0) - (first["train_loss"] or 0)
             lines.append(
-                f"- train {prob}: `{r['optimizer']}` (order 2) vs `{o1['optimizer']}` (order 1, "
+                f"- train {prob}: `{r['optimizer']}` (order 2) vs `{first['optimizer']}` (order 1, "
                 f"same curvature): final training loss {_f(r['train_loss'], '.4g')} vs "
-                f"{_f(o1['train_loss'], '.4g')} ({'lower' if d_loss < 0 else 'higher'}), test "
-                f"{fmt(r['test'])} vs {fmt(o1['test'])}, time "
-                f"{_f((r['seconds'] or 0) / (o1['seconds'] or 1), '.1f')}x.")
+                f"{_f(first['train_loss'], '.4g')} ({'lower' if d_loss < 0 else 'higher'}), test "
+                f"{fmt(r['test'])} vs {fmt(first['test'])}, time "
+                f"{_f((r['seconds'] or 0) / (first['seconds'] or 1), '.1f')}x.")
     for prob in dict.fromkeys(r["problem"] for r in sweep):
         rows = [r for r in sweep if r["problem"] == prob]
         peers = [r["tunability"] for r in rows if r["family"] != "ocnopt"]
