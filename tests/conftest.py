@@ -30,3 +30,13 @@ def make_mlp():
 @pytest.fixture
 def make_batches():
     return tiny_batches
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread per test process (pytest -n 2 already uses the two
+    cores; more threads only oversubscribe them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
