@@ -413,16 +413,28 @@ def time_to_target(record: dict[str, Any], target: float | None = None) -> dict[
     return {"target": target, "step": None, "epoch": None, "seconds": None}
 
 
+def _diverged(rec: dict[str, Any]) -> bool:
+    """A non-finite minibatch loss ended the run, or the final training loss (fit split) is not
+    finite or above the initial one (the run blew up without overflowing)."""
+    res = rec["result"]
+    start, end = res["curve"][0].get("train_loss"), res["final"].get("train_loss")
+    if res["diverged"] or end is None or not math.isfinite(end):
+        return True
+    return start is not None and end > start
+
+
 def _group_key(rec: dict[str, Any]) -> tuple:
     c = rec["config"]
+    folder = str(Path(rec["_path"]).parent) if "_path" in rec else ""  # one folder per invocation
     return (rec["problem"], rec["optimizer"], c["lr"], c["epochs"], c["batch_size"],
-            c["problem"]["subset"], c["problem"]["split_seed"])
+            c["problem"]["subset"], c["problem"]["split_seed"], folder)
 
 
 def train_summary(records: Sequence[dict[str, Any]], reference: str = "torch-sgd"
                   ) -> list[dict[str, Any]]:
-    """Per (problem, optimizer, lr, epochs, ...) over seeds: final training loss, test metric
-    (mean, std), wall time, time ratio to ``reference``, time-to-target."""
+    """Per (problem, optimizer, lr, epochs, ..., result folder) over seeds: final training loss,
+    test metric (mean, std), wall time, time ratio to ``reference`` (from the same folder, i.e.
+    the same invocation), time-to-target, and how many seeds diverged (``_diverged``)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("kind") == "run" and r["protocol"] == "train":
@@ -446,16 +458,16 @@ def train_summary(records: Sequence[dict[str, Any]], reference: str = "torch-sgd
             "seeds": [r["seed"] for r in recs], "train_loss": loss_m, "train_loss_std": loss_s,
             "test": test_m, "test_std": test_s, "seconds": time_m, "seconds_std": time_s,
             "steps": recs[0]["result"]["steps"],
-            "diverged": sum(bool(r["result"]["diverged"]) for r in recs),
+            "diverged": sum(_diverged(r) for r in recs),
             "skipped_steps": sum(int(r["result"]["skipped_steps"]) for r in recs),
-            "target": ttt[0]["target"], "target_reached": len(hit),
+            "folder": key[7], "target": ttt[0]["target"], "target_reached": len(hit),
             "target_seconds": statistics.median([t["seconds"] for t in hit]) if hit else None,
             "target_steps": statistics.median([t["step"] for t in hit]) if hit else None,
         })
     for row in rows:
         ref = [r for r in rows if r["optimizer"] == reference and r["problem"] == row["problem"]
                and r["epochs"] == row["epochs"] and r["batch_size"] == row["batch_size"]
-               and r["subset"] == row["subset"]]
+               and r["subset"] == row["subset"] and r["folder"] == row["folder"]]
         row["time_ratio"] = (row["seconds"] / ref[0]["seconds"]
                              if ref and ref[0]["seconds"] and row["seconds"] is not None else None)
     return rows
@@ -512,7 +524,7 @@ def sweep_summary(records: Sequence[dict[str, Any]], margin: float = 0.02
             "grid": grid, "val": val, "test": test, "best_val": best, "best_lr": grid[i_best],
             "test_at_best": test[i_best], "tunability": sum(within) / len(grid),
             "points": len(grid), "seeds": sorted({r["seed"] for r in recs}),
-            "diverged": sum(bool(r["result"]["diverged"]) for r in recs),
+            "diverged": sum(_diverged(r) for r in recs),
         })
     return rows
 

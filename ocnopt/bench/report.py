@@ -187,14 +187,33 @@ def _completion(records: list[dict[str, Any]], folder: Path) -> list[str]:
     return notes
 
 
+def _folder(rec: dict[str, Any]) -> str:
+    return str(Path(rec["_path"]).parent) if "_path" in rec else ""
+
+
+def _train_groups(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(problem, folder, label) for every invocation folder of every problem; the label tells
+    the folders of one problem apart (sweep-chosen learning rates, or the folder's name)."""
+    pairs = list(dict.fromkeys((r["problem"], r["folder"]) for r in rows))
+    out = []
+    for prob, folder in pairs:
+        label = prob
+        if sum(p == prob for p, _ in pairs) > 1:
+            tuned = all(r["lr_source"].startswith("sweep") for r in rows
+                        if r["problem"] == prob and r["folder"] == folder)
+            label += (" (learning rates chosen on the validation split by the sweep)" if tuned
+                      else f" ({Path(folder).name})")
+        out.append((prob, folder, label))
+    return out
+
+
 def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[str, list]:
     rows = train_summary(records)
     out = []
-    problems = list(dict.fromkeys(r["problem"] for r in rows))
-    for prob in problems:
-        prow = [r for r in rows if r["problem"] == prob]
+    for i, (prob, folder, label) in enumerate(_train_groups(rows)):
+        prow = [r for r in rows if r["problem"] == prob and r["folder"] == folder]
         recs = [r for r in records if r.get("kind") == "run" and r["protocol"] == "train"
-                and r["problem"] == prob]
+                and r["problem"] == prob and _folder(r) == folder]
         c = recs[0]["config"]
         metric = prow[0]["metric"]
         seeds = sorted({s for r in prow for s in r["seeds"]})
@@ -202,7 +221,7 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
         tname = f"{100 * target:.0f} % test acc." if metric == "accuracy" else f"test MSE ≤ {target}"
         sizes = c["problem"]["sizes"]
         sources = sorted({r["lr_source"] for r in prow})
-        out.append(f"### train: {prob}\n")
+        out.append(f"### train: {label}\n")
         out.append(f"{c['problem']['description']}; network {c['problem']['network']}; splits "
                    f"fit/val/test = {sizes['fit']}/{sizes['val']}/{sizes['test']}"
                    f"{' (subset)' if c['problem']['subset'] else ''}; {prow[0]['epochs']} epochs of "
@@ -219,7 +238,7 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
                                               r["optimizer"])):
             notes = []
             if r["diverged"]:
-                notes.append(f"{r['diverged']} diverged")
+                notes.append(f"{r['diverged']} diverged (loss not finite or above its start)")
             if r["skipped_steps"]:
                 notes.append(f"{r['skipped_steps']} skipped steps")
             if len(r["seeds"]) < len(seeds):
@@ -235,11 +254,11 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
                          f"{ttt}, {r['target_reached']}/{len(r['seeds'])}", ", ".join(notes)])
         out.append(_table(header, body, "llrrrrrll"))
         groups: dict[str, list[dict[str, Any]]] = {}
-        for r in sorted(recs, key=lambda r: (r["optimizer"], r["seed"])):
-            groups.setdefault(r["optimizer"], []).append(r)
-        img = images / f"train-{prob}.png"
-        plot_curves(groups, f"{prob}: training loss, mean ± std over {len(seeds)} seed(s)", img)
-        out.append(f"\n![{prob}: loss vs step and vs time]({rel}{img.name})\n")
+        for r in sorted(recs, key=lambda r: (r["optimizer"], r["config"]["lr"], r["seed"])):
+            groups.setdefault(f"{r['optimizer']} (lr {_lr(r['config']['lr'])})", []).append(r)
+        img = images / (f"train-{prob}.png" if label == prob else f"train-{prob}-{i}.png")
+        plot_curves(groups, f"{label}: training loss, mean ± std over {len(seeds)} seed(s)", img)
+        out.append(f"\n![{label}: loss vs step and vs time]({rel}{img.name})\n")
     return "\n".join(out), rows
 
 
@@ -336,8 +355,9 @@ def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
               overhead: list[dict[str, Any]]) -> list[str]:
     """Plain statements computed from the tables (no judgement beyond the numbers)."""
     lines = []
-    for prob in dict.fromkeys(r["problem"] for r in train):
-        rows = [r for r in train if r["problem"] == prob and r["test"] is not None]
+    for prob_, folder, prob in _train_groups(train):
+        rows = [r for r in train if r["problem"] == prob_ and r["folder"] == folder
+                and r["test"] is not None]
         if not rows:
             continue
         acc = rows[0]["metric"] == "accuracy"
@@ -372,12 +392,24 @@ def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
             first = by.get(f"autograd-{r['optimizer'].split('-')[1]}")
             if first is None:
                 continue
-            d_loss = (r["train_loss"] or 0) - (first["train_loss"] or 0)
+            if r["diverged"] or first["diverged"]:
+                lines.append(
+                    f"- train {prob}: `{r['optimizer']}` (order 2) diverged on {r['diverged']} of "
+                    f"{len(r['seeds'])} seeds, `{first['optimizer']}` (order 1, same curvature) on "
+                    f"{first['diverged']} of {len(first['seeds'])}; test {fmt(r['test'])} vs "
+                    f"{fmt(first['test'])}.")
+                continue
+            if r["train_loss"] is None or first["train_loss"] is None:
+                continue
+            d_loss = r["train_loss"] - first["train_loss"]
+            noise = max(r["train_loss_std"] or 0, first["train_loss_std"] or 0)
+            verdict = ("within one std over seeds" if abs(d_loss) <= noise
+                       else "lower" if d_loss < 0 else "higher")
             lines.append(
                 f"- train {prob}: `{r['optimizer']}` (order 2) vs `{first['optimizer']}` (order 1, "
                 f"same curvature): final training loss {_f(r['train_loss'], '.4g')} vs "
-                f"{_f(first['train_loss'], '.4g')} ({'lower' if d_loss < 0 else 'higher'}), test "
-                f"{fmt(r['test'])} vs {fmt(first['test'])}, time "
+                f"{_f(first['train_loss'], '.4g')} ({100 * d_loss / first['train_loss']:+.0f} %, "
+                f"{verdict}), test {fmt(r['test'])} vs {fmt(first['test'])}, time "
                 f"{_f((r['seconds'] or 0) / (first['seconds'] or 1), '.1f')}x.")
     for prob in dict.fromkeys(r["problem"] for r in sweep):
         rows = [r for r in sweep if r["problem"] == prob]
