@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -72,16 +73,28 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def source_state() -> dict[str, Any]:
+    """The commit of the ocnopt checkout and its uncommitted changes to the library (ocnopt/,
+    backends/), taken once, at the first call of the process: the code this process imported
+    (a source tree edited later does not change a running process)."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--", "ocnopt", "backends")
+    dirty = None if status is None else sorted(
+        line[3:] for line in status.splitlines() if line.strip() and not line.startswith("??"))
+    return {"commit": commit.strip() if commit else None, "uncommitted_library_changes": dirty}
 
 
 def environment() -> dict[str, Any]:
@@ -96,7 +109,8 @@ def environment() -> dict[str, Any]:
         versions[dist] = _version(dist)
     return {
         "versions": versions,
-        "ocnopt_git_commit": _git_commit(),
+        "ocnopt_git_commit": source_state()["commit"],
+        "ocnopt_uncommitted": source_state()["uncommitted_library_changes"],
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "machine": {"platform": platform.platform(), "arch": platform.machine(),

@@ -162,14 +162,20 @@ def _environment_line(records: list[dict[str, Any]]) -> str:
     for r in records:
         e = r.get("environment", {})
         v = e.get("versions", {})
-        key = (v.get("ocnopt"), e.get("ocnopt_git_commit"), v.get("torch"),
+        dirty = e.get("ocnopt_uncommitted")
+        key = (v.get("ocnopt"), e.get("ocnopt_git_commit"),
+               None if dirty is None else tuple(dirty), v.get("torch"),
                v.get("curvlinops-for-pytorch"), e.get("threads"),
                e.get("machine", {}).get("cpu"), e.get("machine", {}).get("cpu_count"))
         envs[key] = envs.get(key, 0) + 1
     lines = []
-    for (ocn, commit, tv, cl, threads, cpu, cores), n in envs.items():
-        lines.append(f"- {n} file(s): ocnopt {ocn} (commit {(commit or 'n/a')[:10]}), torch {tv}, "
-                     f"curvlinops {cl}, {threads} torch thread(s), {cores} cores, CPU `{cpu}`")
+    for (ocn, commit, dirty, tv, cl, threads, cpu, cores), n in envs.items():
+        state = "" if dirty is None else (
+            ", with uncommitted library changes in " + ", ".join(f"`{f}`" for f in dirty)
+            if dirty else ", clean")
+        lines.append(f"- {n} file(s): ocnopt {ocn} (commit {(commit or 'n/a')[:10]}{state}), "
+                     f"torch {tv}, curvlinops {cl}, {threads} torch thread(s), {cores} cores, "
+                     f"CPU `{cpu}`")
     return "\n".join(lines)
 
 
@@ -201,8 +207,10 @@ def _train_groups(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         if sum(p == prob for p, _ in pairs) > 1:
             tuned = all(r["lr_source"].startswith("sweep") for r in rows
                         if r["problem"] == prob and r["folder"] == folder)
+            default = all(r["lr_source"] == "default" for r in rows
+                          if r["problem"] == prob and r["folder"] == folder)
             label += (" (learning rates chosen on the validation split by the sweep)" if tuned
-                      else f" ({Path(folder).name})")
+                      else " (default learning rates)" if default else f" ({Path(folder).name})")
         out.append((prob, folder, label))
     return out
 
