@@ -288,8 +288,9 @@ class OCNOpt(torch.optim.Optimizer):
                 policies.append(Policy(k=k_t))
         controlled = [(st, pol) for st, pol in zip(self.stages, policies) if pol is not None]
         with torch.no_grad():
-            k_norms = torch.stack([torch.stack([d.square().sum() for d in pol.k]).sum()
-                                   for _, pol in controlled])
+            # squared norms without a parameter-sized temporary (d.square()) per tensor
+            k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
+                                   .square().sum() for _, pol in controlled])
         if not bool(torch.isfinite(k_norms.sum())):
             return self._skip(terminal.loss, "update")
 

@@ -22,8 +22,9 @@ def batches(n, seed=0):
              torch.randint(0, 3, (6,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("name, module", [("kfac", kfac), ("ekfac", ekfac)])
-def test_failed_decomposition_keeps_the_previous_one_and_warns(name, module, monkeypatch):
+@pytest.mark.parametrize("name, module, broken", [("kfac", kfac, "damped_inverse"),
+                                                  ("ekfac", ekfac, "eigh64")])
+def test_failed_decomposition_keeps_the_previous_one_and_warns(name, module, broken, monkeypatch):
     model = tiny()
     opt = ocnopt.OCNOpt(model, curvature=name, inv_every=1, damping=0.1, lr=0.1)
     data = batches(3)
@@ -31,7 +32,7 @@ def test_failed_decomposition_keeps_the_previous_one_and_warns(name, module, mon
     head = opt.state[opt.stages[0].params[0]]
     keys = ("A_inv", "G_inv") if name == "kfac" else ("QA", "QG")
     before = {k: head[k].clone() for k in keys}
-    monkeypatch.setattr(module, "eigh64", lambda M: None)
+    monkeypatch.setattr(module, broken, lambda *args: None)
     with pytest.warns(CurvatureWarning, match="keeping the previous"):
         opt.step(*data[1])
     head = opt.state[opt.stages[0].params[0]]
@@ -102,3 +103,16 @@ def test_full_model_flips_and_floors_indefinite_q_uu():
     torch.testing.assert_close(torch.linalg.eigvalsh(used),
                                torch.tensor([0.2, 0.5, 1.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(inv @ used, torch.eye(4, dtype=torch.float64))
+
+
+def test_damped_inverse_cholesky_and_fallback_agree():
+    torch.manual_seed(0)
+    X = torch.randn(20, 6, dtype=torch.float64)
+    M = X.T @ X / 20
+    inv = kfac.damped_inverse(M, 0.1)
+    torch.testing.assert_close(inv, torch.linalg.inv(M + 0.1 * torch.eye(6, dtype=M.dtype)))
+    # an indefinite factor (rounding can make one) goes through the eigen-decomposition:
+    # negative eigenvalues are clipped to 0 before damping
+    N = torch.diag(torch.tensor([1.0, -0.5], dtype=torch.float64))
+    torch.testing.assert_close(kfac.damped_inverse(N, 0.1),
+                               torch.diag(torch.tensor([1 / 1.1, 1 / 0.1], dtype=torch.float64)))

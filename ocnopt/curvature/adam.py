@@ -11,7 +11,14 @@ import torch
 from torch import Tensor
 
 from ..stages import Stage
-from .base import DiagonalCurvature, StageStatistics, State, check_nonneg, require
+from .base import (
+    DiagonalCurvature,
+    StageStatistics,
+    State,
+    buffer_or_zeros,
+    check_nonneg,
+    require,
+)
 
 
 class Adam(DiagonalCurvature):
@@ -34,7 +41,7 @@ class Adam(DiagonalCurvature):
         beta2 = hp["betas"][1]
         v = state["max_exp_avg_sq"] if hp["amsgrad"] else state["exp_avg_sq"]
         bc2_sqrt = math.sqrt(1 - beta2 ** float(state["step"]))
-        return (v.sqrt() / bc2_sqrt).add_(hp["eps"])
+        return v.sqrt().div_(bc2_sqrt).add_(hp["eps"])  # one temporary, same rounding
 
     def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
                stats: StageStatistics | None, hp: dict[str, Any], step: int
@@ -46,16 +53,17 @@ class Adam(DiagonalCurvature):
             k = float(st["step"]) + 1 if "step" in st else 1.0
             new: State = {
                 "step": torch.tensor(k),
-                "exp_avg": st.get("exp_avg", torch.zeros_like(g)).lerp(g, 1 - beta1),
-                "exp_avg_sq": st.get("exp_avg_sq", torch.zeros_like(g)).mul(beta2)
+                "exp_avg": buffer_or_zeros(st, "exp_avg", g).lerp(g, 1 - beta1),
+                "exp_avg_sq": buffer_or_zeros(st, "exp_avg_sq", g).mul(beta2)
                 .addcmul_(g, g, value=1 - beta2),
             }
             if hp["amsgrad"]:
                 new["max_exp_avg_sq"] = torch.maximum(
-                    st.get("max_exp_avg_sq", torch.zeros_like(g)), new["exp_avg_sq"])
-            d = new["exp_avg"] / (1 - beta1**k) / self._denominator(new, hp)
+                    buffer_or_zeros(st, "max_exp_avg_sq", g), new["exp_avg_sq"])
+            # (m / bc1) / denominator as before, into one fresh tensor
+            d = torch.div(new["exp_avg"], 1 - beta1**k).div_(self._denominator(new, hp))
             if self.decoupled and wd != 0:
-                d = d.add(p, alpha=wd)  # u <- u(1 - lr wd) - lr d
+                d = d.add_(p, alpha=wd)  # u <- u(1 - lr wd) - lr d (d is fresh)
             new_states.append(new)
             dirs.append(d)
         return new_states, dirs

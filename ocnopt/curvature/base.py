@@ -225,6 +225,14 @@ def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> T
     return weight_bias_gram(stage, a, g, weight, bias)
 
 
+def buffer_or_zeros(state: State, key: str, like: Tensor) -> Tensor:
+    """state[key], or zeros shaped like ``like`` when absent. Allocates only then:
+    ``state.get(key, torch.zeros_like(g))`` allocates and fills a parameter-sized tensor at
+    every step, which costs a page-faulting allocation per buffer and step."""
+    buf = state.get(key)
+    return torch.zeros_like(like) if buf is None else buf
+
+
 class DiagonalCurvature(CurvatureModel):
     """M = diag(D) with D = ``_denominator(state)`` per parameter (rmsprop, adam)."""
 

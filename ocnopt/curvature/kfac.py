@@ -3,7 +3,8 @@
 A = E[a a^T] over samples and weight-sharing positions (divided by P), G = E[g g^T] summed
 over positions and factor columns (curvlinops' "expand" convention), both running averages
 updated every ``stat_every`` steps; the damped inverses are recomputed every ``inv_every``
-steps through float64 eigen-decompositions, keeping the previous inverses if one fails.
+steps in float64 (Cholesky, eigen-decomposition as fallback), keeping the previous inverses if
+both fail.
 Weight and bias are preconditioned separately: the weight by G^-1 X A^-1, the bias by G^-1
 (curvlinops' ``separate_weight_and_bias=True``). Only stages with Kronecker structure (Linear,
 Conv1d, Conv2d) carry a control among the supported layers.
@@ -69,12 +70,20 @@ def ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
 
 
 def damped_inverse(M: Tensor, damping: float) -> Tensor | None:
-    """(M + damping I)^{-1} via a float64 eigen-decomposition; None on failure."""
-    eig = eigh64(M)
-    if eig is None:
-        return None
-    evals, evecs = eig
-    inv = (evecs / (evals.clamp_min(0) + damping)) @ evecs.T
+    """(M + damping I)^{-1} in float64: Cholesky (3-4x faster than an eigen-decomposition), or,
+    when M + damping I is not positive definite, the eigen-decomposition of M with negative
+    eigenvalues clipped to 0; None when both fail."""
+    M64 = M.to(torch.float64)
+    eye = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
+    L, info = torch.linalg.cholesky_ex(0.5 * (M64 + M64.T) + damping * eye)
+    if int(info) == 0:
+        inv = torch.cholesky_inverse(L)
+    else:
+        eig = eigh64(M)
+        if eig is None:
+            return None
+        evals, evecs = eig
+        inv = (evecs / (evals.clamp_min(0) + damping)) @ evecs.T
     if not torch.isfinite(inv).all():
         return None
     return inv.to(M.dtype)

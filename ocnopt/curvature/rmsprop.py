@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from ..stages import Stage
-from .base import DiagonalCurvature, StageStatistics, State, check_nonneg, require
+from .base import (
+    DiagonalCurvature,
+    StageStatistics,
+    State,
+    buffer_or_zeros,
+    check_nonneg,
+    require,
+)
 
 
 class RMSprop(DiagonalCurvature):
@@ -33,15 +40,16 @@ class RMSprop(DiagonalCurvature):
                ) -> tuple[list[State], list[Tensor]]:
         alpha, new_states, dirs = hp["alpha"], [], []
         for st, g in zip(states, grads):
-            sq = st.get("square_avg", torch.zeros_like(g))
+            sq = buffer_or_zeros(st, "square_avg", g)
             new: State = {"step": st.get("step", 0) + 1,
                           "square_avg": sq.mul(alpha).addcmul_(g, g, value=1 - alpha)}
             if hp["centered"]:
-                ga = st.get("grad_avg", torch.zeros_like(g))
+                ga = buffer_or_zeros(st, "grad_avg", g)
                 new["grad_avg"] = ga.lerp(g, 1 - alpha)
-            d = g / self._denominator(new, hp)
+            denom = self._denominator(new, hp)  # a fresh tensor: divide into it
+            d = torch.div(g, denom, out=denom)
             if hp["momentum"] > 0:
-                buf = st.get("momentum_buffer", torch.zeros_like(g))
+                buf = buffer_or_zeros(st, "momentum_buffer", g)
                 new["momentum_buffer"] = d = buf.mul(hp["momentum"]).add_(d)
             new_states.append(new)
             dirs.append(d)
