@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,25 +82,33 @@ def _colors(n: int) -> list[Any]:
 
 def plot_curves(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> None:
     """Training loss (fit split, after every epoch) vs step and vs training wall-clock; the
-    line is the mean over seeds, the band mean ± std (time axis: mean time over seeds)."""
+    line is the geometric mean over seeds, the band one standard deviation of the log-loss
+    either side (time axis: mean time over seeds). The y axis stops at 10x the largest initial
+    loss: a run that blows up leaves the plot at the top."""
     import numpy as np
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    top, bottom = 0.0, math.inf
     for (name, recs), color in zip(groups.items(), _colors(len(groups))):
         n = min(len(r["result"]["curve"]) for r in recs)
-        loss = np.array([[p["train_loss"] if p["train_loss"] is not None else np.nan
+        loss = np.array([[p["train_loss"] if p["train_loss"] is not None else np.inf
                           for p in r["result"]["curve"][:n]] for r in recs], dtype=float)
+        log = np.log(np.clip(loss, 1e-30, 1e30))
         steps = np.array([p["step"] for p in recs[0]["result"]["curve"][:n]], dtype=float)
         secs = np.array([r["timing"]["curve_train_seconds"][:n] for r in recs], dtype=float)
-        m, s = np.nanmean(loss, 0), np.nanstd(loss, 0)
+        m, s = log.mean(0), log.std(0)
+        top = max(top, float(np.exp(m[0])))
+        bottom = min(bottom, float(np.exp(m.min())))
         opt = recs[0]["config"]["optimizer"]
         ls = _style(opt["family"], opt.get("order"))
         for ax, x in ((axes[0], steps), (axes[1], secs.mean(0))):
-            ax.plot(x, m, ls, color=color, label=name, lw=1.6)
-            ax.fill_between(x, np.clip(m - s, 1e-12, None), m + s, color=color, alpha=0.15, lw=0)
+            ax.plot(x, np.exp(m), ls, color=color, label=name, lw=1.6)
+            ax.fill_between(x, np.exp(m - s), np.exp(m + s), color=color, alpha=0.15, lw=0)
     for ax, xl in ((axes[0], "step"), (axes[1], "training wall-clock (s)")):
         ax.set_yscale("log")
+        if top > 0 and math.isfinite(bottom):
+            ax.set_ylim(bottom / 2, top * 10)
         ax.set_xlabel(xl)
         ax.set_ylabel("training loss (fit split)")
         ax.grid(alpha=0.3)
@@ -218,7 +227,7 @@ def _train_groups(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[str, list]:
     rows = train_summary(records)
     out = []
-    for i, (prob, folder, label) in enumerate(_train_groups(rows)):
+    for prob, folder, label in _train_groups(rows):
         prow = [r for r in rows if r["problem"] == prob and r["folder"] == folder]
         recs = [r for r in records if r.get("kind") == "run" and r["protocol"] == "train"
                 and r["problem"] == prob and _folder(r) == folder]
@@ -264,8 +273,10 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in sorted(recs, key=lambda r: (r["optimizer"], r["config"]["lr"], r["seed"])):
             groups.setdefault(f"{r['optimizer']} (lr {_lr(r['config']['lr'])})", []).append(r)
-        img = images / (f"train-{prob}.png" if label == prob else f"train-{prob}-{i}.png")
-        plot_curves(groups, f"{label}: training loss, mean ± std over {len(seeds)} seed(s)", img)
+        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        img = images / f"train-{slug}.png"
+        plot_curves(groups, f"{label}: training loss over {len(seeds)} seed(s) (geometric mean, "
+                            "± 1 std of the log)", img)
         out.append(f"\n![{label}: loss vs step and vs time]({rel}{img.name})\n")
     return "\n".join(out), rows
 
@@ -308,7 +319,7 @@ def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
         out.append(_table(header, body, "llrrrrrr"))
         img = images / f"sweep-{prob}.png"
         plot_sweep(prow, f"{prob}: validation metric vs learning rate", img)
-        out.append(f"\n![{prob}: accuracy vs learning rate]({rel}{img.name})\n")
+        out.append(f"\n![{prob}: validation metric vs learning rate]({rel}{img.name})\n")
     return "\n".join(out), rows
 
 
