@@ -187,3 +187,20 @@ def test_sweep_then_run_with_chosen_lrs(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout)["rows"][0]
     assert row["lr"] == best and row["lr_source"].startswith("sweep (val split)")
+
+
+@pytest.mark.slow
+def test_default_digits_run_under_three_minutes(tmp_path: Path) -> None:
+    """The README's set-up command: the default comparison on digits-fcn (3 seeds, 8 optimizers:
+    torch SGD/Adam, curvlinops K-FAC, ocnopt order 1 and order 2) within 3 minutes."""
+    import time
+
+    start = time.perf_counter()
+    res = invoke("bench", "run", "digits-fcn", "--out", tmp_path, "--json")
+    seconds = time.perf_counter() - start
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert {"torch-sgd", "torch-adam", "curvlinops-kfac"} <= {r["optimizer"] for r in rows}
+    assert {1, 2} <= {r["order"] for r in rows}
+    assert all(r["seeds"] == [0, 1, 2] and r["test"] > 0.9 for r in rows)
+    assert seconds < 180, f"default run took {seconds:.0f} s"
