@@ -15,16 +15,6 @@ pytest.importorskip("sklearn")
 from ocnopt.bench import optimizers as registry  # noqa: E402
 from ocnopt.bench import problems  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the CLI's default (small models on a loaded machine run faster);
-    the previous count is restored for the other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # problem -> (input shape of one sample, classes or None, sizes fit/val/test)
 DOCUMENTED = {
     "wine-fcn": ((13,), 3, (99, 25, 54)),

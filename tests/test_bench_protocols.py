@@ -9,21 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 from ocnopt.bench import optimizers as registry  # noqa: E402
 from ocnopt.bench import problems, protocols, report  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the CLI's default (small models on a loaded machine run faster);
-    the previous count is restored for the other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 WINE = problems.get_problem("wine-fcn")
 

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("typer")
@@ -16,16 +15,6 @@ from typer.testing import CliRunner  # noqa: E402
 
 from ocnopt.bench import protocols  # noqa: E402
 from ocnopt.cli import app  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the CLI's default (small models on a loaded machine run faster);
-    the previous count is restored for the other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 runner = CliRunner()
 

@@ -81,14 +81,6 @@ def assert_factor_close(F: torch.Tensor, F_ref: torch.Tensor, what: str) -> None
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation, and on a busy
-    machine (or under pytest-xdist) oversubscribed threads slow these tests down 10-100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # ---- chain descriptions (Linear / Conv2d chains) ------------------------------------------------
 @dataclass(frozen=True)

@@ -59,14 +59,6 @@ def assert_params_close(p: torch.Tensor, p_ref: torch.Tensor, p_init: torch.Tens
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation, and on a busy
-    machine (or under pytest-xdist) oversubscribed threads slow these tests down 10-100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # ---- chain descriptions -----------------------------------------------------------------------
 @dataclass(frozen=True)
