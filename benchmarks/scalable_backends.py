@@ -51,14 +51,22 @@ and mode, each running 12 steps (two inverse steps) after building the model and
   after a throwaway warm-up, falling back to ``ru_maxrss``) from right before the model is
   built to the end of the steps: the OS view, allocator caching included.
 
-Profiling (``--profile``, on by default): one fresh subprocess per ocnopt configuration and
-problem runs 10 steps under ``torch.profiler``, with ``record_function`` regions wrapped
-around the library's phases (by patching the functions in that subprocess only; the library
-files are untouched): inclusive CPU ms per step per phase and the top operators by self CPU.
+Profiling (on by default, ``--no-profile`` skips it): one fresh subprocess per configuration
+(Adam and the ocnopt ones) and problem runs 10 steps under ``torch.profiler``, with
+``record_function`` regions wrapped around the library's phases (by patching the functions in
+that subprocess only; the library files are untouched): inclusive ms per step per phase
+(profiler durations) and the top operators by self CPU time.
 
 Also printed: an analytic multiply-add count per step (forward + backward, K-FAC statistics,
-preconditioning G^-1 X A^-1, eigen-decompositions, order-2 extras) giving the arithmetic
-lower bound of each ratio.
+preconditioning G^-1 X A^-1, factor inverses, order-2 extras) giving the arithmetic lower bound
+of each ratio.
+
+Validity and provenance: a comparison where a configuration skipped non-finite steps (a skipped
+step does no update pass, so it is cheap) is reported INVALID instead of PASS/FAIL. Every
+measuring process records the git commit of the checkout, its uncommitted library files and a
+hash of the library sources it imported; the report warns when the processes of one run
+imported different sources. ``--from-json`` recomputes ratios, slopes and verdicts from the
+raw block timings of a saved result.
 
 Usage::
 
@@ -137,7 +145,7 @@ TARGETS = [
     ("backpack-kfac-fb", "torch-adam", 2.5, "time"),
 ]
 BATCH_SLOPE_TARGET = 1.10  # linear in batch: log-log slope <= 1 (+10 % for noise)
-WIDTH_SLOPE_TARGET = 3.0  # the d^3 of the K-FAC inverse (eigen-decomposition, G^-1 X A^-1)
+WIDTH_SLOPE_TARGET = 3.0  # the d^3 of the K-FAC inverse (Cholesky or eigen-decomposition, G^-1 X A^-1)
 _MARK = "scalable_backends::optimizer"
 
 
@@ -452,7 +460,7 @@ def instrument() -> None:
     _wrap(backpack.BackpackBackend, "factors", "backpack.factors (BackPACK pass)")
     _wrap(kfac.KFAC, "_refresh", "kfac._refresh (EMA + inverse)")
     _wrap(kfac, "kronecker_factors", "kfac.kronecker_factors (A, G)")
-    _wrap(kfac, "damped_inverse", "kfac.damped_inverse (eigh)")
+    _wrap(kfac, "damped_inverse", "kfac.damped_inverse (float64)")
     _wrap(kfac.KFAC, "precondition", "kfac.precondition (G^-1 X A^-1)")
     _wrap(kfac.KFAC, "per_sample_gram", "kfac.per_sample_gram")
     _wrap(kfac.KFAC, "solve_rows", "kfac.solve_rows")
@@ -741,13 +749,15 @@ def report(payload: dict[str, Any]) -> None:
                                                  for x in (c.values() if group == "memory" else [c])]
             for x in items:
                 src = x.get("source") if isinstance(x, dict) else None
-                if src:
-                    key = (src["commit"], tuple(src["uncommitted_library_files"] or ()),
-                           src["library_sha1"])
-                    sources.setdefault(key, set()).add(f"{group}:{s}")
-    for (commit, dirty, sha), where in sources.items():
-        print(f"# library: commit {str(commit)[:10]}, uncommitted library files "
-              f"{list(dirty) or 'none'}, sources sha1 {sha[:10]} ({', '.join(sorted(where))})")
+                if src:  # grouped by the imported sources; commits listed (others commit)
+                    entry = sources.setdefault(src["library_sha1"], [set(), set(), set()])
+                    entry[0].add(str(src["commit"])[:10])
+                    entry[1].update(src["uncommitted_library_files"] or ())
+                    entry[2].add(f"{group}:{s}")
+    for sha, (commits, dirty, where) in sources.items():
+        print(f"# library sources sha1 {sha[:10]} (checkout at commit {', '.join(sorted(commits))}; "
+              f"uncommitted library files: {', '.join(sorted(dirty)) or 'none'}) imported by "
+              f"{', '.join(sorted(where))}")
     if len(sources) > 1:
         print("# WARNING: the measuring processes imported different library sources")
     print(f"# time per step = median over rounds of the mean wall time of a {BLOCK}-step block "
@@ -791,12 +801,12 @@ def report(payload: dict[str, Any]) -> None:
         print(f"arithmetic (M multiply-adds per step): forward+backward {fb / 1e6:.0f}; K-FAC "
               f"statistics {macs['kfac_statistics'] / 1e6:.0f}; preconditioning G^-1 X A^-1 "
               f"{macs['kfac_precondition'] / 1e6:.0f} (from rows: "
-              f"{macs['kfac_precondition_rows'] / 1e6:.0f}); eigen-decompositions "
+              f"{macs['kfac_precondition_rows'] / 1e6:.0f}); factor inverses "
               f"sum n^3 / inv_every = {macs['kfac_inverse_n3_per_step'] / 1e6:.0f} (float64, "
-              f"x a constant > 1); order-2 extras {macs['order2_extra_minimal'] / 1e6:.0f} "
+              f"times a small constant); order-2 extras {macs['order2_extra_minimal'] / 1e6:.0f} "
               f"minimal, {macs['order2_extra_implemented'] / 1e6:.0f} as implemented")
         print(f"  => any K-FAC step with stat_every=1 >= {kfac_lb / fb:.2f}x forward+backward "
-              f"(~Adam) before its eigen-decompositions; order 2 adds "
+              f"(~Adam) before its factor inverses; order 2 adds "
               f"{macs['order2_extra_minimal'] / kfac_lb:.2f}-"
               f"{macs['order2_extra_implemented'] / kfac_lb:.2f}x of that")
     tg = payload.get("analysis", {}).get("targets", [])
@@ -872,7 +882,8 @@ def report(payload: dict[str, Any]) -> None:
             print(f"{c}: {p['wall_ms_per_step']:.1f} ms wall, {p['cpu_ms_per_step']:.1f} ms CPU "
                   f"per step under the profiler; phases (inclusive ms per step, profiler durations):")
             for g in p["regions"][:16]:
-                print(f"    {g['name']:<46} {g['cpu_ms_per_step']:8.2f} ms  "
+                name = g["name"].replace("(eigh)", "(float64)")  # label of older result files
+                print(f"    {name:<46} {g['cpu_ms_per_step']:8.2f} ms  "
                       f"({g['calls_per_step']:.1f} calls)")
             print("  top operators (self CPU ms per step, input shapes):")
             for o in p["top_ops"][:10]:
