@@ -62,6 +62,7 @@ class LowRankExpansion(QExpansion):
     piece: tuple[Tensor, Tensor] | None = None
     x: Tensor | None = None
     ctx: Any = None
+    fu_k: Tensor | None = None           # f_u k of the policy's open-loop step k (``quadratic``)
 
 
 def _inner(Z: Tensor, v: Tensor) -> Tensor:
@@ -158,7 +159,8 @@ class LowRankBackend(GraphBackend):
     def quadratic(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
         """k^T Qbar_uu k = (1/B) sum_i |W^(i)T k|^2 with W^T k = <Z', f_u k>."""
         assert exp.next_value is not None
-        Wk = _inner(exp.next_value.Z, self._fu_k(stage, exp, k))
+        exp.fu_k = self._fu_k(stage, exp, k)  # value_update reuses it
+        Wk = _inner(exp.next_value.Z, exp.fu_k)
         return Wk.square().sum() / Wk.shape[0]
 
     def feedback(self, stage: Stage, exp: LowRankExpansion, minv: Solver, lr: float, B: int
@@ -174,7 +176,14 @@ class LowRankBackend(GraphBackend):
         assert x is not None
 
         def K(dx: Tensor) -> list[Tensor]:
-            cot = _combine(Z, _inner(a, dx))
+            s = _inner(a, dx)
+            pre = minv.cache.get("rows") if rows else None
+            if pre is not None:  # a A^-1 and Z G^-1 of the Gram matrices (value_update)
+                aA, ZG = pre  # cot G^-1 = sum_c s_c (Z_c G^-1): the rows are linear in Z
+                solved = minv.model.solve_premultiplied_rows(  # type: ignore[attr-defined]
+                    stage, aA, torch.einsum("brpo,br->bpo", ZG, s))
+                return [v.mul(-lr / B) for v in solved]
+            cot = _combine(Z, s)
             if rows:  # the curvature model's closed form on the rows, if it has one
                 d = stage.derivatives
                 solved = minv.solve_rows(d.kfac_input(stage.module, x),
@@ -196,8 +205,11 @@ class LowRankBackend(GraphBackend):
         if not (value_correction and minv is not None):
             return LowRankValue(V_x, a)
         Zn = value.Z
-        k = [v.mul(-lr) for v in minv(exp.Q_u)]
-        V_x = V_x + _combine(a, _inner(Zn, self._fu_k(stage, exp, k)))
+        if exp.fu_k is not None and minv.solves_direction(exp.Q_u):
+            fu_k = exp.fu_k  # the policy's k is -lr M^-1 Qbar_u: f_u k is known (quadratic)
+        else:
+            fu_k = self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)])
+        V_x = V_x + _combine(a, _inner(Zn, fu_k))
         S = self.gram(stage, exp, minv)
         r = S.shape[-1]
         eye = torch.eye(r, dtype=S.dtype, device=S.device)
@@ -213,7 +225,9 @@ class LowRankBackend(GraphBackend):
         assert x is not None
         if stage.kronecker:
             d = stage.derivatives
-            S = minv.gram(d.kfac_input(stage.module, x), d.kfac_output(stage.module, Z))
+            st = exp.stats  # the statistics' input rows are those of x: no second unfold
+            rows = st.a if st is not None and st.a is not None else d.kfac_input(stage.module, x)
+            S = minv.gram(rows, d.kfac_output(stage.module, Z))
             if S is not None:
                 return S
         params = tuple(p.detach() for p in stage.params)

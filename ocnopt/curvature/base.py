@@ -115,6 +115,7 @@ class Solver:
         self.model, self.stage, self.states, self.hp = model, stage, states, hp
 
         self._known: tuple[list[Tensor], list[Tensor]] | None = None
+        self.cache: dict[str, Any] = {}  # products of this step shared between calls
 
     def remember(self, v: list[Tensor], solved: list[Tensor]) -> None:
         """Record that M^{-1} v = solved (the model's direction), to skip solving again."""
@@ -129,7 +130,14 @@ class Solver:
         return self.model.solve_rows(self.stage, self.states, self.hp, a, g)
 
     def gram(self, a: Tensor, g: Tensor) -> Tensor | None:
+        if getattr(self.model, "caches_rows", False):
+            return self.model.per_sample_gram(self.stage, self.states, self.hp, a, g,  # type: ignore[call-arg]
+                                              cache=self.cache)
         return self.model.per_sample_gram(self.stage, self.states, self.hp, a, g)
+
+    def solves_direction(self, v: list[Tensor]) -> bool:
+        """Whether the model's direction of this step is exactly M^{-1} v (``remember``)."""
+        return self._known is not None and v is self._known[0]
 
 
 def weight_bias_gram(stage: Stage, a: Tensor, g: Tensor, w_weight: Any, w_bias: Any) -> Tensor:

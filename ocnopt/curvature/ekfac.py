@@ -46,6 +46,7 @@ def eigenbasis_scales(stats: StageStatistics, QA: Tensor, QG: Tensor) -> tuple[T
 
 class EKFAC(KFAC):
     name = "ekfac"
+    caches_rows = False  # its Gram is in the eigenbasis
     defaults = {**KFAC.defaults}
 
     def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,

@@ -164,18 +164,35 @@ class KFAC(CurvatureModel):
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
         return hp["momentum"] == 0
 
+    caches_rows = True  # per_sample_gram(..., cache=) keeps a A^-1 and g G^-1 for the feedback
+
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
-                        g: Tensor) -> Tensor | None:
-        """sum_{p,q} (g_cp^T G^-1 g_dq)(a_p^T A^-1 a_q) + (sum g_c)^T G^-1 (sum g_d)."""
+                        g: Tensor, cache: dict[str, Any] | None = None) -> Tensor | None:
+        """sum_{p,q} (g_cp^T G^-1 g_dq)(a_p^T A^-1 a_q) + (sum g_c)^T G^-1 (sum g_d).
+        ``cache`` (a dict) receives the rows (a A^-1, g G^-1) for ``solve_premultiplied_rows``."""
         if not stage.derivatives.exact_rows(stage.module):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
         aA = _rows_times(a, A_inv)
+        gG = _rows_times(g, G_inv)
+        if cache is not None:  # the feedback of the same step solves on these rows again
+            cache["rows"] = (aA, gG)
         return weight_bias_gram(
             stage, a, g,
-            lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", _rows_times(g, G_inv), g,
-                                      aA @ a.transpose(1, 2)),
-            lambda gs: torch.einsum("bco,bdo->bcd", _rows_times(gs, G_inv), gs))
+            lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", gG, g, aA @ a.transpose(1, 2)),
+            lambda gs: torch.einsum("bco,bdo->bcd", gG.sum(2), gs))
+
+    def solve_premultiplied_rows(self, stage: Stage, aA: Tensor, gG: Tensor) -> list[Tensor]:
+        """``solve_rows`` on rows already multiplied by the inverses, aA = a A^-1 (B, P, d_in)
+        and gG = g G^-1 (B, P, d_out): one product, B P d_in d_out multiply-adds."""
+        gG = gG.flatten(0, 1)
+        out = []
+        for name, p in zip(stage.param_names, stage.params):
+            if name == "weight":
+                out.append((gG.T @ aA.flatten(0, 1)).reshape(p.shape))
+            else:
+                out.append(gG.sum(0))
+        return out
 
     def solve_rows(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                    g: Tensor) -> list[Tensor] | None:
