@@ -100,8 +100,9 @@ class EKFAC(KFAC):
         return None  # the back-rotation costs as much as solving the formed gradient
 
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
-                        g: Tensor) -> Tensor | None:
-        """The diagonal closed form in the Kronecker eigenbasis (rows rotated by Q_A, Q_G)."""
+                        g: Tensor, cache: dict[str, Any] | None = None) -> Tensor | None:
+        """The diagonal closed form in the Kronecker eigenbasis (rows rotated by Q_A, Q_G);
+        ``cache`` is unused (``caches_rows`` is False)."""
         if not stage.derivatives.exact_rows(stage.module):
             return None
         st = states[0]
