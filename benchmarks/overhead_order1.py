@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ocnopt
+from ocnopt.bench.measure import allocator_peak, cpu_model
 
 WIDTHS = (784, 512, 512, 10)
 BATCH = 256
@@ -260,17 +261,6 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 
 # ---- environment ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def loadavg() -> list[float] | None:
     try:
         with open("/proc/loadavg") as f:
@@ -341,19 +331,7 @@ def memory_worker(name: str, mode: str, steps: int, seed: int) -> dict[str, Any]
                 r = Runner(spec, model, data)
                 for _ in range(steps):
                     r.step()
-        events, mark = [], None
-        for e in prof.profiler.kineto_results.events():
-            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"):
-                events.append((e.start_ns(), int(e.nbytes())))
-            elif e.name() == _MARK:
-                mark = e.start_ns()
-        events.sort()
-        live, peak, base = 0, 0, None
-        for t, nb in events:
-            if base is None and mark is not None and t >= mark:
-                base = live  # model + data: everything allocated before the optimizer
-            live += nb
-            peak = max(peak, live)
+        peak, base, n_events = allocator_peak(prof, _MARK)
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         data_bytes = sum(x.numel() * x.element_size() + y.numel() * y.element_size()
                          for x, y in data)
@@ -361,7 +339,7 @@ def memory_worker(name: str, mode: str, steps: int, seed: int) -> dict[str, Any]
             out["setup_from"] = "tensor sizes (profiler marker missing)"
             base = params + data_bytes
         out.update(peak_bytes=peak, setup_bytes=base, above_setup_bytes=peak - base,
-                   n_events=len(events), param_bytes=params, data_bytes=data_bytes)
+                   n_events=n_events, param_bytes=params, data_bytes=data_bytes)
     else:
         data = make_data(seed)
         # page in the kernels' code, start the thread pools, first-use caches: a throwaway

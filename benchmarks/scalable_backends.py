@@ -102,6 +102,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ocnopt
+from ocnopt.bench.measure import allocator_peak, cpu_model
 
 SEED = 0
 N_BATCHES = 4
@@ -363,23 +364,11 @@ def memory_worker(prob: str, config: str, mode: str, steps: int, seed: int) -> d
                 r = Runner(config, model, data, prob)
                 for _ in range(steps):
                     r.step()
-        events, mark = [], None
-        for e in prof.profiler.kineto_results.events():
-            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"):
-                events.append((e.start_ns(), int(e.nbytes())))
-            elif e.name() == _MARK:
-                mark = e.start_ns()
-        events.sort()
-        live, peak, base = 0, 0, None
-        for t, nb in events:
-            if base is None and mark is not None and t >= mark:
-                base = live
-            live += nb
-            peak = max(peak, live)
+        peak, base, n_events = allocator_peak(prof, _MARK)
         if base is None:
             raise RuntimeError("profiler marker event missing")
         out.update(peak_bytes=peak, setup_bytes=base, above_setup_bytes=peak - base,
-                   n_events=len(events))
+                   n_events=n_events)
     else:
         build, data = problem(prob, BATCH, WIDTH, seed)
         throwaway = Runner(config, build(), data, prob)  # page in kernels, start thread pools
@@ -540,17 +529,6 @@ def mac_counts(prob: str, batch: int, width: int) -> dict[str, float]:
 
 
 # ---- environment ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 @functools.lru_cache(maxsize=1)
 def source_state() -> dict[str, Any]:
     """The library this process imported: git commit and uncommitted library files of the

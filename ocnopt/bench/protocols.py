@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .measure import cpu_model
 from .optimizers import OptimizerSpec, lr_grid, parse_optimizer
 from .problems import Dataset, Problem
 
@@ -60,17 +61,6 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _git(*args: str) -> str | None:
@@ -114,7 +104,7 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "machine": {"platform": platform.platform(), "arch": platform.machine(),
-                    "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+                    "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                     "hostname": platform.node()},
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
     }
