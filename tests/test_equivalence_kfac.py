@@ -34,10 +34,10 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
+from _chains import Layer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -80,21 +80,7 @@ def assert_factor_close(F: torch.Tensor, F_ref: torch.Tensor, what: str) -> None
                                msg=lambda m: f"{what}: {m}")
 
 
-
-
 # ---- chain descriptions (Linear / Conv2d chains) ------------------------------------------------
-@dataclass(frozen=True)
-class Layer:
-    name: str
-    kwargs: tuple[tuple[str, Any], ...] = ()
-
-    def build(self) -> nn.Module:
-        return getattr(nn, self.name)(**dict(self.kwargs))
-
-    def __repr__(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.kwargs)})"
-
-
 @dataclass(frozen=True)
 class Chain:
     in_shape: tuple[int, ...]

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from _chains import Layer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -58,21 +59,7 @@ def assert_params_close(p: torch.Tensor, p_ref: torch.Tensor, p_init: torch.Tens
                                msg=lambda m: f"{what}: {m}")
 
 
-
-
 # ---- chain descriptions -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layer:
-    name: str
-    kwargs: tuple[tuple[str, Any], ...] = ()
-
-    def build(self) -> nn.Module:
-        return getattr(nn, self.name)(**dict(self.kwargs))
-
-    def __repr__(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.kwargs)})"
-
-
 @dataclass(frozen=True)
 class Chain:
     """A network as data: per-sample input shape, layers, per-sample output shape."""
