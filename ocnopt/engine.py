@@ -118,6 +118,22 @@ class StepResult:
     stages: list[StageDiagnostics] = field(default_factory=list)
 
 
+def _norm(ts: Sequence[Tensor]) -> Tensor:
+    return torch.stack([torch.linalg.vector_norm(t) for t in ts]).square().sum().sqrt()
+
+
+def bound_correction(Q_x: Tensor, V_x: Tensor, trust: float) -> Tensor:
+    """Q_x + c (V_x - Q_x) with the largest c <= 1 per sample such that the correction's norm
+    is at most ``trust`` times |Q_x| (the trust bound of the value correction)."""
+    delta = V_x - Q_x
+    B = delta.shape[0]
+    dn = torch.linalg.vector_norm(delta.reshape(B, -1), dim=1)
+    qn = torch.linalg.vector_norm(Q_x.reshape(B, -1), dim=1)
+    scale = torch.where(dn > trust * qn, trust * qn / dn.clamp_min(torch.finfo(dn.dtype).tiny),
+                        torch.ones_like(dn))
+    return Q_x + delta * scale.reshape(B, *([1] * (delta.dim() - 1)))
+
+
 class BellmanEngine:
     """Orchestrates the nominal pass, the backward value recursion and the update pass."""
 
@@ -178,6 +194,7 @@ class BellmanEngine:
         targets: Tensor | None = None,
         generator: torch.Generator | None = None,
         stats_from_value: bool = True,
+        trust: float | None = None,
     ) -> SecondOrderPass:
         """Second-order backward value recursion (SPEC 2-4) with the policy of every stage.
 
@@ -227,9 +244,11 @@ class BellmanEngine:
                 policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B)
                                      if feedback else None)
             if t > 0 or keep:
+                corrected = value_correction and minv is not None
                 value = backend.value_update(stage, exp, value, minv, lr, B,
-                                             value_correction=value_correction and minv is not None,
-                                             mu=mu, clip=clip)
+                                             value_correction=corrected, mu=mu, clip=clip)
+                if corrected and trust is not None and exp.Q_x is not None:
+                    value.V_x = bound_correction(exp.Q_x, value.V_x, trust)
             expansions[t] = exp if keep else None
             if keep:
                 Vx_list[t], Vxx_list[t] = value.V_x, backend.value_hessian(value)
@@ -238,7 +257,7 @@ class BellmanEngine:
     # -- 3. forward update pass ---------------------------------------------------------------
     @torch.no_grad()
     def update_pass(self, traj: Trajectory, policies: Sequence[Policy | None],
-                    targets: Tensor | None = None
+                    targets: Tensor | None = None, trust: float | None = None
                     ) -> tuple[list[Tensor], float | None, list[float]]:
         """Apply du_t = k_t + K_t dx_t stage by stage (dx_0 = 0); return the new states
         xhat_t, the loss at xhat_T (None without targets) and the norm of each stage's
@@ -251,7 +270,13 @@ class BellmanEngine:
                 du = list(policy.k)
                 if policy.feedback is not None:
                     fb = policy.feedback(x - traj.states[t])
-                    fb_norms.append(torch.stack([f.square().sum() for f in fb]).sum().sqrt())
+                    fb_norm = _norm(fb)
+                    if trust is not None:
+                        scale = torch.clamp(trust * _norm(policy.k) / fb_norm, max=1.0)
+                        scale = torch.where(fb_norm > 0, scale, torch.ones_like(scale))
+                        fb = [f * scale for f in fb]
+                        fb_norm = fb_norm * scale
+                    fb_norms.append(fb_norm)
                     du = [a + b for a, b in zip(du, fb)]
                 else:
                     fb_norms.append(x.new_zeros(()))

@@ -54,6 +54,11 @@ class OCNOpt(torch.optim.Optimizer):
         gauss_newton: drop the contraction terms V'_x . f_ab (Gauss-Newton) or keep them.
         psd_clip: clip V_xx to the PSD cone after each stage (eigenvalues < 0 set to 0).
         mu: value regularisation V_xx + mu I (a hyper-parameter in ``param_groups``).
+        trust: order 2: trust bound of the second-order corrections (a hyper-parameter in
+            ``param_groups``, default 0.5): in the update pass the feedback part K dx of a stage
+            is scaled down to at most ``trust`` times the norm of its open-loop step k, and the
+            value correction of each sample's V_x to at most ``trust`` times the norm of its
+            Q_x. ``None`` turns the bound off (the plain recursion of SPEC 3-4).
         memory_budget: bytes the exact backend may use per stage for full matrices.
         backend_options: keyword arguments of the backend given by name, e.g.
             ``{"terminal": "exact"}`` for ``backend="lowrank"`` (terminal factor "empirical",
@@ -87,6 +92,7 @@ class OCNOpt(torch.optim.Optimizer):
         gauss_newton: bool = True,
         psd_clip: bool = True,
         mu: float = 0.0,
+        trust: float | None = 0.5,
         memory_budget: int | None = None,
         backend_options: dict[str, Any] | None = None,
         track_loss_after: bool = False,
@@ -132,7 +138,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.backend.prepare(self.stages, self.loss_fn)
         self.engine = BellmanEngine(self.stages, self.loss_fn, self.backend)
 
-        accepted = {"weight_decay": 0.0, "mu": 0.0, **self.model_.defaults}
+        accepted = {"weight_decay": 0.0, "mu": 0.0, "trust": 0.5, **self.model_.defaults}
         unknown = sorted(set(hyperparameters) - set(accepted))
         if unknown:
             raise TypeError(
@@ -141,7 +147,7 @@ class OCNOpt(torch.optim.Optimizer):
             )
         if lr is None:
             lr = self.DEFAULT_LR[curvature]
-        hp = {**accepted, **hyperparameters, "lr": lr, "mu": mu}
+        hp = {**accepted, **hyperparameters, "lr": lr, "mu": mu, "trust": trust}
         if weight_decay is not None:
             hp["weight_decay"] = weight_decay
         self._check(hp)
@@ -160,6 +166,11 @@ class OCNOpt(torch.optim.Optimizer):
                 and lr >= 0):
             raise ValueError(f"invalid lr={lr!r}: accepted a finite number >= 0")
         check_nonneg(hp, "weight_decay", "mu")
+        trust = hp.get("trust")
+        if trust is not None and not (isinstance(trust, (int, float)) and not isinstance(trust, bool)
+                                      and math.isfinite(trust) and trust > 0):
+            raise ValueError(f"invalid trust={trust!r}: accepted a finite number > 0 or None "
+                             "(no bound on the second-order corrections)")
         self.model_.check(hp)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -270,7 +281,8 @@ class OCNOpt(torch.optim.Optimizer):
                         gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)),
                         clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full,
                         targets=targets, generator=self.generator,
-                        stats_from_value=hp.get("fisher_type", "empirical") != "empirical")
+                        stats_from_value=hp.get("fisher_type", "empirical") != "empirical",
+                        trust=hp.get("trust") if self.order == 2 else None)
                 except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
                     return self._skip(terminal.loss, "value expansion")
             policies, predicted = result.policies, result.predicted_change
@@ -297,7 +309,8 @@ class OCNOpt(torch.optim.Optimizer):
         loss_after, fb_norms = None, [0.0] * len(controlled)
         if self.order == 2 or self.track_loss_after:  # order 2: the update pass is the step
             backup = [p.detach().clone() for p in self.param_groups[0]["params"]]
-            _, loss_after, norms = self.engine.update_pass(traj, policies, targets)
+            _, loss_after, norms = self.engine.update_pass(
+                traj, policies, targets, trust=hp.get("trust") if self.order == 2 else None)
             fb_norms = norms or fb_norms
             if loss_after is None or not math.isfinite(loss_after) or not all(map(math.isfinite, fb_norms)):
                 with torch.no_grad():
