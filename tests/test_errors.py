@@ -309,3 +309,46 @@ def test_inputs_and_targets_with_different_batch_sizes(make_mlp):
 def test_step_needs_tensors(make_mlp):
     with pytest.raises(TypeError, match=msg("tensors", "list")):
         _step(make_mlp(), [[0.0] * 4] * 8, torch.zeros(8, dtype=torch.long))
+
+
+# -- fisher_type is honoured or refused, never ignored ---------------------------------------
+@pytest.mark.parametrize("fisher", ["empirical", "type-2", "mc"])
+def test_backpack_refuses_fisher_type_and_names_its_extension_option(fisher, make_mlp):
+    with pytest.raises(ValueError, match=r"fisher_type='.*' for backend 'backpack'.*extension"):
+        OCNOpt(make_mlp(), curvature="kfac", backend="backpack", order=2,
+                      fisher_type=fisher)
+
+
+def test_exact_backend_at_order_two_refuses_mc_fisher(make_mlp):
+    with pytest.raises(ValueError, match=r"fisher_type='mc' for backend 'autograd' at order 2.*"
+                                         r"accepted 'type-2' or 'empirical'"):
+        OCNOpt(make_mlp(), curvature="kfac", order=2, fisher_type="mc")
+    OCNOpt(make_mlp(), curvature="kfac", order=2, fisher_type="type-2")  # honoured
+    OCNOpt(make_mlp(), curvature="kfac", order=1, fisher_type="mc")  # order 1: terminal
+
+
+@pytest.mark.parametrize("fisher, terminal", [("type-2", "exact"), ("mc", "mc"),
+                                              ("empirical", "empirical")])
+def test_lowrank_terminal_follows_fisher_type_when_left_out(fisher, terminal, make_mlp):
+    opt = OCNOpt(make_mlp(), curvature="ekfac", backend="lowrank", order=2,
+                        fisher_type=fisher)
+    assert opt.backend.terminal == terminal
+
+
+@pytest.mark.parametrize("fisher, terminal, accepted", [
+    ("type-2", "empirical", "'empirical' with"), ("type-2", "mc", "'empirical' or 'mc'"),
+    ("mc", "exact", "'empirical' or 'type-2'")])
+def test_lowrank_refuses_fisher_type_that_contradicts_its_terminal(fisher, terminal, accepted,
+                                                                   make_mlp):
+    with pytest.raises(ValueError, match=rf"fisher_type='{fisher}' for backend 'lowrank' at "
+                                         rf"order 2 with terminal='{terminal}'.*{accepted}"):
+        OCNOpt(make_mlp(), curvature="kfac", backend="lowrank", order=2,
+                      fisher_type=fisher, backend_options={"terminal": terminal})
+
+
+def test_fisher_type_changed_in_param_groups_is_checked_at_step(make_mlp, make_batches):
+    opt = OCNOpt(make_mlp(), curvature="kfac", backend="lowrank", order=2)
+    opt.param_groups[0]["fisher_type"] = "type-2"  # terminal stays 'empirical'
+    x, y = make_batches(1)[0]
+    with pytest.raises(ValueError, match="fisher_type='type-2' for backend 'lowrank'"):
+        opt.step(x, y)
