@@ -114,7 +114,8 @@ class CrossEntropy(Loss):
 
     def sample_gradient(self, output: Tensor, generator: torch.Generator | None) -> Tensor:
         p = F.softmax(output.detach(), dim=1)
-        y = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        at = generator.device if generator is not None else p.device  # draws on its device
+        y = torch.multinomial(p.to(at), 1, generator=generator).squeeze(1).to(p.device)
         return p - F.one_hot(y, p.shape[1]).to(p.dtype)
 
 
@@ -146,8 +147,9 @@ class MeanSquaredError(Loss):
 
     def sample_gradient(self, output: Tensor, generator: torch.Generator | None) -> Tensor:
         K = output[0].numel()
-        eps = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
-        return eps * math.sqrt(2.0 / K)
+        at = generator.device if generator is not None else output.device
+        eps = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=at)
+        return eps.to(output.device) * math.sqrt(2.0 / K)
 
 
 class CallableLoss(Loss):

@@ -160,7 +160,9 @@ class OCNOpt(torch.optim.Optimizer):
         self._check(hp)
         params = [p for st in self.stages for p in st.params]
         super().__init__(params, hp)
-        self.generator = torch.Generator(device=params[0].device)
+        # a CPU generator whatever the model's device: the same labels on every device, and
+        # checkpoints that load on any device (a CUDA generator's state does not fit a CPU one)
+        self.generator = torch.Generator()
         self.generator.manual_seed(int(seed))
         self._meta_set({"step": 0, "skipped_steps": 0})
         self._warned_nonfinite = False
