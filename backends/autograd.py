@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 from ocnopt.curvature.base import StageStatistics
-from ocnopt.engine import QExpansion, Terminal, Trajectory
+from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction
 from ocnopt.stages import Stage
 
 from .base import Backend
@@ -225,16 +225,18 @@ class AutogradBackend(GraphBackend):
 
     def value_update(self, stage: Stage, exp: ExactExpansion, value: ExactValue,
                      minv: Solver | None, lr: float, B: int, *, value_correction: bool,
-                     mu: float, clip: bool) -> ExactValue:
-        """V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u; V_xx = Q_xx - (lr/B) Q_ux^T M^{-1} Q_ux + mu I,
-        projected onto the PSD cone when ``clip``."""
+                     mu: float, clip: bool, trust: float | None = None) -> ExactValue:
+        """V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u (its correction bounded by ``trust`` |Q_x| per
+        sample); V_xx = Q_xx - (lr/B) Q_ux^T M^{-1} Q_ux + mu I, projected onto the PSD cone
+        when ``clip``."""
         V_x, V_xx = exp.Q_x, exp.Q_xx
         assert V_x is not None and V_xx is not None
         if value_correction and minv is not None:
             Q_ux = exp.Q_ux
             assert Q_ux is not None
             M_Qu = stage.flatten(minv(exp.Q_u))
-            V_x = V_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(V_x.shape)
+            corrected = V_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(V_x.shape)
+            V_x = corrected if trust is None else bound_correction(V_x, corrected, trust)
             M_Qux = stage.flatten(minv(stage.unflatten(Q_ux.transpose(1, 2))), lead=2)
             V_xx = V_xx - (lr / B) * torch.einsum("bmn,bkm->bnk", Q_ux, M_Qux)
         if mu:
@@ -331,4 +333,4 @@ def kronecker_statistics(stage: Stage, xin: Tensor, V_x: Tensor | None, Z: Tenso
     g = V_x.unsqueeze(1) if Z is None else Z  # type: ignore[union-attr]
     d = stage.derivatives
     return StageStatistics(a=d.kfac_input(stage.module, xin.detach()),
-                           g=d.kfac_output(stage.module, g))
+                           g=d.kfac_output(stage.module, g), gradient_rows=Z is None)

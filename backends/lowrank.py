@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ocnopt.curvature.base import Solver
-from ocnopt.engine import QExpansion, Terminal, Trajectory
+from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
@@ -49,10 +49,21 @@ TERMINALS = ("empirical", "exact", "mc")
 
 @dataclass
 class LowRankValue:
-    """V_x (B, *n) and the factor Z (B, r, *n) with V_xx^(i) = sum_c Z[i, c] Z[i, c]^T."""
+    """V_x (B, *n) and the factor Z (B, r, *n) with V_xx^(i) = sum_c Z[i, c] Z[i, c]^T.
+
+    ``rho`` (B,), when known: r = 1 and Z^(i) = rho_i V_x^(i). It holds for the empirical
+    terminal factor (Z_T = V_T, rho = 1) and is kept by the recursion: Q_x and a = f_x^T Z' are
+    then the same vector-Jacobian product up to rho', the value correction a (W^T k) and the
+    factor update a C scale a per sample, and so does the trust bound (``value_update``)."""
 
     V_x: Tensor
     Z: Tensor
+    rho: Tensor | None = None
+
+
+def parallel_ratio(value: LowRankValue) -> Tensor | None:
+    """rho with Z[:, 0] = rho V_x per sample (B,), or None where it is not known."""
+    return value.rho
 
 
 @dataclass
@@ -63,6 +74,7 @@ class LowRankExpansion(QExpansion):
     x: Tensor | None = None
     ctx: Any = None
     fu_k: Tensor | None = None           # f_u k of the policy's open-loop step k (``quadratic``)
+    rho: Tensor | None = None            # Z' = rho V'_x per sample (``parallel_ratio``)
 
 
 def _inner(Z: Tensor, v: Tensor) -> Tensor:
@@ -119,7 +131,10 @@ class LowRankBackend(GraphBackend):
         else:
             Z = torch.stack([loss.sample_gradient(out, generator)
                              for _ in range(self.mc_samples)], 1) / self.mc_samples**0.5
-        return LowRankValue(terminal.V_x, Z)
+        rho = None
+        if self.terminal == "empirical":
+            rho = torch.ones(Z.shape[0], dtype=Z.dtype, device=Z.device)
+        return LowRankValue(terminal.V_x, Z, rho)
 
     @staticmethod
     def value_hessian(value: LowRankValue) -> Tensor:
@@ -136,12 +151,15 @@ class LowRankBackend(GraphBackend):
         stats = None
         if need_stats and stage.kronecker:
             stats = kronecker_statistics(stage, xin, value.V_x, Z if stats_from_value else None)
+        rho = parallel_ratio(value)
         a = None
-        if xin.requires_grad:
+        if xin.requires_grad and rho is None:
             a = self._vjp_columns(xin, out, Z)
         Q_x, Q_u = self.first_order(stage, piece, value.V_x, B, retain=True)
+        if rho is not None and Q_x is not None and xin.requires_grad:
+            a = (Q_x * rho.reshape(B, *[1] * (Q_x.dim() - 1))).unsqueeze(1)  # f_x^T (rho V'_x)
         return LowRankExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats, a=a, next_value=value,
-                                piece=piece, x=traj.states[t], ctx=traj.contexts[t])
+                                piece=piece, x=traj.states[t], ctx=traj.contexts[t], rho=rho)
 
     @staticmethod
     def _vjp_columns(xin: Tensor, out: Tensor, Z: Tensor) -> Tensor:
@@ -197,20 +215,35 @@ class LowRankBackend(GraphBackend):
 
     def value_update(self, stage: Stage, exp: LowRankExpansion, value: LowRankValue,
                      minv: Solver | None, lr: float, B: int, *, value_correction: bool,
-                     mu: float, clip: bool) -> LowRankValue:
+                     mu: float, clip: bool, trust: float | None = None) -> LowRankValue:
         V_x, a = exp.Q_x, exp.a
         if a is None or V_x is None:
             raise RuntimeError(f"{stage}: the value at the network input was not recorded; "
                                "run the nominal pass with input_value=True")
+        rho = exp.rho
         if not (value_correction and minv is not None):
-            return LowRankValue(V_x, a)
+            return LowRankValue(V_x, a, rho)
         Zn = value.Z
         if exp.fu_k is not None and minv.solves_direction(exp.Q_u):
             fu_k = exp.fu_k  # the policy's k is -lr M^-1 Qbar_u: f_u k is known (quadratic)
         else:
             fu_k = self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)])
-        V_x = V_x + _combine(a, _inner(Zn, fu_k))
+        Wk = _inner(Zn, fu_k)  # (B, r)
         S = self.gram(stage, exp, minv)
+        if rho is not None:  # r = 1, a = rho' Q_x: every update is a per-sample scalar
+            kappa = rho * Wk[:, 0]  # V_x = Q_x (1 + kappa); the trust bound is |kappa| <= trust
+            if trust is not None:
+                kappa = kappa.clamp(-trust, trust)
+            c = (1 - (lr / B) * S[:, 0, 0]).clamp_min(0).sqrt()
+            view = (-1, *[1] * (V_x.dim() - 1))
+            one_k = 1 + kappa
+            Z = (V_x * (rho * c).reshape(view)).unsqueeze(1)
+            V_x = V_x * one_k.reshape(view)
+            safe = trust is not None and trust < 1  # 1 + kappa >= 1 - trust > 0: no check
+            new_rho = rho * c / one_k if safe or bool((one_k != 0).all()) else None
+            return LowRankValue(V_x, Z, new_rho)
+        V_x = bound_correction(V_x, V_x + _combine(a, Wk), trust) if trust is not None \
+            else V_x + _combine(a, Wk)
         r = S.shape[-1]
         eye = torch.eye(r, dtype=S.dtype, device=S.device)
         C = psd_sqrt_factor(eye - (lr / B) * S)
@@ -227,7 +260,14 @@ class LowRankBackend(GraphBackend):
             d = stage.derivatives
             st = exp.stats  # the statistics' input rows are those of x: no second unfold
             rows = st.a if st is not None and st.a is not None else d.kfac_input(stage.module, x)
-            S = minv.gram(rows, d.kfac_output(stage.module, Z))
+            if (exp.rho is not None and st is not None and st.gradient_rows and st.g is not None
+                    and st.gG is not None):  # Z' rows = rho V'_x rows: Z' G^-1 = rho (g G^-1)
+                scale = exp.rho.reshape(-1, *[1] * (st.g.dim() - 1))
+                g = st.g * scale
+                minv.cache["gG"] = (g, st.gG * scale)
+            else:
+                g = d.kfac_output(stage.module, Z)
+            S = minv.gram(rows, g)
             if S is not None:
                 return S
         params = tuple(p.detach() for p in stage.params)

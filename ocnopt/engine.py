@@ -244,11 +244,9 @@ class BellmanEngine:
                 policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B)
                                      if feedback else None)
             if t > 0 or keep:
-                corrected = value_correction and minv is not None
                 value = backend.value_update(stage, exp, value, minv, lr, B,
-                                             value_correction=corrected, mu=mu, clip=clip)
-                if corrected and trust is not None and exp.Q_x is not None:
-                    value.V_x = bound_correction(exp.Q_x, value.V_x, trust)
+                                             value_correction=value_correction and minv is not None,
+                                             mu=mu, clip=clip, trust=trust)
             expansions[t] = exp if keep else None
             if keep:
                 Vx_list[t], Vxx_list[t] = value.V_x, backend.value_hessian(value)

@@ -308,6 +308,8 @@ class OCNOpt(torch.optim.Optimizer):
                 upd, dirs = model.update(stage, states, Q_u, stage.params, stats, hp, k)
             new_states[stage.index] = upd
             solver = Solver(model, stage, upd, hp)
+            if stats is not None and getattr(stats, "aA", None) is not None:
+                solver.cache["aA"] = (stats.a, stats.aA)  # a A^-1 of the direction: Gram reuses it
             if model.direction_is_solve(hp):  # d = M^{-1} Qbar_u: reuse it in the value update
                 solver.remember(Q_u, dirs)
             return [d.mul(-lr) for d in dirs], solver

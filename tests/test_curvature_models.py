@@ -116,3 +116,58 @@ def test_damped_inverse_cholesky_and_fallback_agree():
     N = torch.diag(torch.tensor([1.0, -0.5], dtype=torch.float64))
     torch.testing.assert_close(kfac.damped_inverse(N, 0.1),
                                torch.diag(torch.tensor([1 / 1.1, 1 / 0.1], dtype=torch.float64)))
+
+
+# -- K-FAC direction from the statistics' rows (small batch, wide layers) --------------------
+def _wide(kind: str) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 3))
+        x = torch.randn(2, 20, generator=g)
+    else:  # one output position: P = 1, d_in = 8 * 5
+        model = nn.Sequential(nn.Conv1d(8, 12, 5), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+        x = torch.randn(2, 8, 5, generator=g)
+    return model.double(), x.double(), torch.randint(0, 3, (2,), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_kfac_direction_from_rows_equals_dense_preconditioning(kind):
+    """(g G^-1)^T (a A^-1) / B = G^-1 Qbar_u A^-1 with Qbar_u from autograd, and a A^-1 is
+    left in the statistics for the Gram matrices."""
+    model, x, y = _wide(kind)
+    opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1, damping=0.3)
+    opt.step(x, y)  # factors and inverses
+    eng = opt.engine
+    traj = eng.nominal(x)
+    term = eng.terminal(traj, y)
+    exps, _ = eng.expand(traj, term, need_stats=[st.has_control for st in eng.stages])
+    hp = opt.param_groups[0]
+    stage, exp = eng.stages[0], exps[0]
+    st = opt.state[stage.params[0]]
+    rows = kfac.KFAC._direction_from_rows(stage, st, exp.stats, hp)
+    assert rows is not None  # B P (d_in^2 + d_out^2 + d_in d_out) < d_in d_out (d_in + d_out)
+    dense = kfac.KFAC().precondition(stage, st, exp.Q_u)
+    for r, d in zip(rows, dense):
+        torch.testing.assert_close(r, d, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(exp.stats.aA, exp.stats.a @ st["A_inv"], rtol=1e-12, atol=0)
+    # a batch of 64: the dense products are cheaper, no rows direction
+    big = eng.nominal(x.repeat(32, *[1] * (x.dim() - 1)))
+    exps, _ = eng.expand(big, eng.terminal(big, y.repeat(32)),
+                         need_stats=[st.has_control for st in eng.stages])
+    assert kfac.KFAC._direction_from_rows(stage, st, exps[0].stats, hp) is None
+
+
+def test_kfac_direction_from_rows_only_for_gradient_rows_without_weight_decay():
+    model, x, y = _wide("linear")
+    for kw in ({"weight_decay": 1e-3}, {"fisher_type": "type-2"}):
+        opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1, **kw)
+        opt.step(x, y)
+        eng = opt.engine
+        traj = eng.nominal(x)
+        term = eng.terminal(traj, y, fisher_type=kw.get("fisher_type"))
+        exps, _ = eng.expand(traj, term, need_stats=[st.has_control for st in eng.stages])
+        stage = eng.stages[0]
+        assert kfac.KFAC._direction_from_rows(stage, opt.state[stage.params[0]], exps[0].stats,
+                                              opt.param_groups[0]) is None
+    assert ekfac.EKFAC._direction_from_rows(stage, {}, exps[0].stats, {}) is None

@@ -42,6 +42,12 @@ class StageStatistics:
     Q_uu: Tensor | None = None
     A: Tensor | None = None  # Kronecker factors computed elsewhere (BackPACK): used as given
     G: Tensor | None = None
+    #: g holds the per-sample value gradients (r = 1): sum_{b,p} g a^T / B is Qbar_u's weight
+    gradient_rows: bool = False
+    #: a A^{-1} and g G^{-1} (B, 1, P, d_out) of this step, left by a model that formed them
+    #: (shared with the Gram matrices)
+    aA: Tensor | None = None
+    gG: Tensor | None = None
 
 
 class CurvatureModel:

@@ -49,6 +49,11 @@ class EKFAC(KFAC):
     caches_rows = False  # its Gram is in the eigenbasis
     defaults = {**KFAC.defaults}
 
+    @staticmethod
+    def _direction_from_rows(stage: Stage, st: State, stats: StageStatistics | None,
+                             hp: dict[str, Any]) -> list[Tensor] | None:
+        return None  # the eigenvalue-corrected diagonal needs the dense gradient
+
     def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
                  hp: dict[str, Any], step: int) -> State:
         new = dict(st)

@@ -150,7 +150,9 @@ class KFAC(CurvatureModel):
         if not stage.kronecker:
             raise NotImplementedError(f"{stage}: no Kronecker factors")
         head = self._refresh(stage, states[0], stats, hp, step)
-        dirs = self.precondition(stage, head, grads)
+        dirs = self._direction_from_rows(stage, head, stats, hp)
+        if dirs is None:
+            dirs = self.precondition(stage, head, grads)
         new_states = [head] + [dict(s) for s in states[1:]]
         if hp["momentum"] > 0:
             for i, (s, d) in enumerate(zip(new_states, dirs)):
@@ -160,6 +162,33 @@ class KFAC(CurvatureModel):
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return self.precondition(stage, states[0], v)
+
+    @staticmethod
+    def _direction_from_rows(stage: Stage, st: State, stats: StageStatistics | None,
+                             hp: dict[str, Any]) -> list[Tensor] | None:
+        """G^-1 Qbar_u A^-1 = (g G^-1)^T (a A^-1) / B from the statistics' rows when they are
+        the gradient's (empirical Fisher at a statistics step), Qbar_u has no weight-decay term,
+        and B P (d_in^2 + d_out^2 + d_in d_out) < d_in d_out (d_in + d_out) (small batches,
+        wide layers: the dense products cost more). Leaves a A^-1 in ``stats.aA``."""
+        if (stats is None or not stats.gradient_rows or stats.a is None or stats.g is None
+                or hp.get("weight_decay", 0.0) or not stage.derivatives.exact_rows(stage.module)):
+            return None
+        a, g = stats.a, stats.g[:, 0]
+        B, P, d_in = a.shape
+        d_out = g.shape[-1]
+        if B * P * (d_in * d_in + d_out * d_out + d_in * d_out) >= d_in * d_out * (d_in + d_out):
+            return None
+        aA = _rows_times(a, st["A_inv"])
+        gG = _rows_times(g, st["G_inv"])
+        stats.aA, stats.gG = aA, gG.unsqueeze(1)
+        gG = gG.flatten(0, 1)
+        out = []
+        for name, p in zip(stage.param_names, stage.params):
+            if name == "weight":
+                out.append((gG.T @ aA.flatten(0, 1)).div_(B).reshape(p.shape))
+            else:
+                out.append(gG.sum(0).div_(B))
+        return out
 
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
         return hp["momentum"] == 0
@@ -173,8 +202,10 @@ class KFAC(CurvatureModel):
         if not stage.derivatives.exact_rows(stage.module):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
-        aA = _rows_times(a, A_inv)
-        gG = _rows_times(g, G_inv)
+        known = cache.get("aA") if cache is not None else None  # from the direction's rows
+        aA = known[1] if known is not None and known[0] is a else _rows_times(a, A_inv)
+        known = cache.get("gG") if cache is not None else None
+        gG = known[1] if known is not None and known[0] is g else _rows_times(g, G_inv)
         if cache is not None:  # the feedback of the same step solves on these rows again
             cache["rows"] = (aA, gG)
         return weight_bias_gram(
