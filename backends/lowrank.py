@@ -73,7 +73,7 @@ class LowRankExpansion(QExpansion):
     piece: tuple[Tensor, Tensor] | None = None
     x: Tensor | None = None
     ctx: Any = None
-    fu_k: Tensor | None = None           # f_u k of the policy's open-loop step k (``quadratic``)
+    Wk: Tensor | None = None             # W^T k = <Z', f_u k> per sample, (B, r) (``quadratic``)
     rho: Tensor | None = None            # Z' = rho V'_x per sample (``parallel_ratio``)
 
 
@@ -177,8 +177,7 @@ class LowRankBackend(GraphBackend):
     def quadratic(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
         """k^T Qbar_uu k = (1/B) sum_i |W^(i)T k|^2 with W^T k = <Z', f_u k>."""
         assert exp.next_value is not None
-        exp.fu_k = self._fu_k(stage, exp, k)  # value_update reuses it
-        Wk = _inner(exp.next_value.Z, exp.fu_k)
+        Wk = exp.Wk = _inner(exp.next_value.Z, self._fu_k(stage, exp, k))  # value_update reuses it
         return Wk.square().sum() / Wk.shape[0]
 
     def feedback(self, stage: Stage, exp: LowRankExpansion, minv: Solver, lr: float, B: int
@@ -224,11 +223,10 @@ class LowRankBackend(GraphBackend):
         if not (value_correction and minv is not None):
             return LowRankValue(V_x, a, rho)
         Zn = value.Z
-        if exp.fu_k is not None and minv.solves_direction(exp.Q_u):
-            fu_k = exp.fu_k  # the policy's k is -lr M^-1 Qbar_u: f_u k is known (quadratic)
+        if exp.Wk is not None and minv.solves_direction(exp.Q_u):
+            Wk = exp.Wk  # the policy's k is -lr M^-1 Qbar_u: W^T k is known (quadratic)
         else:
-            fu_k = self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)])
-        Wk = _inner(Zn, fu_k)  # (B, r)
+            Wk = _inner(Zn, self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)]))
         S = self.gram(stage, exp, minv)
         if rho is not None:  # r = 1, a = rho' Q_x: every update is a per-sample scalar
             kappa = rho * Wk[:, 0]  # V_x = Q_x (1 + kappa); the trust bound is |kappa| <= trust
