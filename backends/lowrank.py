@@ -194,11 +194,8 @@ class LowRankBackend(GraphBackend):
 
         def K(dx: Tensor) -> list[Tensor]:
             s = _inner(a, dx)
-            pre = minv.cache.get("rows") if rows else None
-            if pre is not None:  # a A^-1 and Z G^-1 of the Gram matrices (value_update)
-                aA, ZG = pre  # cot G^-1 = sum_c s_c (Z_c G^-1): the rows are linear in Z
-                solved = minv.model.solve_premultiplied_rows(  # type: ignore[attr-defined]
-                    stage, aA, torch.einsum("brpo,br->bpo", ZG, s))
+            solved = minv.cached_feedback(s) if rows else None
+            if solved is not None:  # from the Gram matrices' products (value_update)
                 return [v.mul(-lr / B) for v in solved]
             cot = _combine(Z, s)
             if rows:  # the curvature model's closed form on the rows, if it has one

@@ -171,3 +171,58 @@ def test_kfac_direction_from_rows_only_for_gradient_rows_without_weight_decay():
         assert kfac.KFAC._direction_from_rows(stage, opt.state[stage.params[0]], exps[0].stats,
                                               opt.param_groups[0]) is None
     assert ekfac.EKFAC._direction_from_rows(stage, {}, exps[0].stats, {}) is None
+
+
+# -- closed-form per-sample Gram matrices and the cached feedback, against explicit gradients --
+GRAM_CASES = {
+    # (module, input shape, path the cost rule takes)
+    "linear": (lambda: nn.Linear(6, 4), (6,), "rows"),
+    "conv1d-one-position": (lambda: nn.Conv1d(2, 3, 3), (2, 3), "rows"),
+    "conv2d-many-positions": (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 4, 4), "grads"),
+    "conv2d-no-bias": (lambda: nn.Conv2d(2, 3, 3, padding=1, bias=False), (2, 4, 4), "grads"),
+}
+
+
+@pytest.mark.parametrize("r", [1, 3])
+@pytest.mark.parametrize("case", sorted(GRAM_CASES))
+def test_kfac_per_sample_gram_and_cached_feedback_equal_explicit_per_sample_gradients(case, r):
+    """S[i, c, d] = w_ic^T M^-1 w_id and M^-1 sum_ic s_ic w_ic with w_ic the gradient of
+    <Z_ic, f(x_i, u)> (torch.func.vmap), M^-1 the K-FAC inverse of the optimizer's state."""
+    from torch.func import grad, vmap
+
+    build, shape, path = GRAM_CASES[case]
+    torch.manual_seed(0)
+    module = build().double()
+    model = nn.Sequential(module)
+    g = torch.Generator().manual_seed(2)
+    B = 5
+    x = torch.randn(B, *shape, generator=g, dtype=torch.float64)
+    opt = ocnopt.OCNOpt(model, loss=lambda out, y: out.flatten(1).square().sum(1),
+                        curvature="kfac", lr=0.1, damping=0.2)
+    opt.step(x, torch.zeros(B))  # factors and inverses
+    stage = opt.stages[0]
+    states = [opt.state[p] for p in stage.params]
+    out_shape = module(x).shape[1:]
+    Z = torch.randn(B, r, *out_shape, generator=g, dtype=torch.float64)
+    d = stage.derivatives
+    a_rows, g_rows = d.kfac_input(module, x), d.kfac_output(module, Z)
+    cache: dict = {}
+    S = opt.model_.per_sample_gram(stage, states, opt.param_groups[0], a_rows, g_rows, cache)
+    assert ("grads" if path == "grads" else "rows") in cache
+
+    params = tuple(p.detach() for p in stage.params)
+
+    def psi(ps, xi, zi):
+        return (stage.functional(dict(zip(stage.param_names, ps)), xi.unsqueeze(0))[0] * zi).sum()
+
+    w = vmap(vmap(grad(psi), in_dims=(None, None, 0)), in_dims=(None, 0, 0))(params, x, Z)
+    Mw = opt.model_.solve(stage, states, list(w), opt.param_groups[0])
+    S_ref = sum(torch.einsum("bc...,bd...->bcd", wi, mi) for wi, mi in zip(w, Mw))
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
+
+    s = torch.randn(B, r, generator=g, dtype=torch.float64)
+    fb = opt.model_.cached_feedback(stage, states, cache, s)
+    ref = opt.model_.solve(stage, states, [torch.einsum("bc,bc...->...", s, wi) for wi in w],
+                           opt.param_groups[0])
+    for f, e in zip(fb, ref):
+        torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-12)

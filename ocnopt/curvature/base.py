@@ -141,6 +141,13 @@ class Solver:
                                               cache=self.cache)
         return self.model.per_sample_gram(self.stage, self.states, self.hp, a, g)
 
+    def cached_feedback(self, s: Tensor) -> list[Tensor] | None:
+        """M^{-1} sum_{i,c} s_ic w_ic from the products the Gram matrices of this step left in
+        ``cache`` (models with ``caches_rows``), or None."""
+        if not (getattr(self.model, "caches_rows", False) and self.cache):
+            return None
+        return self.model.cached_feedback(self.stage, self.states, self.cache, s)  # type: ignore[attr-defined]
+
     def solves_direction(self, v: list[Tensor]) -> bool:
         """Whether the model's direction of this step is exactly M^{-1} v (``remember``)."""
         return self._known is not None and v is self._known[0]

@@ -197,11 +197,33 @@ class KFAC(CurvatureModel):
 
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                         g: Tensor, cache: dict[str, Any] | None = None) -> Tensor | None:
-        """sum_{p,q} (g_cp^T G^-1 g_dq)(a_p^T A^-1 a_q) + (sum g_c)^T G^-1 (sum g_d).
-        ``cache`` (a dict) receives the rows (a A^-1, g G^-1) for ``solve_premultiplied_rows``."""
+        """w_c^(i)T M^-1 w_d^(i) for the per-sample control gradients of the rows a (B, P, d_in)
+        and g (B, r, P, d_out), in the cheaper of two exact forms:
+
+        - rows: sum_{p,q} (g_cp^T G^-1 g_dq)(a_p^T A^-1 a_q), B P d_in^2 + B P^2 (d_in + r d_out)
+          multiply-adds (small P: Linear stages);
+        - per-sample gradients W_ic = sum_p g_icp a_ip^T: <W_c, G^-1 W_d A^-1>, B r P d_in d_out
+          + B r d_out d_in (d_in + d_out) (many positions: convolutions).
+
+        The bias adds (sum_p g_c)^T G^-1 (sum_p g_d). ``cache`` (a dict) receives what the
+        feedback of the same step reuses (``cached_feedback``)."""
         if not stage.derivatives.exact_rows(stage.module):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
+        B, r, P, d_out = g.shape
+        d_in = a.shape[-1]
+        by_rows = B * P * d_in * d_in + B * P * P * (d_in + r * d_out)
+        by_grads = B * r * (P * d_in * d_out + d_out * d_in * (d_in + d_out))
+        if by_grads < by_rows and "weight" in stage.param_names:
+            W = torch.einsum("bcpo,bpi->bcoi", g, a)
+            MW = G_inv @ (W.reshape(-1, d_in) @ A_inv).reshape(W.shape)
+            out = torch.einsum("bcoi,bdoi->bcd", W, MW)
+            gs = g.sum(2) if "bias" in stage.param_names else None
+            if gs is not None:
+                out = out + torch.einsum("bco,bdo->bcd", gs @ G_inv, gs)
+            if cache is not None:
+                cache["grads"] = (W, gs)
+            return out
         known = cache.get("aA") if cache is not None else None  # from the direction's rows
         aA = known[1] if known is not None and known[0] is a else _rows_times(a, A_inv)
         known = cache.get("gG") if cache is not None else None
@@ -212,6 +234,27 @@ class KFAC(CurvatureModel):
             stage, a, g,
             lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", gG, g, aA @ a.transpose(1, 2)),
             lambda gs: torch.einsum("bco,bdo->bcd", gG.sum(2), gs))
+
+    def cached_feedback(self, stage: Stage, states: list[State], cache: dict[str, Any],
+                        s: Tensor) -> list[Tensor] | None:
+        """M^-1 sum_{i,c} s_ic w_ic (weight, bias) from what ``per_sample_gram`` left in
+        ``cache`` for the same factor rows g: one B P d_in d_out product on the rows
+        (g G^-1)^T (a A^-1), or G^-1 (sum s W) A^-1 on the per-sample gradients; None when
+        nothing is cached."""
+        if "grads" in cache:
+            W, gs = cache["grads"]
+            A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
+            out = []
+            for name, p in zip(stage.param_names, stage.params):
+                if name == "weight":
+                    out.append((G_inv @ torch.einsum("bc,bcoi->oi", s, W) @ A_inv).reshape(p.shape))
+                else:
+                    out.append(torch.einsum("bc,bco->o", s, gs) @ G_inv)
+            return out
+        if "rows" in cache:
+            aA, gG = cache["rows"]
+            return self.solve_premultiplied_rows(stage, aA, torch.einsum("brpo,br->bpo", gG, s))
+        return None
 
     def solve_premultiplied_rows(self, stage: Stage, aA: Tensor, gG: Tensor) -> list[Tensor]:
         """``solve_rows`` on rows already multiplied by the inverses, aA = a A^-1 (B, P, d_in)
