@@ -153,3 +153,27 @@ def test_inplace_relu_trains_like_relu(curvature, hp, make_batches):
     assert trace_a == trace_b
     assert all(torch.equal(p, q) for p, q in zip(params_a, params_b))
     assert trace_a[-1][1] < trace_a[0][0]  # it trains
+
+
+@pytest.mark.parametrize("module", [
+    nn.Linear(5, 3), nn.Linear(5, 3, bias=False),
+    nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+    nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False),
+    nn.Conv2d(2, 4, 2, dilation=2, padding=1, padding_mode="circular"),
+], ids=["linear", "linear-nobias", "conv1d-groups", "conv2d-reflect-nobias", "conv2d-circular"])
+def test_param_jvp_closed_forms_equal_torch_func_jvp(module):
+    """f_u k of Linear and Conv (closed forms, no primal pass) = torch.func.jvp of f in u."""
+    torch.manual_seed(0)
+    module = module.double()
+    stage = build_stages(nn.Sequential(module))[0]
+    shape = {2: (5,), 3: (4, 9), 4: (2, 6, 6)}[module.weight.dim()]
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    params = {n: p.detach() for n, p in zip(stage.param_names, stage.params)}
+    tangent = {n: torch.randn_like(p) for n, p in params.items()}
+    got = stage.derivatives.param_jvp(module, params, x, None, tangent)
+
+    def fn(*ps):
+        return torch.func.functional_call(module, dict(zip(params, ps)), (x,))
+
+    ref = torch.func.jvp(fn, tuple(params.values()), tuple(tangent.values()))[1]
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

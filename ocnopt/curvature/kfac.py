@@ -215,9 +215,9 @@ class KFAC(CurvatureModel):
         by_rows = B * P * d_in * d_in + B * P * P * (d_in + r * d_out)
         by_grads = B * r * (P * d_in * d_out + d_out * d_in * (d_in + d_out))
         if by_grads < by_rows and "weight" in stage.param_names:
-            W = torch.einsum("bcpo,bpi->bcoi", g, a)
+            W = (g.transpose(2, 3).reshape(B, r * d_out, P) @ a).reshape(B, r, d_out, d_in)
             MW = G_inv @ (W.reshape(-1, d_in) @ A_inv).reshape(W.shape)
-            out = torch.einsum("bcoi,bdoi->bcd", W, MW)
+            out = W.reshape(B, r, -1) @ MW.reshape(B, r, -1).transpose(1, 2)  # no layout copy
             gs = g.sum(2) if "bias" in stage.param_names else None
             if gs is not None:
                 out = out + torch.einsum("bco,bdo->bcd", gs @ G_inv, gs)
@@ -247,7 +247,8 @@ class KFAC(CurvatureModel):
             out = []
             for name, p in zip(stage.param_names, stage.params):
                 if name == "weight":
-                    out.append((G_inv @ torch.einsum("bc,bcoi->oi", s, W) @ A_inv).reshape(p.shape))
+                    sW = (s.reshape(1, -1) @ W.reshape(s.numel(), -1)).reshape(W.shape[2:])
+                    out.append((G_inv @ sW @ A_inv).reshape(p.shape))
                 else:
                     out.append(torch.einsum("bc,bco->o", s, gs) @ G_inv)
             return out

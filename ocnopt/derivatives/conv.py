@@ -41,6 +41,11 @@ class ConvDerivatives(StageDerivatives):
     def __init__(self, dims: int):
         self.dims = dims
 
+    def param_jvp(self, module, params, x, ctx, tangent):  # type: ignore[no-untyped-def]
+        # affine in (weight, bias): f_u k is the convolution with the tangent as parameters
+        # (padding modes included), without the primal pass torch.func.jvp would add
+        return module._conv_forward(x, tangent["weight"], tangent.get("bias"))
+
     def _as_2d(self, x: Tensor) -> Tensor:
         return x.unsqueeze(-2) if self.dims == 1 else x
 
