@@ -79,6 +79,7 @@ class Policy:
 
     k: list[Tensor]
     feedback: Callable[[Tensor], list[Tensor]] | None = None
+    k_norm: Tensor | None = None  # |k| when the caller has it (the update pass's trust bound)
 
 
 @dataclass
@@ -265,21 +266,22 @@ class BellmanEngine:
         fb_norms: list[Tensor] = []
         for t, (stage, policy) in enumerate(zip(self.stages, policies)):
             if policy is not None:
-                du = list(policy.k)
-                if policy.feedback is not None:
+                if policy.feedback is not None:  # before u changes: it may use the kept graph
                     fb = policy.feedback(x - traj.states[t])
                     fb_norm = _norm(fb)
+                    scale = torch.ones_like(fb_norm)
                     if trust is not None:
-                        scale = torch.clamp(trust * _norm(policy.k) / fb_norm, max=1.0)
-                        scale = torch.where(fb_norm > 0, scale, torch.ones_like(scale))
-                        fb = [f * scale for f in fb]
+                        k_norm = policy.k_norm if policy.k_norm is not None else _norm(policy.k)
+                        scale = torch.where(fb_norm > 0, torch.clamp(trust * k_norm / fb_norm,
+                                                                     max=1.0), scale)
                         fb_norm = fb_norm * scale
+                    for p, k, f in zip(stage.params, policy.k, fb):  # u + k + scale K dx
+                        p.add_(k).addcmul_(f, scale)
                     fb_norms.append(fb_norm)
-                    du = [a + b for a, b in zip(du, fb)]
                 else:
+                    for p, k in zip(stage.params, policy.k):
+                        p.add_(k)
                     fb_norms.append(x.new_zeros(()))
-                for p, d in zip(stage.params, du):
-                    p.add_(d)
             x = stage.replay(x, traj.contexts[t])
             states.append(x)
         loss_after = None

@@ -349,6 +349,8 @@ class OCNOpt(torch.optim.Optimizer):
                                    .square().sum() for _, pol in controlled])
         if not bool(torch.isfinite(k_norms.sum())):
             return self._skip(terminal.loss, "update")
+        for (_, pol), n in zip(controlled, k_norms):
+            pol.k_norm = n.sqrt()
 
         loss_after, fb_norms = None, [0.0] * len(controlled)
         if self.order == 2 or self.track_loss_after:  # order 2: the update pass is the step

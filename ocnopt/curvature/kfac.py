@@ -230,6 +230,10 @@ class KFAC(CurvatureModel):
         gG = known[1] if known is not None and known[0] is g else _rows_times(g, G_inv)
         if cache is not None:  # the feedback of the same step solves on these rows again
             cache["rows"] = (aA, gG)
+        if P == 1:  # Linear: (g_c^T G^-1 g_d)(a^T A^-1 a) (+ the bias term), no contraction path
+            gg = gG[:, :, 0] @ g[:, :, 0].transpose(1, 2)
+            aa = (aA[:, 0] * a[:, 0]).sum(-1).reshape(B, 1, 1)
+            return gg * aa + gg if "bias" in stage.param_names else gg * aa
         return weight_bias_gram(
             stage, a, g,
             lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", gG, g, aA @ a.transpose(1, 2)),
