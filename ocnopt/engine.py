@@ -241,7 +241,8 @@ class BellmanEngine:
                 quad = backend.quadratic(stage, exp, k)
                 if weight_decay:
                     quad = quad + weight_decay * sum(kk.square().sum() for kk in k)
-                predicted = predicted + sum((kk * g).sum() for kk, g in zip(k, exp.Q_u)) + 0.5 * quad
+                kQ = sum(torch.vdot(kk.flatten(), g.flatten()) for kk, g in zip(k, exp.Q_u))
+                predicted = predicted + kQ + 0.5 * quad
                 policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B)
                                      if feedback else None)
             if t > 0 or keep:
