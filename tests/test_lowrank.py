@@ -56,16 +56,25 @@ CURVATURES = [("sgd", {}), ("adam", {}), ("rmsprop", {"alpha": 0.9}),
               ("ekfac", {"damping": 1.0, "fisher_type": "type-2"})]
 
 
+# SPEC 8.5 holds where no clipping happens: the two backends clip different matrices (C C^T vs
+# V_xx) when I - (lr/B) W^T M^-1 W is indefinite. A small lr keeps it definite, and so does an
+# eps that bounds Adam's and RMSprop's M^-1 <= 1/eps (with eps 1e-8, a weight whose second
+# moment is still 0, e.g. behind a ReLU that was dead on every earlier batch, has M^-1 = 1e8).
+CURVATURES_85 = [("sgd", {}), ("adam", {"eps": 0.1}), ("rmsprop", {"alpha": 0.9, "eps": 0.1}),
+                 CURVATURES[3], CURVATURES[4]]
+
+
 @SETTINGS
-@given(chains(conv=True), st.integers(1, 6), st.sampled_from(CURVATURES),
+@given(chains(conv=True), st.integers(1, 6), st.sampled_from(CURVATURES_85),
        st.sampled_from(["cross_entropy", "mse"]))
 def test_full_rank_exact_factor_equals_exact_gauss_newton_backend(chain, B, curv, loss):
     """SPEC 8.5: lowrank with the exact terminal factor (r = outputs) and the exact backend
-    under Gauss-Newton give the same steps, losses after, predicted changes and V_xx.
-    A small lr keeps I - (lr/B) W^T M^-1 W positive definite: the two backends clip
-    different matrices (C C^T vs V_xx) when it is not."""
+    under Gauss-Newton give the same steps, losses after, predicted changes and V_xx (see
+    CURVATURES_85 for the no-clipping condition)."""
     widths, use_conv, build = chain
     name, hp = curv
+    if name == "ekfac":  # more samples than factor rows (<= 10 here): full-rank factors, else
+        B += 10  # the eigenvalue correction depends on the basis chosen in the null space
     m1, m2 = build(), build()
     kw = dict(loss=loss, curvature=name, lr=1e-3, order=2, **hp)
     exact = ocnopt.OCNOpt(m1, backend="autograd", psd_clip=False, **kw)
