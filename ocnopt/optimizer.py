@@ -354,7 +354,7 @@ class OCNOpt(torch.optim.Optimizer):
 
         loss_after, fb_norms = None, [0.0] * len(controlled)
         if self.order == 2 or self.track_loss_after:  # order 2: the update pass is the step
-            backup = [p.detach().clone() for p in self.param_groups[0]["params"]]
+            backup = self._backup_params()
             _, loss_after, norms = self.engine.update_pass(
                 traj, policies, targets, trust=hp.get("trust") if self.order == 2 else None)
             fb_norms = norms or fb_norms
@@ -375,6 +375,20 @@ class OCNOpt(torch.optim.Optimizer):
                     for (st, _), n, fb in zip(controlled, k_norms.tolist(), fb_norms)],
         )
         return terminal.loss
+
+    def _backup_params(self) -> list[Tensor]:
+        """A copy of the parameters before the update pass (restored if it ends non-finite),
+        in buffers kept between steps: no allocation per step."""
+        params = self.param_groups[0]["params"]
+        buf = getattr(self, "_backup", None)
+        if buf is None or any(b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+                              for b, p in zip(buf, params)):
+            buf = self._backup = [torch.empty_like(p, memory_format=torch.preserve_format)
+                                  for p in params]
+        with torch.no_grad():
+            for b, p in zip(buf, params):
+                b.copy_(p)
+        return buf
 
     def _skip(self, loss: Tensor, what: str) -> Tensor:
         self.generator.set_state(self._generator_state)  # a skipped step draws no labels
