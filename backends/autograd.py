@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 from ocnopt.curvature.base import StageStatistics
-from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction
+from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction_with_share
 from ocnopt.stages import Stage
 
 from .base import Backend
@@ -63,6 +63,7 @@ class ExactValue:
 
     V_x: Tensor
     V_xx: Tensor
+    bounded: Tensor | None = None  # share of samples whose V_x correction the trust bound cut
 
 
 @dataclass
@@ -231,19 +232,23 @@ class AutogradBackend(GraphBackend):
         when ``clip``."""
         V_x, V_xx = exp.Q_x, exp.Q_xx
         assert V_x is not None and V_xx is not None
+        bounded = None
         if value_correction and minv is not None:
             Q_ux = exp.Q_ux
             assert Q_ux is not None
             M_Qu = stage.flatten(minv(exp.Q_u))
             corrected = V_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(V_x.shape)
-            V_x = corrected if trust is None else bound_correction(V_x, corrected, trust)
+            if trust is None:
+                V_x = corrected
+            else:
+                V_x, bounded = bound_correction_with_share(V_x, corrected, trust)
             M_Qux = stage.flatten(minv(stage.unflatten(Q_ux.transpose(1, 2))), lead=2)
             V_xx = V_xx - (lr / B) * torch.einsum("bmn,bkm->bnk", Q_ux, M_Qux)
         if mu:
             V_xx = V_xx + mu * torch.eye(V_xx.shape[-1], dtype=V_xx.dtype, device=V_xx.device)
         if clip:
             V_xx = psd_clip(V_xx)
-        return ExactValue(V_x, V_xx)
+        return ExactValue(V_x, V_xx, bounded)
 
     def second_order_terms(self, stage: Stage, x: Tensor, ctx: Any, y: Tensor, V_x: Tensor,
                            V_xx: Tensor, *, gauss_newton: bool, need_quu: bool

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ocnopt.curvature.base import Solver
-from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction
+from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction_with_share
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
@@ -59,6 +59,7 @@ class LowRankValue:
     V_x: Tensor
     Z: Tensor
     rho: Tensor | None = None
+    bounded: Tensor | None = None  # share of samples whose V_x correction the trust bound cut
 
 
 def parallel_ratio(value: LowRankValue) -> Tensor | None:
@@ -227,7 +228,9 @@ class LowRankBackend(GraphBackend):
         S = self.gram(stage, exp, minv)
         if rho is not None:  # r = 1, a = rho' Q_x: every update is a per-sample scalar
             kappa = rho * Wk[:, 0]  # V_x = Q_x (1 + kappa); the trust bound is |kappa| <= trust
+            bounded = None
             if trust is not None:
+                bounded = (kappa.abs() > trust).to(kappa.dtype).mean()
                 kappa = kappa.clamp(-trust, trust)
             c = (1 - (lr / B) * S[:, 0, 0]).clamp_min(0).sqrt()
             view = (-1, *[1] * (V_x.dim() - 1))
@@ -236,14 +239,17 @@ class LowRankBackend(GraphBackend):
             V_x = V_x * one_k.reshape(view)
             safe = trust is not None and trust < 1  # 1 + kappa >= 1 - trust > 0: no check
             new_rho = rho * c / one_k if safe or bool((one_k != 0).all()) else None
-            return LowRankValue(V_x, Z, new_rho)
-        V_x = bound_correction(V_x, V_x + _combine(a, Wk), trust) if trust is not None \
-            else V_x + _combine(a, Wk)
+            return LowRankValue(V_x, Z, new_rho, bounded)
+        bounded = None
+        if trust is not None:
+            V_x, bounded = bound_correction_with_share(V_x, V_x + _combine(a, Wk), trust)
+        else:
+            V_x = V_x + _combine(a, Wk)
         r = S.shape[-1]
         eye = torch.eye(r, dtype=S.dtype, device=S.device)
         C = psd_sqrt_factor(eye - (lr / B) * S)
         Z = torch.einsum("bcn,bcd->bdn", a.flatten(2), C).reshape(a.shape)
-        return LowRankValue(V_x, Z)
+        return LowRankValue(V_x, Z, bounded=bounded)
 
     def gram(self, stage: Stage, exp: LowRankExpansion, minv: Solver) -> Tensor:
         """Per-sample W^T M^{-1} W (B, r, r): the curvature model's closed form for Kronecker

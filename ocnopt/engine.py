@@ -80,6 +80,7 @@ class Policy:
     k: list[Tensor]
     feedback: Callable[[Tensor], list[Tensor]] | None = None
     k_norm: Tensor | None = None  # |k| when the caller has it (the update pass's trust bound)
+    feedback_scale: Tensor | None = None  # set by the update pass: the trust bound's factor
 
 
 @dataclass
@@ -93,6 +94,8 @@ class SecondOrderPass:
     V_x: list[Tensor | None]
     V_xx: list[Tensor | None]
     predicted_change: float
+    #: per stage, the share of samples whose V_x correction the trust bound cut (None: no bound)
+    value_bounded: list[Tensor | None] | None = None
 
 
 PolicyFn = Callable[[Stage, list[Tensor], StageStatistics | None],
@@ -101,10 +104,15 @@ PolicyFn = Callable[[Stage, list[Tensor], StageStatistics | None],
 
 @dataclass
 class StageDiagnostics:
+    """Per controlled stage: |k|, |K dx| (after the trust bound), the factor the trust bound
+    applied to K dx (1: not cut) and the share of samples whose V_x correction it cut."""
+
     index: int
     name: str
     k_norm: float
     feedback_norm: float = 0.0
+    feedback_scale: float = 1.0
+    value_bounded: float = 0.0
 
 
 @dataclass
@@ -126,13 +134,19 @@ def _norm(ts: Sequence[Tensor]) -> Tensor:
 def bound_correction(Q_x: Tensor, V_x: Tensor, trust: float) -> Tensor:
     """Q_x + c (V_x - Q_x) with the largest c <= 1 per sample such that the correction's norm
     is at most ``trust`` times |Q_x| (the trust bound of the value correction)."""
+    return bound_correction_with_share(Q_x, V_x, trust)[0]
+
+
+def bound_correction_with_share(Q_x: Tensor, V_x: Tensor, trust: float) -> tuple[Tensor, Tensor]:
+    """``bound_correction`` and the share of samples it cut (a 0-dim tensor)."""
     delta = V_x - Q_x
     B = delta.shape[0]
     dn = torch.linalg.vector_norm(delta.reshape(B, -1), dim=1)
     qn = torch.linalg.vector_norm(Q_x.reshape(B, -1), dim=1)
-    scale = torch.where(dn > trust * qn, trust * qn / dn.clamp_min(torch.finfo(dn.dtype).tiny),
+    cut = dn > trust * qn
+    scale = torch.where(cut, trust * qn / dn.clamp_min(torch.finfo(dn.dtype).tiny),
                         torch.ones_like(dn))
-    return Q_x + delta * scale.reshape(B, *([1] * (delta.dim() - 1)))
+    return Q_x + delta * scale.reshape(B, *([1] * (delta.dim() - 1))), cut.to(dn.dtype).mean()
 
 
 class BellmanEngine:
@@ -221,6 +235,7 @@ class BellmanEngine:
         if keep:
             Vx_list[T], Vxx_list[T] = value.V_x, backend.value_hessian(value)
         predicted = terminal.V_x.new_zeros(())
+        bounded: list[Tensor | None] = [None] * T
         for t in reversed(range(T)):
             stage = self.stages[t]
             exp = backend.expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
@@ -249,10 +264,11 @@ class BellmanEngine:
                 value = backend.value_update(stage, exp, value, minv, lr, B,
                                              value_correction=value_correction and minv is not None,
                                              mu=mu, clip=clip, trust=trust)
+                bounded[t] = getattr(value, "bounded", None)
             expansions[t] = exp if keep else None
             if keep:
                 Vx_list[t], Vxx_list[t] = value.V_x, backend.value_hessian(value)
-        return SecondOrderPass(policies, expansions, Vx_list, Vxx_list, float(predicted))
+        return SecondOrderPass(policies, expansions, Vx_list, Vxx_list, float(predicted), bounded)
 
     # -- 3. forward update pass ---------------------------------------------------------------
     @torch.no_grad()
@@ -276,6 +292,7 @@ class BellmanEngine:
                         scale = torch.where(fb_norm > 0, torch.clamp(trust * k_norm / fb_norm,
                                                                      max=1.0), scale)
                         fb_norm = fb_norm * scale
+                    policy.feedback_scale = scale
                     for p, k, f in zip(stage.params, policy.k, fb):  # u + k + scale K dx
                         p.add_(k).addcmul_(f, scale)
                     fb_norms.append(fb_norm)

@@ -314,7 +314,7 @@ class OCNOpt(torch.optim.Optimizer):
                 solver.remember(Q_u, dirs)
             return [d.mul(-lr) for d in dirs], solver
 
-        predicted = None
+        predicted, bounded = None, None
         if second:
             with torch.no_grad():
                 try:
@@ -330,6 +330,7 @@ class OCNOpt(torch.optim.Optimizer):
                 except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
                     return self._skip(terminal.loss, "value expansion")
             policies, predicted = result.policies, result.predicted_change
+            bounded = result.value_bounded
         else:
             expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats)
             policies = []
@@ -369,10 +370,15 @@ class OCNOpt(torch.optim.Optimizer):
             for p, s in zip(st.params, new_states.get(st.index, [])):
                 self.state[p] = s
         meta["step"] = k + 1
+        scales = [1.0 if pol.feedback_scale is None else float(pol.feedback_scale)
+                  for _, pol in controlled]
+        cut = [0.0 if bounded is None or bounded[st.index] is None else float(bounded[st.index])
+               for st, _ in controlled]
         self.last_step = StepResult(
             loss=terminal.loss, loss_after=loss_after, predicted_change=predicted,
-            stages=[StageDiagnostics(st.index, st.name, float(n) ** 0.5, fb)
-                    for (st, _), n, fb in zip(controlled, k_norms.tolist(), fb_norms)],
+            stages=[StageDiagnostics(st.index, st.name, float(n) ** 0.5, fb, sc, vb)
+                    for (st, _), n, fb, sc, vb in zip(controlled, k_norms.tolist(), fb_norms,
+                                                      scales, cut)],
         )
         return terminal.loss
 

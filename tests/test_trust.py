@@ -50,20 +50,26 @@ def test_update_pass_feedback_is_at_most_trust_times_the_open_loop_step(backend)
     """At a large lr the unbounded feedback is larger than trust |k| on some stage; with the
     bound every stage's |K dx| <= trust |k| (the diagnostics of last_step)."""
     trust = 0.05
-    ratios = {}
+    ratios, scales, cut = {}, {}, {}
     for bound in (None, trust):
         model = tiny_mlp(seed=3, dtype=torch.float64, hidden=8)
         opt = ocnopt.OCNOpt(model, curvature="sgd", lr=2.0, order=2, backend=backend,
                             trust=bound)
-        worst = 0.0
+        worst, scales[bound], cut[bound] = 0.0, [], []
         for x, y in tiny_batches(4, dtype=torch.float64, batch=16):
             opt.step(x, y)
             for s in opt.last_step.stages:
                 if s.k_norm > 0:
                     worst = max(worst, s.feedback_norm / s.k_norm)
+                scales[bound].append(s.feedback_scale)
+                cut[bound].append(s.value_bounded)
         ratios[bound] = worst
     assert ratios[None] > trust  # the bound is active in this test
     assert ratios[trust] <= trust * (1 + 1e-9)
+    # diagnostics: the factor applied to K dx and the share of samples whose V_x was cut
+    assert set(scales[None]) == {1.0} and set(cut[None]) == {0.0}
+    assert min(scales[trust]) < 1.0 and all(0.0 <= c <= 1.0 for c in scales[trust])
+    assert 0.0 < max(cut[trust]) <= 1.0
 
 
 def test_value_correction_in_the_backward_pass_is_bounded_per_sample():
@@ -91,6 +97,10 @@ def test_value_correction_in_the_backward_pass_is_bounded_per_sample():
     torch.testing.assert_close(bounded, bound_correction(Q_x, unbounded, 0.1))
     corr = (bounded - Q_x).flatten(1).norm(dim=1)
     assert bool((corr <= 0.1 * Q_x.flatten(1).norm(dim=1) * (1 + 1e-12)).all())
+    # the reported share of cut samples, counted independently
+    over = (unbounded - Q_x).flatten(1).norm(dim=1) > 0.1 * Q_x.flatten(1).norm(dim=1)
+    assert float(results[0.1].value_bounded[T - 1]) == float(over.double().mean()) > 0
+    assert results[None].value_bounded[T - 1] is None
 
 
 def test_trust_bound_keeps_order_two_finite_where_it_diverged():
