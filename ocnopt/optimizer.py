@@ -370,10 +370,17 @@ class OCNOpt(torch.optim.Optimizer):
             for p, s in zip(st.params, new_states.get(st.index, [])):
                 self.state[p] = s
         meta["step"] = k + 1
-        scales = [1.0 if pol.feedback_scale is None else float(pol.feedback_scale)
-                  for _, pol in controlled]
-        cut = [0.0 if bounded is None or bounded[st.index] is None else float(bounded[st.index])
-               for st, _ in controlled]
+        n = len(controlled)
+        scales, cut = [1.0] * n, [0.0] * n
+        if second:  # the trust bound's diagnostics, converted at once
+            one, zero = k_norms.new_ones(()), k_norms.new_zeros(())
+            values = torch.stack(
+                [one if pol.feedback_scale is None else pol.feedback_scale.reshape(())
+                 for _, pol in controlled]
+                + [zero if bounded is None or bounded[st.index] is None
+                   else bounded[st.index].reshape(()).to(zero.dtype)  # type: ignore[union-attr]
+                   for st, _ in controlled]).tolist()
+            scales, cut = values[:n], values[n:]
         self.last_step = StepResult(
             loss=terminal.loss, loss_after=loss_after, predicted_change=predicted,
             stages=[StageDiagnostics(st.index, st.name, float(n) ** 0.5, fb, sc, vb)
