@@ -207,7 +207,7 @@ class AutogradBackend(GraphBackend):
         assert terms is not None and terms.f_u is not None and value is not None
         k_flat = stage.flatten(k)
         fu_k = torch.einsum("bkm,m->bk", terms.f_u, k_flat)
-        quad = torch.einsum("bk,bkl,bl->", fu_k, value.V_xx, fu_k) / fu_k.shape[0]
+        quad = (fu_k * (value.V_xx @ fu_k.unsqueeze(-1))[..., 0]).sum() / fu_k.shape[0]
         if terms.psi_uu is not None:
             quad = quad + k_flat @ terms.psi_uu @ k_flat
         return quad

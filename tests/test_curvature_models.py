@@ -183,11 +183,14 @@ GRAM_CASES = {
 }
 
 
+@pytest.mark.parametrize("curvature", ["kfac", "sgd", "rmsprop", "adam"])
 @pytest.mark.parametrize("r", [1, 3])
 @pytest.mark.parametrize("case", sorted(GRAM_CASES))
-def test_kfac_per_sample_gram_and_cached_feedback_equal_explicit_per_sample_gradients(case, r):
-    """S[i, c, d] = w_ic^T M^-1 w_id and M^-1 sum_ic s_ic w_ic with w_ic the gradient of
-    <Z_ic, f(x_i, u)> (torch.func.vmap), M^-1 the K-FAC inverse of the optimizer's state."""
+def test_per_sample_gram_and_cached_feedback_equal_explicit_per_sample_gradients(case, r,
+                                                                                 curvature):
+    """S[i, c, d] = w_ic^T M^-1 w_id (every closed form) and, for K-FAC, M^-1 sum_ic s_ic w_ic
+    from the cached products, with w_ic the gradient of <Z_ic, f(x_i, u)> (torch.func.vmap)
+    and M^-1 the curvature model's solve with the optimizer's state."""
     from torch.func import grad, vmap
 
     build, shape, path = GRAM_CASES[case]
@@ -197,8 +200,9 @@ def test_kfac_per_sample_gram_and_cached_feedback_equal_explicit_per_sample_grad
     g = torch.Generator().manual_seed(2)
     B = 5
     x = torch.randn(B, *shape, generator=g, dtype=torch.float64)
+    hp = {"damping": 0.2} if curvature == "kfac" else {}
     opt = ocnopt.OCNOpt(model, loss=lambda out, y: out.flatten(1).square().sum(1),
-                        curvature="kfac", lr=0.1, damping=0.2)
+                        curvature=curvature, lr=0.1, **hp)
     opt.step(x, torch.zeros(B))  # factors and inverses
     stage = opt.stages[0]
     states = [opt.state[p] for p in stage.params]
@@ -207,8 +211,11 @@ def test_kfac_per_sample_gram_and_cached_feedback_equal_explicit_per_sample_grad
     d = stage.derivatives
     a_rows, g_rows = d.kfac_input(module, x), d.kfac_output(module, Z)
     cache: dict = {}
-    S = opt.model_.per_sample_gram(stage, states, opt.param_groups[0], a_rows, g_rows, cache)
-    assert ("grads" if path == "grads" else "rows") in cache
+    if curvature == "kfac":
+        S = opt.model_.per_sample_gram(stage, states, opt.param_groups[0], a_rows, g_rows, cache)
+        assert ("grads" if path == "grads" else "rows") in cache
+    else:
+        S = opt.model_.per_sample_gram(stage, states, opt.param_groups[0], a_rows, g_rows)
 
     params = tuple(p.detach() for p in stage.params)
 
@@ -220,6 +227,8 @@ def test_kfac_per_sample_gram_and_cached_feedback_equal_explicit_per_sample_grad
     S_ref = sum(torch.einsum("bc...,bd...->bcd", wi, mi) for wi, mi in zip(w, Mw))
     torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
 
+    if curvature != "kfac":
+        return
     s = torch.randn(B, r, generator=g, dtype=torch.float64)
     fb = opt.model_.cached_feedback(stage, states, cache, s)
     ref = opt.model_.solve(stage, states, [torch.einsum("bc,bc...->...", s, wi) for wi in w],

@@ -222,6 +222,14 @@ Registry = dict[str, Callable[[], CurvatureModel]]
 _GRAM_CHUNK = 2**24  # bound on B_chunk * r * d_out * d_in when per-sample gradients are formed
 
 
+def rows_gram(gL: Tensor, g: Tensor, M: Tensor) -> Tensor:
+    """sum_{p,q} (gL_cp . g_dq) M_pq per sample: gL, g (B, r, P, d_out), M (B, P, P) -> (B, r, r),
+    as two batched products (a multi-operand einsum would search a contraction path per call)."""
+    B, r, P, d = g.shape
+    Y = (M.unsqueeze(1) @ g).reshape(B, r, P * d)  # sum_q M_pq g_dq: (B, r, P, d_out)
+    return gL.reshape(B, r, P * d) @ Y.transpose(1, 2)
+
+
 def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> Tensor:
     """sum_params w_c^T D^{-1} w_d for per-sample gradients given by rows (see
     ``CurvatureModel.per_sample_gram``); without weight sharing (P = 1) no per-sample gradient
@@ -229,19 +237,20 @@ def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> T
 
     def weight(a: Tensor, g: Tensor) -> Tensor:
         Dinv = 1.0 / D["weight"].reshape(D["weight"].shape[0], -1)
-        if a.shape[1] == 1:
-            return torch.einsum("bco,bdo,bi,oi->bcd", g[:, :, 0], g[:, :, 0], a[:, 0].square(),
-                                Dinv)
+        if a.shape[1] == 1:  # sum_o g_co g_do t_o with t_o = sum_i a_i^2 / D_oi
+            g0 = g[:, :, 0]
+            t = a[:, 0].square() @ Dinv.T
+            return (g0 * t.unsqueeze(1)) @ g0.transpose(1, 2)
         B, r, _, d_out = g.shape
         step = max(1, _GRAM_CHUNK // max(1, r * d_out * a.shape[-1]))
         parts = []
         for lo in range(0, B, step):
-            w = torch.einsum("bcpo,bpi->bcoi", g[lo:lo + step], a[lo:lo + step])
-            parts.append(torch.einsum("bcoi,bdoi,oi->bcd", w, w, Dinv))
+            w = (g[lo:lo + step].transpose(2, 3) @ a[lo:lo + step].unsqueeze(1)).flatten(2)
+            parts.append((w * Dinv.reshape(1, 1, -1)) @ w.transpose(1, 2))
         return torch.cat(parts)
 
     def bias(gs: Tensor) -> Tensor:
-        return torch.einsum("bco,bdo,o->bcd", gs, gs, 1.0 / D["bias"])
+        return (gs / D["bias"]) @ gs.transpose(1, 2)
 
     return weight_bias_gram(stage, a, g, weight, bias)
 

@@ -36,6 +36,7 @@ from .base import (
     damping_at,
     eigh64,
     require,
+    rows_gram,
     weight_bias_gram,
 )
 from .sgd import sgd_direction
@@ -236,8 +237,8 @@ class KFAC(CurvatureModel):
             return gg * aa + gg if "bias" in stage.param_names else gg * aa
         return weight_bias_gram(
             stage, a, g,
-            lambda a, g: torch.einsum("bcpo,bdqo,bpq->bcd", gG, g, aA @ a.transpose(1, 2)),
-            lambda gs: torch.einsum("bco,bdo->bcd", gG.sum(2), gs))
+            lambda a, g: rows_gram(gG, g, aA @ a.transpose(1, 2)),
+            lambda gs: gG.sum(2) @ gs.transpose(1, 2))
 
     def cached_feedback(self, stage: Stage, states: list[State], cache: dict[str, Any],
                         s: Tensor) -> list[Tensor] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..stages import Stage
@@ -15,6 +14,7 @@ from .base import (
     State,
     check_nonneg,
     require,
+    rows_gram,
     weight_bias_gram,
 )
 
@@ -65,5 +65,5 @@ class SGD(CurvatureModel):
         """w_c^T w_d = sum_{p,q} (g_cp . g_dq)(a_p . a_q) + (sum_p g_cp).(sum_q g_dq)."""
         return weight_bias_gram(
             stage, a, g,
-            lambda a, g: torch.einsum("bcpo,bdqo,bpi,bqi->bcd", g, g, a, a),
-            lambda gs: torch.einsum("bco,bdo->bcd", gs, gs))
+            lambda a, g: rows_gram(g, g, a @ a.transpose(1, 2)),
+            lambda gs: gs @ gs.transpose(1, 2))
