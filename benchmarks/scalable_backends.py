@@ -465,9 +465,9 @@ def profile_worker(prob: str, config: str, steps: int, seed: int) -> dict[str, A
         r.step()
     if config != "torch-adam":
         instrument()
-    step = r.step
+    step: Callable[[], Any] = r.step
     if config == "torch-adam":
-        def step() -> None:  # regions for the torch baseline
+        def adam_step() -> None:  # regions for the torch baseline
             x, y = r.data[r.k % len(r.data)]
             r.k += 1
             r.opt.zero_grad()
@@ -477,6 +477,7 @@ def profile_worker(prob: str, config: str, steps: int, seed: int) -> dict[str, A
                 loss.backward()
             with torch.profiler.record_function("adam.optimizer_step"):
                 r.opt.step()
+        step = adam_step
     t0, c0 = time.perf_counter(), time.process_time()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
@@ -559,6 +560,7 @@ def source_state() -> dict[str, Any]:
 
     h = hashlib.sha1()
     for pkg in (ocnopt, ocnopt.backends):
+        assert pkg.__file__ is not None
         base = os.path.dirname(os.path.abspath(pkg.__file__))
         for dirpath, _, files in sorted(os.walk(base)):
             for f in sorted(files):
@@ -732,7 +734,7 @@ def report(payload: dict[str, Any]) -> None:
           f"OMP_WAIT_POLICY={cfg['omp_wait_policy']}, cpu_count={env['cpu_count']}, "
           f"cpu='{env['cpu_model']}', {env['platform']}")
     print(f"# command: {payload['command']}")
-    sources = {}
+    sources: dict[str, list[set[str]]] = {}
     for group in ("sets", "memory", "profile"):
         for s, v in payload.get(group, {}).items():
             items = [v] if group == "sets" else [x for c in v.values()
@@ -918,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_worker(prob, config, mode, MEMORY_STEPS, args.seed)))
         return 0
     if args.profile_worker:
-        print(json.dumps(profile_worker(*args.profile_worker, BLOCK, args.seed)))
+        prob, config = args.profile_worker
+        print(json.dumps(profile_worker(prob, config, BLOCK, args.seed)))
         return 0
     if args.from_json:
         with open(args.from_json) as f:
