@@ -93,7 +93,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -110,6 +109,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
 import ocnopt
+from ocnopt.bench.measure import peak_rss_kib, reset_peak_rss, status_kib
 
 BATCH = 32
 SPLIT_SEED = 0
@@ -364,17 +364,6 @@ def time_steps(rounds: int, warmup: int, seed: int, log: Any) -> dict[str, Any]:
     return out
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def memory_worker(name: str, mode: str, steps: int, seed: int) -> dict[str, Any]:
     curv, order, hp = COST_CONFIGS[name]
     X, y = digits_train()
@@ -388,17 +377,12 @@ def memory_worker(name: str, mode: str, steps: int, seed: int) -> dict[str, Any]
         throwaway.step(*data[0])
         del throwaway
         gc.collect()
-        try:  # reset the peak-RSS mark (VmHWM) to the current RSS, so set-up peaks drop out
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            method = "VmHWM after clear_refs=5"
-        except OSError:
-            method = "ru_maxrss"
-        rss0 = _status_kib("VmRSS")
+        method = reset_peak_rss()  # set-up peaks drop out
+        rss0 = status_kib("VmRSS")
         for xb, yb in data:
             opt.step(xb, yb)
-        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, whole life
-        peak = _status_kib("VmHWM") if method.startswith("VmHWM") else ru
+        ru = peak_rss_kib("ru_maxrss")  # KiB on Linux, whole life
+        peak = peak_rss_kib(method)
         out.update(method=method, rss_before_steps_kib=rss0, peak_rss_steps_kib=peak,
                    ru_maxrss_kib=ru,
                    delta_rss_bytes=None if rss0 is None or peak is None else (peak - rss0) * 1024)

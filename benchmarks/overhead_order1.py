@@ -58,7 +58,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -73,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ocnopt
-from ocnopt.bench.measure import allocator_peak, cpu_model
+from ocnopt.bench.measure import allocator_peak, cpu_model, peak_rss_kib, reset_peak_rss, status_kib
 
 WIDTHS = (784, 512, 512, 10)
 BATCH = 256
@@ -307,17 +306,6 @@ def environment(threads: int) -> dict[str, Any]:
 
 
 # ---- memory worker (subprocess) ---------------------------------------------------------------
-def _rss_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def memory_worker(name: str, mode: str, steps: int, seed: int) -> dict[str, Any]:
     spec = _specs()[name]
     out: dict[str, Any] = {"name": name, "mode": mode, "steps": steps}
@@ -349,21 +337,13 @@ def memory_worker(name: str, mode: str, steps: int, seed: int) -> dict[str, Any]
             throwaway.step()
         del throwaway
         gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            method = "VmHWM after clear_refs=5"
-        except OSError:
-            method = "ru_maxrss - VmRSS at start"
-        rss0 = _rss_kib("VmRSS")
+        method = reset_peak_rss()
+        rss0 = status_kib("VmRSS")
         model = make_model(seed)
         r = Runner(spec, model, data)
         for _ in range(steps):
             r.step()
-        if method.startswith("VmHWM"):
-            hwm = _rss_kib("VmHWM")
-        else:
-            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = peak_rss_kib(method)
         out.update(method=method, rss_start_kib=rss0, peak_rss_kib=hwm,
                    delta_peak_rss_bytes=(hwm - rss0) * 1024 if hwm and rss0 else None)
     if spec.kind == "ocnopt":

@@ -88,7 +88,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -102,7 +101,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ocnopt
-from ocnopt.bench.measure import allocator_peak, cpu_model
+from ocnopt.bench.measure import allocator_peak, cpu_model, peak_rss_kib, reset_peak_rss, status_kib
 
 SEED = 0
 N_BATCHES = 4
@@ -341,17 +340,6 @@ def set_worker(name: str, rounds: int, seed: int) -> dict[str, Any]:
 
 
 # ---- memory worker ----------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def memory_worker(prob: str, config: str, mode: str, steps: int, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"problem": prob, "config": config, "mode": mode, "steps": steps}
     if mode == "tensor":
@@ -376,18 +364,12 @@ def memory_worker(prob: str, config: str, mode: str, steps: int, seed: int) -> d
             throwaway.step()
         del throwaway
         gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            method = "VmHWM after clear_refs=5"
-        except OSError:
-            method = "ru_maxrss - VmRSS at start"
-        rss0 = _status_kib("VmRSS")
+        method = reset_peak_rss()
+        rss0 = status_kib("VmRSS")
         r = Runner(config, build(), data, prob)
         for _ in range(steps):
             r.step()
-        hwm = (_status_kib("VmHWM") if method.startswith("VmHWM")
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        hwm = peak_rss_kib(method)
         out.update(method=method, rss_start_kib=rss0, peak_rss_kib=hwm,
                    above_setup_bytes=(hwm - rss0) * 1024 if hwm and rss0 else None)
     if not r.torch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import resource
 from typing import Any
 
 
@@ -36,3 +37,34 @@ def allocator_peak(prof: Any, mark: str) -> tuple[int, int | None, int]:
         live += nb
         peak = max(peak, live)
     return peak, base, len(events)
+
+
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> str:
+    """Reset the peak-RSS mark (VmHWM) to the current RSS through ``/proc/self/clear_refs``, so
+    that earlier set-up peaks drop out; returns the method ``peak_rss_kib`` will use (where the
+    reset is not possible: ``ru_maxrss``, the peak over the process's whole life)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM after clear_refs=5"
+    except OSError:
+        return "ru_maxrss"
+
+
+def peak_rss_kib(method: str) -> int | None:
+    """Peak resident set size in KiB since ``reset_peak_rss`` (VmHWM), or ``ru_maxrss``."""
+    if method.startswith("VmHWM"):
+        return status_kib("VmHWM")
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
