@@ -147,6 +147,14 @@ class AutogradBackend(GraphBackend):
                              "integer number of bytes")
         self.memory_budget = memory_budget
 
+    def check_fisher(self, fisher_type: str, *, order: int, explicit: bool) -> None:
+        if order == 2 and fisher_type not in ("empirical", "type-2"):
+            raise ValueError(
+                f"invalid fisher_type={fisher_type!r} for backend 'autograd' at order 2: the "
+                "Kronecker statistics come from the propagated V_xx, whose terminal is the exact "
+                "loss Hessian; accepted 'type-2' or 'empirical' (or backend 'lowrank' with "
+                "backend_options={'terminal': 'mc'})")
+
     # -- second order (SPEC 2-4 with full per-sample matrices) -----------------------------------
     def check_second_order(self, stages: Sequence[Stage], traj: Trajectory, *, need_quu: bool
                            ) -> None:

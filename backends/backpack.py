@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -104,6 +104,17 @@ class BackpackBackend(LowRankBackend):
 
     def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool) -> None:
         super().check_options(gauss_newton=gauss_newton, mu=mu, needs_full=needs_full)
+
+    def follow_fisher(self, fisher_type: str, *, given: Mapping[str, object]) -> None:
+        """The extension chooses the statistics (``check_fisher`` refuses fisher_type)."""
+
+    def check_fisher(self, fisher_type: str, *, order: int, explicit: bool) -> None:
+        if explicit or fisher_type != "empirical":
+            raise ValueError(
+                f"invalid fisher_type={fisher_type!r} for backend 'backpack': its Kronecker "
+                f"factors come from BackPACK's extension (now {self.extension!r}), chosen by "
+                "backend_options={'extension': 'kflr' (type-2), 'kfac' (mc) or 'kfra'}; leave "
+                "fisher_type out")
 
     # -- BackPACK statistics ------------------------------------------------------------------
     def factors(self, stages: Sequence[Stage], traj: Trajectory) -> dict[int, tuple[Tensor, Tensor]]:

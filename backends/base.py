@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
@@ -23,6 +23,15 @@ class Backend:
     def prepare(self, stages: Sequence[Stage], loss: Loss) -> None:
         """Called once by ``OCNOpt`` with the chain and the loss: refuse what the backend
         cannot handle, build what it needs."""
+
+    def follow_fisher(self, fisher_type: str, *, given: Mapping[str, object]) -> None:
+        """Order 2 with ``fisher_type`` given: adopt the statistics it asks for where one of the
+        backend's options chooses them and is not in ``given`` (the options the user passed),
+        e.g. ``LowRankBackend``'s terminal."""
+
+    def check_fisher(self, fisher_type: str, *, order: int, explicit: bool) -> None:
+        """Refuse a ``fisher_type`` (``explicit``: passed by the user) that the backend would
+        not honour at this order, naming what it accepts, instead of ignoring it."""
 
     def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
                 ) -> Trajectory:

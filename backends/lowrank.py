@@ -29,7 +29,7 @@ the graph pieces kept until the update pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,8 @@ from ocnopt.stages import Stage
 from .autograd import GraphBackend, kronecker_statistics, psd_sqrt_factor
 
 TERMINALS = ("empirical", "exact", "mc")
+#: the terminal factor whose propagation gives the Kronecker statistics of each fisher_type
+TERMINAL_OF_FISHER = {"type-2": "exact", "mc": "mc", "empirical": "empirical"}
 
 
 @dataclass
@@ -113,6 +115,23 @@ class LowRankBackend(GraphBackend):
             raise ValueError("curvature 'full' needs E[Q_uu] as a matrix, which backend "
                              "'lowrank' never forms; accepted: sgd, rmsprop, adam, adamw, kfac, "
                              "ekfac (or backend 'autograd')")
+
+    def follow_fisher(self, fisher_type: str, *, given: Mapping[str, object]) -> None:
+        if "terminal" not in given:
+            self.terminal = TERMINAL_OF_FISHER.get(fisher_type, self.terminal)
+
+    def check_fisher(self, fisher_type: str, *, order: int, explicit: bool) -> None:
+        if order != 2 or fisher_type == "empirical":
+            return  # order 1: the terminal factor of fisher_type; "empirical": from V_x
+        if TERMINAL_OF_FISHER.get(fisher_type) != self.terminal:
+            fisher_of = {v: k for k, v in TERMINAL_OF_FISHER.items()}
+            accepted = " or ".join(repr(f) for f in sorted({"empirical",
+                                                             fisher_of[self.terminal]}))
+            raise ValueError(
+                f"invalid fisher_type={fisher_type!r} for backend 'lowrank' at order 2 with "
+                f"terminal={self.terminal!r}: the Kronecker statistics come from the propagated "
+                f"factor Z; accepted fisher_type {accepted} with this terminal (or leave the "
+                "terminal out: it then follows fisher_type)")
 
     # -- second-order interface --------------------------------------------------------------
     def check_second_order(self, stages: Sequence[Stage], traj: Trajectory, *, need_quu: bool

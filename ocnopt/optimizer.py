@@ -28,8 +28,6 @@ class NonFiniteStepWarning(RuntimeWarning):
     """A step produced a non-finite loss or update and was skipped (warned once)."""
 
 
-_TERMINAL_OF_FISHER = {"type-2": "exact", "mc": "mc", "empirical": "empirical"}
-_FISHER_OF_TERMINAL = {v: k for k, v in _TERMINAL_OF_FISHER.items()}
 _COMMON = {"lr", "weight_decay"}
 _STRUCTURAL = ("order", "backend", "curvature", "loss", "feedback", "value_correction",
                "gauss_newton", "track_loss_after", "seed")
@@ -130,10 +128,8 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError(f"order={order} with curvature={curvature!r} needs a backend with "
                              f"second-order terms; backend={backend!r} has none (use 'autograd')")
         self._fisher_given = "fisher_type" in hyperparameters
-        if (order == 2 and self._fisher_given and type(self.backend).__name__ == "LowRankBackend"
-                and "terminal" not in options):  # the factor that gives the statistics asked for
-            fisher = hyperparameters["fisher_type"]
-            self.backend.terminal = _TERMINAL_OF_FISHER.get(fisher, self.backend.terminal)  # type: ignore[attr-defined]
+        if order == 2 and self._fisher_given and isinstance(backend, str):
+            self.backend.follow_fisher(hyperparameters["fisher_type"], given=options)
         self.feedback = feedback
         self.value_correction = value_correction
         self.gauss_newton = gauss_newton
@@ -181,39 +177,9 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError(f"invalid trust={trust!r}: accepted a finite number > 0 or None "
                              "(no bound on the second-order corrections)")
         self.model_.check(hp)
-        if "fisher_type" in hp:
-            self._check_fisher(hp["fisher_type"])
-
-    def _check_fisher(self, fisher: str) -> None:
-        """Refuse a fisher_type the backend would not honour (instead of ignoring it)."""
-        backend = self.backend
-        kind = type(backend).__name__
-        if kind == "BackpackBackend":
-            if fisher != "empirical" or self._fisher_given:
-                ext = backend.extension  # type: ignore[attr-defined]
-                raise ValueError(
-                    f"invalid fisher_type={fisher!r} for backend 'backpack': its Kronecker factors "
-                    f"come from BackPACK's extension (now {ext!r}), chosen by backend_options="
-                    "{'extension': 'kflr' (type-2), 'kfac' (mc) or 'kfra'}; leave fisher_type out")
-            return
-        if self.order != 2 or fisher == "empirical":
-            return  # order 1: the terminal factor of fisher_type; "empirical": from V_x
-        if kind == "AutogradBackend" and fisher != "type-2":
-            raise ValueError(
-                f"invalid fisher_type={fisher!r} for backend 'autograd' at order 2: the Kronecker "
-                "statistics come from the propagated V_xx, whose terminal is the exact loss "
-                "Hessian; accepted 'type-2' or 'empirical' (or backend 'lowrank' with "
-                "backend_options={'terminal': 'mc'})")
-        if kind == "LowRankBackend":
-            terminal = backend.terminal  # type: ignore[attr-defined]
-            if _TERMINAL_OF_FISHER[fisher] != terminal:
-                accepted = " or ".join(repr(f) for f in sorted({"empirical",
-                                                                 _FISHER_OF_TERMINAL[terminal]}))
-                raise ValueError(
-                    f"invalid fisher_type={fisher!r} for backend 'lowrank' at order 2 with "
-                    f"terminal={terminal!r}: the Kronecker statistics come from the propagated "
-                    f"factor Z; accepted fisher_type {accepted} with this terminal (or leave the "
-                    "terminal out: it then follows fisher_type)")
+        if "fisher_type" in hp:  # honoured by the backend or refused, never ignored
+            self.backend.check_fisher(hp["fisher_type"], order=self.order,
+                                      explicit=self._fisher_given)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "param_groups", None):

@@ -352,3 +352,9 @@ def test_fisher_type_changed_in_param_groups_is_checked_at_step(make_mlp, make_b
     x, y = make_batches(1)[0]
     with pytest.raises(ValueError, match="fisher_type='type-2' for backend 'lowrank'"):
         opt.step(x, y)
+
+
+def test_lowrank_terminal_follows_fisher_type_with_other_options_given(make_mlp):
+    opt = OCNOpt(make_mlp(), curvature="kfac", backend="lowrank", order=2, fisher_type="mc",
+                 backend_options={"mc_samples": 3})
+    assert (opt.backend.terminal, opt.backend.mc_samples) == ("mc", 3)
