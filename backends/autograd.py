@@ -97,17 +97,20 @@ class GraphBackend(Backend):
 
     # -- first order ----------------------------------------------------------------------------
     def first_order(self, stage: Stage, piece: tuple[Tensor, Tensor], V_x: Tensor, B: int,
-                    retain: bool = False) -> tuple[Tensor | None, list[Tensor]]:
-        """(Q_x, Qbar_u - l_u) = (f_x^T V'_x, (1/B) sum_i f_u^T V'_x) by one VJP."""
+                    retain: bool = False, control: bool = True
+                    ) -> tuple[Tensor | None, list[Tensor] | None]:
+        """(Q_x, Qbar_u - l_u) = (f_x^T V'_x, (1/B) sum_i f_u^T V'_x) by one VJP; without
+        ``control`` Qbar_u is not formed (None: the curvature model does not read it)."""
         xin, out = piece
         wants_x = xin.requires_grad
-        wrt = ([xin] if wants_x else []) + list(stage.params)
+        wrt = ([xin] if wants_x else []) + (list(stage.params) if control else [])
         grads = torch.autograd.grad(out, wrt, grad_outputs=V_x, retain_graph=retain) if wrt else ()
         Q_x = grads[0] if wants_x else None
-        return Q_x, [g.div_(B) for g in grads[int(wants_x):]]
+        return Q_x, [g.div_(B) for g in grads[int(wants_x):]] if control else None
 
     def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
-                 need_stats: Sequence[bool], keep_values: bool = False
+                 need_stats: Sequence[bool], keep_values: bool = False,
+                 skip_u: Sequence[bool] | None = None
                  ) -> tuple[list[QExpansion], list[Tensor | None]]:
         T = len(stages)
         B = terminal.V_x.shape[0]
@@ -126,7 +129,8 @@ class GraphBackend(Backend):
                     torch.autograd.grad(out, xin, Z[:, c], retain_graph=True)[0]
                     for c in range(Z.shape[1])
                 ], 1)
-            Q_x, Q_u = self.first_order(stage, traj.handles[t], V_x, B)  # type: ignore[arg-type]
+            Q_x, Q_u = self.first_order(stage, traj.handles[t], V_x, B,  # type: ignore[arg-type]
+                                        control=not (skip_u and skip_u[t]))
             expansions[t] = QExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats)
             V_x = Q_x
             if keep_values:
@@ -190,7 +194,8 @@ class AutogradBackend(GraphBackend):
 
     def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: ExactValue, *,
                      gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
-                     stats_from_value: bool = True) -> ExactExpansion:
+                     stats_from_value: bool = True, skip_u: bool = False) -> ExactExpansion:
+        """The exact expansion of stage t (``skip_u`` is ignored: Qbar_u is always formed)."""
         piece = traj.handles[t]
         x, y = traj.states[t], traj.states[t + 1]
         terms = self.second_order_terms(stage, x, traj.contexts[t], y, value.V_x, value.V_xx,
@@ -244,6 +249,7 @@ class AutogradBackend(GraphBackend):
         if value_correction and minv is not None:
             Q_ux = exp.Q_ux
             assert Q_ux is not None
+            assert exp.Q_u is not None  # the exact backend always forms Qbar_u
             M_Qu = stage.flatten(minv(exp.Q_u))
             corrected = V_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(V_x.shape)
             if trust is None:

@@ -165,20 +165,22 @@ class BackpackBackend(LowRankBackend):
 
     # -- order 1 -----------------------------------------------------------------------------
     def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
-                 need_stats: Sequence[bool], keep_values: bool = False
+                 need_stats: Sequence[bool], keep_values: bool = False,
+                 skip_u: Sequence[bool] | None = None
                  ) -> tuple[list[QExpansion], list[Tensor | None]]:
         expansions, values = super().backward(
             stages, traj, Terminal(terminal.loss, terminal.V_x), need_stats=need_stats,
-            keep_values=keep_values)
+            keep_values=keep_values, skip_u=skip_u)
         self._attach(stages, traj, [e.stats for e in expansions])
         return expansions, values
 
     # -- order 2 -----------------------------------------------------------------------------
     def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: LowRankValue, *,
                      gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
-                     stats_from_value: bool = True) -> LowRankExpansion:
+                     stats_from_value: bool = True, skip_u: bool = False) -> LowRankExpansion:
         exp = super().expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
                                    need_quu=need_quu, need_stats=need_stats, keep=keep,
+                                   skip_u=skip_u,
                                    stats_from_value=False)  # rows: empirical (for ekfac)
         if exp.stats is not None:
             cache = getattr(traj, "_backpack_factors", None)

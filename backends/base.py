@@ -38,6 +38,9 @@ class Backend:
         raise NotImplementedError
 
     def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
-                 need_stats: Sequence[bool], keep_values: bool = False
+                 need_stats: Sequence[bool], keep_values: bool = False,
+                 skip_u: Sequence[bool] | None = None
                  ) -> tuple[list[QExpansion], list[Tensor | None]]:
+        """Order 1: the expansions of every stage; where ``skip_u[t]``, Q_u may be left None
+        (the curvature model's ``gradient_unused``)."""
         raise NotImplementedError

@@ -77,6 +77,7 @@ class LowRankExpansion(QExpansion):
     x: Tensor | None = None
     ctx: Any = None
     Wk: Tensor | None = None             # W^T k = <Z', f_u k> per sample, (B, r) (``quadratic``)
+    kQ: Tensor | None = None             # k . Qbar_u = mean_i <V'_x, f_u k> when Q_u is not formed
     rho: Tensor | None = None            # Z' = rho V'_x per sample (``parallel_ratio``)
 
 
@@ -163,7 +164,7 @@ class LowRankBackend(GraphBackend):
 
     def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: LowRankValue, *,
                      gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
-                     stats_from_value: bool = True) -> LowRankExpansion:
+                     stats_from_value: bool = True, skip_u: bool = False) -> LowRankExpansion:
         piece = traj.handles[t]
         xin, out = piece
         B = xin.shape[0]
@@ -175,7 +176,7 @@ class LowRankBackend(GraphBackend):
         a = None
         if xin.requires_grad and rho is None:
             a = self._vjp_columns(xin, out, Z)
-        Q_x, Q_u = self.first_order(stage, piece, value.V_x, B, retain=True)
+        Q_x, Q_u = self.first_order(stage, piece, value.V_x, B, retain=True, control=not skip_u)
         if rho is not None and Q_x is not None and xin.requires_grad:
             a = (Q_x * rho.reshape(B, *[1] * (Q_x.dim() - 1))).unsqueeze(1)  # f_x^T (rho V'_x)
         return LowRankExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats, a=a, next_value=value,
@@ -197,7 +198,10 @@ class LowRankBackend(GraphBackend):
     def quadratic(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
         """k^T Qbar_uu k = (1/B) sum_i |W^(i)T k|^2 with W^T k = <Z', f_u k>."""
         assert exp.next_value is not None
-        Wk = exp.Wk = _inner(exp.next_value.Z, self._fu_k(stage, exp, k))  # value_update reuses it
+        fu_k = self._fu_k(stage, exp, k)
+        Wk = exp.Wk = _inner(exp.next_value.Z, fu_k)  # value_update reuses it
+        if exp.Q_u is None:  # k . Qbar_u = (1/B) sum_i <V'_x^(i), f_u k> (predicted change)
+            exp.kQ = (exp.next_value.V_x * fu_k).sum() / fu_k.shape[0]
         return Wk.square().sum() / Wk.shape[0]
 
     def feedback(self, stage: Stage, exp: LowRankExpansion, minv: Solver, lr: float, B: int

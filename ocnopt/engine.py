@@ -60,11 +60,13 @@ class QExpansion:
     """Expansion of Q_t around the nominal trajectory.
 
     Q_x = f_x^T V'_x (per sample, (B, *n)); Q_u = l_u + (1/B) sum_i f_u^T V'_x^(i) (one tensor
-    per parameter of the stage); ``stats``: the curvature model's statistics, if requested.
+    per parameter of the stage; None where the step was asked not to form it because the
+    curvature model does not read it: ``CurvatureModel.gradient_unused``); ``stats``: the
+    curvature model's statistics, if requested.
     """
 
     Q_x: Tensor | None
-    Q_u: list[Tensor]
+    Q_u: list[Tensor] | None
     stats: StageStatistics | None = None
     # second order (exact backend), flattened per sample: Q_xx (B, n, n), Q_ux (B, m, n),
     # Qbar_uu (m, m) including l_uu (only when computed)
@@ -98,7 +100,7 @@ class SecondOrderPass:
     value_bounded: list[Tensor | None] | None = None
 
 
-PolicyFn = Callable[[Stage, list[Tensor], StageStatistics | None],
+PolicyFn = Callable[[Stage, list[Tensor] | None, StageStatistics | None],
                     tuple[list[Tensor], Callable[[list[Tensor]], list[Tensor]]]]
 
 
@@ -183,12 +185,13 @@ class BellmanEngine:
 
     # -- 2. backward value recursion ----------------------------------------------------------
     def expand(self, traj: Trajectory, terminal: Terminal, *, need_stats: Sequence[bool],
-               keep_values: bool = False) -> tuple[list[QExpansion], list[Tensor | None]]:
+               keep_values: bool = False, skip_u: Sequence[bool] | None = None
+               ) -> tuple[list[QExpansion], list[Tensor | None]]:
         """First-order value recursion V_x = Q_x = f_x^T V'_x (backprop, SPEC 4) with Qbar_u
         and the requested statistics per stage. Returns the expansions and, when
         ``keep_values``, V_x at every stage input (None where not computed)."""
         return self.backend.backward(self.stages, traj, terminal, need_stats=need_stats,
-                                     keep_values=keep_values)
+                                     keep_values=keep_values, skip_u=skip_u)
 
     def second_order(
         self,
@@ -210,6 +213,7 @@ class BellmanEngine:
         generator: torch.Generator | None = None,
         stats_from_value: bool = True,
         trust: float | None = None,
+        skip_u: Sequence[bool] | None = None,
     ) -> SecondOrderPass:
         """Second-order backward value recursion (SPEC 2-4) with the policy of every stage.
 
@@ -241,7 +245,8 @@ class BellmanEngine:
             exp = backend.expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
                                        need_quu=need_quu and stage.has_control,
                                        need_stats=need_stats[t], keep=keep,
-                                       stats_from_value=stats_from_value)
+                                       stats_from_value=stats_from_value,
+                                       skip_u=bool(skip_u and skip_u[t]))
             if exp.Q_uu is not None and weight_decay:
                 exp.Q_uu = exp.Q_uu + weight_decay * torch.eye(
                     exp.Q_uu.shape[0], dtype=exp.Q_uu.dtype, device=exp.Q_uu.device)
@@ -249,14 +254,17 @@ class BellmanEngine:
                 exp.stats.Q_uu = exp.Q_uu
             minv = None
             if stage.has_control:
-                if weight_decay:
+                if weight_decay:  # Qbar_u is formed whenever weight decay is in it
+                    assert exp.Q_u is not None
                     exp.Q_u = [g.add(p.detach(), alpha=weight_decay)
                                for g, p in zip(exp.Q_u, stage.params)]
                 k, minv = policy_fn(stage, exp.Q_u, exp.stats)
                 quad = backend.quadratic(stage, exp, k)
                 if weight_decay:
                     quad = quad + weight_decay * sum(kk.square().sum() for kk in k)
-                kQ = sum(torch.vdot(kk.flatten(), g.flatten()) for kk, g in zip(k, exp.Q_u))
+                kQ = getattr(exp, "kQ", None) if exp.Q_u is None else sum(
+                    torch.vdot(kk.flatten(), g.flatten()) for kk, g in zip(k, exp.Q_u))
+                assert kQ is not None, "a backend that skips Qbar_u gives k . Qbar_u"
                 predicted = predicted + kQ + 0.5 * quad
                 policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B)
                                      if feedback else None)

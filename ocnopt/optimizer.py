@@ -24,6 +24,15 @@ from .losses import Loss, make_loss
 from .stages import Stage, build_stages
 
 
+def _positions(stage: Stage, traj: Any, t: int) -> int:
+    """Weight-sharing positions P of a stage's output per sample (1 for a Linear on vectors)."""
+    if "weight" not in stage.param_names:
+        return 1
+    d_out = stage.params[stage.param_names.index("weight")].shape[0]
+    out = traj.states[t + 1]
+    return max(1, out[0].numel() // d_out)
+
+
 class NonFiniteStepWarning(RuntimeWarning):
     """A step produced a non-finite loss or update and was skipped (warned once)."""
 
@@ -262,16 +271,28 @@ class OCNOpt(torch.optim.Optimizer):
                                         generator=self.generator)
         if not torch.isfinite(terminal.loss):
             return self._skip(terminal.loss, "loss")
+        # Qbar_u's tensors the curvature model will not read (its direction comes from the
+        # statistics' rows, which are the gradient's with the empirical Fisher): not formed
+        # (order 2 also needs M^-1 Qbar_u for the value correction: the direction when it is
+        # that solve, i.e. without momentum)
+        gradient_rows = hp.get("fisher_type", "empirical") == "empirical"
+        B = inputs.shape[0]
+        may_skip = self.order == 1 or model.direction_is_solve(hp)
+        skip_u = [may_skip and need_stats[t]
+                  and model.gradient_unused(st, hp, B, _positions(st, traj, t),
+                                            gradient_rows=gradient_rows)
+                  for t, st in enumerate(self.stages)]
 
         lr = float(hp["lr"])
         wd = float(hp["weight_decay"]) if model.coupled_weight_decay(hp) else 0.0
         new_states: dict[int, list[dict[str, Any]]] = {}
 
-        def policy_fn(stage: Stage, Q_u: list[Tensor], stats: Any
+        def policy_fn(stage: Stage, Q_u: list[Tensor] | None, stats: Any
                       ) -> tuple[list[Tensor], Callable[[list[Tensor]], list[Tensor]]]:
             states = [self.state[p] for p in stage.params]
-            with torch.no_grad():
-                upd, dirs = model.update(stage, states, Q_u, stage.params, stats, hp, k)
+            with torch.no_grad():  # Q_u None: not formed, the model's direction needs no grads
+                upd, dirs = model.update(stage, states, Q_u if Q_u is not None else [],
+                                         stage.params, stats, hp, k)
             new_states[stage.index] = upd
             solver = Solver(model, stage, upd, hp)
             if stats is not None and getattr(stats, "aA", None) is not None:
@@ -292,20 +313,22 @@ class OCNOpt(torch.optim.Optimizer):
                         clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full,
                         targets=targets, generator=self.generator,
                         stats_from_value=hp.get("fisher_type", "empirical") != "empirical",
-                        trust=hp.get("trust") if self.order == 2 else None)
+                        trust=hp.get("trust") if self.order == 2 else None, skip_u=skip_u)
                 except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
                     return self._skip(terminal.loss, "value expansion")
             policies, predicted = result.policies, result.predicted_change
             bounded = result.value_bounded
         else:
-            expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats)
+            expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats,
+                                               skip_u=skip_u)
             policies = []
             for st, exp in zip(self.stages, expansions):
                 if not st.has_control:  # no control, no curvature state
                     policies.append(None)
                     continue
                 Q_u = exp.Q_u
-                if wd:
+                if wd:  # gradient_unused is False with weight decay: Q_u was formed
+                    assert Q_u is not None
                     Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, st.params)]
                 k_t, _ = policy_fn(st, Q_u, exp.stats)
                 policies.append(Policy(k=k_t))

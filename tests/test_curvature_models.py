@@ -235,3 +235,49 @@ def test_per_sample_gram_and_cached_feedback_equal_explicit_per_sample_gradients
                            opt.param_groups[0])
     for f, e in zip(fb, ref):
         torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("order, backend, momentum", [
+    (1, "autograd", 0.0), (1, "autograd", 0.9), (1, "lowrank", 0.0), (2, "lowrank", 0.0),
+    (2, "lowrank", 0.9), (2, "backpack", 0.0)])
+def test_skipping_the_unused_dense_gradient_changes_no_step(order, backend, momentum,
+                                                            monkeypatch):
+    """Where K-FAC's direction comes from the rows, Qbar_u is not formed; the steps, losses
+    after and predicted changes equal those of a run that forms it (gradient_unused -> False)."""
+    runs = []
+    for skip in (True, False):
+        model, x, y = _wide("linear")
+        with monkeypatch.context() as mp:
+            if not skip:
+                mp.setattr(kfac.KFAC, "gradient_unused", lambda self, *a, **k: False)
+            opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1, damping=0.3, order=order,
+                                backend=backend, momentum=momentum, track_loss_after=True)
+            losses = []
+            for _ in range(3):
+                opt.step(x, y)
+                losses.append((opt.last_step.loss_after, opt.last_step.predicted_change))
+        runs.append((model, losses))
+    (m1, l1), (m2, l2) = runs
+    for (a1, p1), (a2, p2) in zip(l1, l2):
+        assert a1 == pytest.approx(a2, rel=1e-12)
+        if p1 is not None:
+            assert p1 == pytest.approx(p2, rel=1e-10)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_the_dense_gradient_is_not_formed_where_the_rows_give_the_direction(monkeypatch):
+    model, x, y = _wide("linear")
+    opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1)
+    seen = []
+    original = opt.backend.first_order
+
+    def spy(stage, *args, **kwargs):
+        out = original(stage, *args, **kwargs)
+        if stage.has_control:
+            seen.append(out[1] is None)
+        return out
+
+    monkeypatch.setattr(opt.backend, "first_order", spy)
+    opt.step(x, y)
+    assert seen == [True, True]  # B = 2 against 20 x 16 and 16 x 3 layers: rows at both

@@ -91,6 +91,13 @@ class CurvatureModel:
         """M v (the curvature model itself), same shapes as ``solve``; used by diagnostics."""
         raise NotImplementedError
 
+    def gradient_unused(self, stage: Stage, hp: dict[str, Any], B: int, P: int, *,
+                        gradient_rows: bool) -> bool:
+        """Whether ``update`` will not read Qbar_u's tensors for ``stage`` at a statistics step
+        whose rows are the gradient's (``gradient_rows``), with B samples and P positions per
+        sample: the backend may then skip forming them (K-FAC's direction from the rows)."""
+        return False
+
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
         """Whether ``update``'s direction is exactly M^{-1} Qbar_u (no moments, no decoupled
         terms), so the backends may reuse it instead of solving again."""
@@ -120,16 +127,19 @@ class Solver:
                  hp: dict[str, Any]):
         self.model, self.stage, self.states, self.hp = model, stage, states, hp
 
-        self._known: tuple[list[Tensor], list[Tensor]] | None = None
+        self._known: tuple[list[Tensor] | None, list[Tensor]] | None = None
         self.cache: dict[str, Any] = {}  # products of this step shared between calls
 
-    def remember(self, v: list[Tensor], solved: list[Tensor]) -> None:
-        """Record that M^{-1} v = solved (the model's direction), to skip solving again."""
+    def remember(self, v: list[Tensor] | None, solved: list[Tensor]) -> None:
+        """Record that M^{-1} v = solved (the model's direction), to skip solving again; v is
+        None where Qbar_u was not formed (``CurvatureModel.gradient_unused``)."""
         self._known = (v, solved)
 
-    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+    def __call__(self, v: list[Tensor] | None) -> list[Tensor]:
         if self._known is not None and v is self._known[0]:
             return self._known[1]
+        if v is None:
+            raise RuntimeError("M^-1 Qbar_u was asked for a step that did not form Qbar_u")
         return self.model.solve(self.stage, self.states, v, self.hp)
 
     def solve_rows(self, a: Tensor, g: Tensor) -> list[Tensor] | None:
@@ -148,7 +158,7 @@ class Solver:
             return None
         return self.model.cached_feedback(self.stage, self.states, self.cache, s)  # type: ignore[attr-defined]
 
-    def solves_direction(self, v: list[Tensor]) -> bool:
+    def solves_direction(self, v: list[Tensor] | None) -> bool:
         """Whether the model's direction of this step is exactly M^{-1} v (``remember``)."""
         return self._known is not None and v is self._known[0]
 

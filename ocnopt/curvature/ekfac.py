@@ -49,10 +49,14 @@ class EKFAC(KFAC):
     caches_rows = False  # its Gram is in the eigenbasis
     defaults = {**KFAC.defaults}
 
-    @staticmethod
-    def _direction_from_rows(stage: Stage, st: State, stats: StageStatistics | None,
+    @classmethod
+    def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
                              hp: dict[str, Any]) -> list[Tensor] | None:
         return None  # the eigenvalue-corrected diagonal needs the dense gradient
+
+    def gradient_unused(self, stage: Stage, hp: dict[str, Any], B: int, P: int, *,
+                        gradient_rows: bool) -> bool:
+        return False
 
     def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
                  hp: dict[str, Any], step: int) -> State:

@@ -153,6 +153,8 @@ class KFAC(CurvatureModel):
         head = self._refresh(stage, states[0], stats, hp, step)
         dirs = self._direction_from_rows(stage, head, stats, hp)
         if dirs is None:
+            if not grads:
+                raise RuntimeError(f"{stage}: Qbar_u was not formed but the direction needs it")
             dirs = self.precondition(stage, head, grads)
         new_states = [head] + [dict(s) for s in states[1:]]
         if hp["momentum"] > 0:
@@ -165,19 +167,33 @@ class KFAC(CurvatureModel):
         return self.precondition(stage, states[0], v)
 
     @staticmethod
-    def _direction_from_rows(stage: Stage, st: State, stats: StageStatistics | None,
+    def _rows_cheaper(stage: Stage, hp: dict[str, Any], B: int, P: int) -> bool:
+        """The direction from the rows applies: no weight-decay term in Qbar_u, exact rows,
+        and B P (d_in^2 + d_out^2 + d_in d_out) < d_in d_out (d_in + d_out)."""
+        if hp.get("weight_decay", 0.0) or not stage.derivatives.exact_rows(stage.module) \
+                or "weight" not in stage.param_names:
+            return False
+        w = stage.params[stage.param_names.index("weight")]
+        d_out = w.shape[0]
+        d_in = w.numel() // d_out
+        return B * P * (d_in * d_in + d_out * d_out + d_in * d_out) < d_in * d_out * (d_in + d_out)
+
+    def gradient_unused(self, stage: Stage, hp: dict[str, Any], B: int, P: int, *,
+                        gradient_rows: bool) -> bool:
+        return gradient_rows and self._rows_cheaper(stage, hp, B, P)
+
+    @classmethod
+    def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
                              hp: dict[str, Any]) -> list[Tensor] | None:
         """G^-1 Qbar_u A^-1 = (g G^-1)^T (a A^-1) / B from the statistics' rows when they are
         the gradient's (empirical Fisher at a statistics step), Qbar_u has no weight-decay term,
         and B P (d_in^2 + d_out^2 + d_in d_out) < d_in d_out (d_in + d_out) (small batches,
         wide layers: the dense products cost more). Leaves a A^-1 in ``stats.aA``."""
-        if (stats is None or not stats.gradient_rows or stats.a is None or stats.g is None
-                or hp.get("weight_decay", 0.0) or not stage.derivatives.exact_rows(stage.module)):
+        if stats is None or not stats.gradient_rows or stats.a is None or stats.g is None:
             return None
         a, g = stats.a, stats.g[:, 0]
-        B, P, d_in = a.shape
-        d_out = g.shape[-1]
-        if B * P * (d_in * d_in + d_out * d_out + d_in * d_out) >= d_in * d_out * (d_in + d_out):
+        B, P = a.shape[:2]
+        if not cls._rows_cheaper(stage, hp, B, P):
             return None
         aA = _rows_times(a, st["A_inv"])
         gG = _rows_times(g, st["G_inv"])
