@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
 import ocnopt
+from ocnopt.bench.problems import fcn
 
 THREADS = 1  # fixed: timings are only comparable at a fixed thread count
 SEED = 0
@@ -58,14 +59,9 @@ def load_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def make_model(d_in: int, classes: int) -> nn.Sequential:
-    """5 Linear layers (hidden 32) with Tanh between them: the stages of the chain."""
-    widths = [d_in, HIDDEN, HIDDEN, HIDDEN, HIDDEN, classes]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
+    """5 Linear layers (hidden 32) with Tanh between them: the stages of the chain (the
+    benchmark problems' ``fcn``)."""
+    return fcn(d_in, HIDDEN, classes)
 
 
 def make_batches(n: int) -> list[Tensor]:

@@ -110,6 +110,7 @@ from torch import Tensor, nn
 
 import ocnopt
 from ocnopt.bench.measure import peak_rss_kib, reset_peak_rss, status_kib
+from ocnopt.bench.problems import fcn
 
 BATCH = 32
 SPLIT_SEED = 0
@@ -172,15 +173,9 @@ def tensors(X_fit: np.ndarray, y_fit: np.ndarray, X_eval: np.ndarray, y_eval: np
 
 
 def make_model(d_in: int, hidden: int, classes: int, seed: int) -> nn.Sequential:
-    """5 Linear layers with Tanh between them."""
+    """5 Linear layers with Tanh between them (the benchmark problems' ``fcn``), seeded."""
     torch.manual_seed(seed)
-    widths = [d_in, hidden, hidden, hidden, hidden, classes]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
+    return fcn(d_in, hidden, classes)
 
 
 def batches(n: int, epochs: int, seed: int) -> list[list[Tensor]]:

@@ -72,7 +72,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import ocnopt
-from ocnopt.bench.measure import allocator_peak, cpu_model, peak_rss_kib, reset_peak_rss, status_kib
+from ocnopt.bench.measure import (
+    allocator_peak,
+    cpu_model,
+    peak_rss_kib,
+    quantile,
+    reset_peak_rss,
+    status_kib,
+)
 
 WIDTHS = (784, 512, 512, 10)
 BATCH = 256
@@ -220,16 +227,6 @@ class Runner:
 
 
 # ---- statistics -------------------------------------------------------------------------------
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def bootstrap_ratio(a: list[float], b: list[float], seed: int, n: int = 2000
                     ) -> tuple[float, float]:
     """95% interval of median(a) / median(b), resampling the rounds (pairs (a_i, b_i) kept

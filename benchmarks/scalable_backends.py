@@ -101,7 +101,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import ocnopt
-from ocnopt.bench.measure import allocator_peak, cpu_model, peak_rss_kib, reset_peak_rss, status_kib
+from ocnopt.bench.measure import (
+    allocator_peak,
+    cpu_model,
+    peak_rss_kib,
+    quantile,
+    reset_peak_rss,
+    status_kib,
+)
 
 SEED = 0
 N_BATCHES = 4
@@ -586,14 +593,6 @@ def environment(threads: int) -> dict[str, Any]:
 
 
 # ---- statistics -------------------------------------------------------------------------------
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def slope(xs: list[float], ys: list[float]) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)

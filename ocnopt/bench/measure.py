@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import resource
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -68,3 +69,12 @@ def peak_rss_kib(method: str) -> int | None:
     if method.startswith("VmHWM"):
         return status_kib("VmHWM")
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The q-quantile of ``xs`` by linear interpolation between order statistics."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)

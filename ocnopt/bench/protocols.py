@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .measure import cpu_model
+from .measure import cpu_model, quantile
 from .optimizers import OptimizerSpec, lr_grid, parse_optimizer
 from .problems import Dataset, Problem
 
@@ -310,6 +310,36 @@ def _record(protocol: str, problem: Problem, data: Dataset, spec: OptimizerSpec,
             "environment": environment(), "result": result, "timing": timing}
 
 
+def _run_all(protocol: str, problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
+             s: RunSettings, out: Path, manifest: Manifest,
+             runs: Sequence[tuple[str, OptimizerSpec, float, str, int, dict[str, Any] | None]],
+             on_step: StepCallback | None, on_done: DoneCallback | None
+             ) -> list[dict[str, Any]]:
+    """Run (file name, optimizer, lr, lr source, seed, extra config) one after the other after
+    a warm-up; every finished run is written at once and ticked off in the manifest, which is
+    closed "complete" or, on an exception (Ctrl-C), "interrupted"."""
+    records = []
+    status = "interrupted"
+    try:
+        warm_up(problem, data, specs, s.batch_size)
+        for name, spec, lr, source, seed, extra in runs:
+            timing_start = _now()
+            result, timing = train_one(problem, data, spec, lr, seed, s.epochs, s.batch_size,
+                                       on_step)
+            timing.update(started_at=timing_start, finished_at=_now())
+            rec = _record(protocol, problem, data, spec, lr, source, seed, s, result, timing,
+                          extra)
+            write_json(out / name, rec)
+            manifest.done(name)
+            records.append(rec)
+            if on_done is not None:
+                on_done(rec)
+        status = "complete"
+    finally:
+        manifest.close(status)
+    return records
+
+
 def train_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
                    s: RunSettings, out: Path, lrs: dict[str, tuple[float, str]] | None = None,
                    on_step: StepCallback | None = None, on_done: DoneCallback | None = None
@@ -324,26 +354,9 @@ def train_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
         "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset,
         "lrs": {sp.name: lrs.get(sp.name, (sp.default_lr, "default"))[0] for sp in specs}})
-    records = []
-    status = "interrupted"
-    try:
-        warm_up(problem, data, specs, s.batch_size)
-        for (seed, spec), name in zip(plan, names):
-            lr, source = lrs.get(spec.name, (spec.default_lr, "default"))
-            timing_start = _now()
-            result, timing = train_one(problem, data, spec, lr, seed, s.epochs, s.batch_size,
-                                       on_step)
-            timing.update(started_at=timing_start, finished_at=_now())
-            rec = _record("train", problem, data, spec, lr, source, seed, s, result, timing)
-            write_json(out / name, rec)
-            manifest.done(name)
-            records.append(rec)
-            if on_done is not None:
-                on_done(rec)
-        status = "complete"
-    finally:
-        manifest.close(status)
-    return records
+    runs = [(name, spec, *lrs.get(spec.name, (spec.default_lr, "default")), seed, None)
+            for (seed, spec), name in zip(plan, names)]
+    return _run_all("train", problem, data, specs, s, out, manifest, runs, on_step, on_done)
 
 
 def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
@@ -365,26 +378,10 @@ def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
         "batch_size": s.batch_size, "points": points, "decades": decades,
         "split_seed": s.split_seed, "subset": s.subset})
-    records = []
-    status = "interrupted"
-    try:
-        warm_up(problem, data, specs, s.batch_size)
-        for (seed, spec, i, lr, grid), name in zip(plan, names):
-            timing_start = _now()
-            result, timing = train_one(problem, data, spec, lr, seed, s.epochs, s.batch_size,
-                                       on_step)
-            timing.update(started_at=timing_start, finished_at=_now())
-            rec = _record("sweep", problem, data, spec, lr, f"grid point {i}", seed, s, result,
-                          timing, {"grid": grid, "grid_index": i, "selection": "val split"})
-            write_json(out / name, rec)
-            manifest.done(name)
-            records.append(rec)
-            if on_done is not None:
-                on_done(rec)
-        status = "complete"
-    finally:
-        manifest.close(status)
-    return records
+    runs = [(name, spec, lr, f"grid point {i}", seed,
+             {"grid": grid, "grid_index": i, "selection": "val split"})
+            for (seed, spec, i, lr, grid), name in zip(plan, names)]
+    return _run_all("sweep", problem, data, specs, s, out, manifest, runs, on_step, on_done)
 
 
 # ---- summaries ----------------------------------------------------------------------------------
@@ -581,14 +578,6 @@ def peak_memory(run: Callable[[], None]) -> int | None:
     return peak if events else None
 
 
-def _quantile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec], out: Path,
                       batch_size: int, seed: int = 0, warmup: int = 10, rounds: int = 20,
                       block: int = 5, memory_steps: int = 11, split_seed: int = 0,
@@ -654,7 +643,7 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
     for name, r in runners.items():
         ms = [t / 1e6 for t in r["ns"]]
         rows[name] = {"median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms),
-                      "p25_ms": _quantile(ms, 0.25), "p75_ms": _quantile(ms, 0.75),
+                      "p25_ms": quantile(ms, 0.25), "p75_ms": quantile(ms, 0.75),
                       "steps_timed": len(ms), "peak_bytes": memory[name],
                       "skipped_steps": int(r["stepper"].skipped), "lr": r["spec"].default_lr,
                       "optimizer": r["spec"].config()}
