@@ -1,7 +1,8 @@
-"""Backends: who computes the derivatives of the Bellman expansion (SPEC section 6).
+"""Backends: who computes the derivatives of the Bellman expansion (docs/backends.md).
 
-Installed as the subpackage ``ocnopt.backends``. Each backend implements ``forward`` (nominal
-pass) and ``backward`` (value recursion) for a chain of stages; see ``base.Backend``.
+Installed as the subpackage ``ocnopt.backends``. Each backend implements the declared
+contract ``base.Backend`` (nominal pass, value recursion, and the second-order interface) for
+the steps of a graph (a chain is the special case).
 """
 
 from __future__ import annotations

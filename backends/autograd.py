@@ -22,8 +22,9 @@ bounds the first; a stage over budget is refused with its sizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +32,15 @@ from torch import Tensor
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 from ocnopt.curvature.base import StageStatistics
-from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction_with_share
+from ocnopt.engine import (
+    Feedback,
+    QExpansion,
+    Terminal,
+    Trajectory,
+    ValueFunction,
+    bound_blocks,
+)
+from ocnopt.graph import Graph
 from ocnopt.stages import Stage
 
 from .base import Backend
@@ -45,9 +54,9 @@ class MemoryBudgetError(RuntimeError):
 
 @dataclass
 class SecondOrderTerms:
-    """Per-sample second-order terms of one stage, flattened: f_x (B, n_out, n_in),
-    f_u (B, n_out, m), Q_xx (B, n_in, n_in), Q_ux (B, m, n_in), Qbar_uu (m, m) or None,
-    and psi_uu (m, m) mean contraction term (None under Gauss-Newton)."""
+    """Per-sample second-order terms of one step on the augmented state, flattened:
+    F_X (B, n_out, n_in), F_u (B, n_out, m), Q_XX (B, n_in, n_in), Q_uX (B, m, n_in),
+    Qbar_uu (m, m) or None, and psi_uu (m, m) mean contraction term (None under GN)."""
 
     f_x: Tensor
     f_u: Tensor | None
@@ -58,89 +67,160 @@ class SecondOrderTerms:
 
 
 @dataclass
-class ExactValue:
-    """Value at a stage input: V_x (B, *n) and V_xx (B, n, n), full per sample."""
+class ExactValue(ValueFunction):
+    """Value at X_t: V_X blocks (B, *n_j) and V_XX (B, N, N) full per sample over the blocks
+    in ``layout`` order (N = sum of the blocks' sizes)."""
 
-    V_x: Tensor
+    V: dict[int, Tensor]
     V_xx: Tensor
-    bounded: Tensor | None = None  # share of samples whose V_x correction the trust bound cut
+    layout: tuple[int, ...]
+    bounded: Tensor | None = None
+
+    def _offset(self, j: int) -> tuple[int, int]:
+        o = 0
+        for i in self.layout:
+            n = self.V[i][0].numel()
+            if i == j:
+                return o, n
+            o += n
+        raise KeyError(j)
+
+    def hessian_block(self, j: int) -> Tensor:
+        o, n = self._offset(j)
+        if len(self.layout) == 1:
+            return self.V_xx
+        return self.V_xx[:, o:o + n, o:o + n]
+
+    def flat(self) -> Tensor:
+        return _cat_blocks([self.V[j] for j in self.layout])
 
 
 @dataclass
 class ExactExpansion(QExpansion):
     terms: SecondOrderTerms | None = None
     next_value: ExactValue | None = None
+    layout: tuple[int, ...] = ()  # blocks of X_t, in the order of the flattened matrices
+    shapes: dict[int, torch.Size] = field(default_factory=dict)
 
 
 Solver = Callable[[list[Tensor]], list[Tensor]]
 
 
+def _cat_blocks(blocks: Sequence[Tensor]) -> Tensor:
+    """(B, *n_j) blocks -> (B, sum n_j); one block is only reshaped."""
+    B = blocks[0].shape[0]
+    if len(blocks) == 1:
+        return blocks[0].reshape(B, -1)
+    return torch.cat([b.reshape(B, -1) for b in blocks], dim=1)
+
+
+def _split_blocks(flat: Tensor, layout: Sequence[int], shapes: Mapping[int, torch.Size]
+                  ) -> dict[int, Tensor]:
+    """(B, N) -> blocks (B, *shape_j) in ``layout`` order."""
+    if len(layout) == 1:
+        j = layout[0]
+        return {j: flat.reshape(flat.shape[0], *shapes[j])}
+    sizes = [math.prod(shapes[j]) for j in layout]
+    return {j: c.reshape(flat.shape[0], *shapes[j])
+            for j, c in zip(layout, flat.split(sizes, dim=1))}
+
+
 class GraphBackend(Backend):
-    """The nominal pass on per-stage graph pieces and the first-order value recursion (one VJP
-    per stage): shared by every backend that computes derivatives with torch.autograd."""
+    """The nominal pass on per-step graph pieces and the first-order value recursion (one VJP
+    per step, value derivatives added where a tensor is read twice: the fork rule): shared by
+    every backend that computes derivatives with torch.autograd."""
 
     # -- nominal pass ---------------------------------------------------------------------------
-    def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
-                ) -> Trajectory:
-        states, contexts, pieces = [inputs.detach()], [], []
-        x = inputs.detach()
+    def forward(self, graph: Graph, inputs: Tensor, *, input_value: bool = False) -> Trajectory:
+        x0 = inputs.detach()
+        states = [x0]
+        tracked = [bool(input_value and x0.is_floating_point())]
+        contexts, pieces = [], []
         with torch.enable_grad():
-            for t, stage in enumerate(stages):
-                grad_in = (t > 0 or input_value) and x.is_floating_point()
-                xin = x.detach().requires_grad_(True) if grad_in else x
-                out, ctx = stage.forward(xin)
-                pieces.append((xin, out))
+            for stage in graph.stages:
+                leaves = tuple(states[j].detach().requires_grad_(True) if tracked[j] else states[j]
+                               for j in stage.inputs)
+                out, ctx = stage.forward(stage.handler_input(leaves))
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"{stage} returned {type(out).__name__}: a step must return "
+                                    "one tensor")
+                pieces.append((leaves, out))
                 contexts.append(ctx)
-                x = out.detach()
-                states.append(x)
-        return Trajectory(states, contexts, pieces)
+                states.append(out.detach())
+                tracked.append(bool(out.requires_grad and out.is_floating_point()))
+        return Trajectory(states, contexts, pieces, tracked)
 
     # -- first order ----------------------------------------------------------------------------
-    def first_order(self, stage: Stage, piece: tuple[Tensor, Tensor], V_x: Tensor, B: int,
-                    retain: bool = False, control: bool = True
-                    ) -> tuple[Tensor | None, list[Tensor] | None]:
-        """(Q_x, Qbar_u - l_u) = (f_x^T V'_x, (1/B) sum_i f_u^T V'_x) by one VJP; without
-        ``control`` Qbar_u is not formed (None: the curvature model does not read it)."""
-        xin, out = piece
-        wants_x = xin.requires_grad
-        wrt = ([xin] if wants_x else []) + (list(stage.params) if control else [])
-        grads = torch.autograd.grad(out, wrt, grad_outputs=V_x, retain_graph=retain) if wrt else ()
-        Q_x = grads[0] if wants_x else None
-        return Q_x, [g.div_(B) for g in grads[int(wants_x):]] if control else None
+    def first_order(self, stage: Stage, piece: tuple[tuple[Tensor, ...], Tensor], V_z: Tensor,
+                    B: int, retain: bool = False, control: bool = True
+                    ) -> tuple[list[Tensor | None], list[Tensor] | None]:
+        """(f_a^T V'_z per input, Qbar_u - l_u = (1/B) sum_i f_u^T V'_z) by one VJP; inputs
+        without a value block get None; without ``control`` Qbar_u is not formed (None: the
+        curvature model does not read it)."""
+        leaves, out = piece
+        wrt_x = [x for x in leaves if x.requires_grad]
+        params = list(stage.params) if control else []
+        wrt = wrt_x + params
+        grads = torch.autograd.grad(out, wrt, grad_outputs=V_z, retain_graph=retain,
+                                    allow_unused=True) if wrt else ()
+        it = iter(grads)
+        Q_args: list[Tensor | None] = []
+        for x in leaves:
+            if x.requires_grad:
+                g = next(it)
+                Q_args.append(torch.zeros_like(x) if g is None else g)
+            else:
+                Q_args.append(None)
+        if not control:
+            return Q_args, None
+        Q_u = [torch.zeros_like(p) if g is None else g.div_(B) for g, p in zip(it, params)]
+        return Q_args, Q_u
 
-    def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
+    def backward(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,
                  need_stats: Sequence[bool], keep_values: bool = False,
                  skip_u: Sequence[bool] | None = None
                  ) -> tuple[list[QExpansion], list[Tensor | None]]:
+        stages = graph.stages
         T = len(stages)
         B = terminal.V_x.shape[0]
-        V_x: Tensor | None = terminal.V_x
-        Z = terminal.factor  # (B, r, *n) or None
+        V: dict[int, Tensor] = {T: terminal.V_x}
+        Zs: dict[int, Tensor] | None = None if terminal.factor is None else {T: terminal.factor}
         last_stats = max((t for t in range(T) if need_stats[t]), default=-1)
         expansions: list[QExpansion] = [None] * T  # type: ignore[list-item]
         values: list[Tensor | None] = [None] * (T + 1)
-        values[T] = terminal.V_x if keep_values else None
         for t in reversed(range(T)):
             stage = stages[t]
-            xin, out = traj.handles[t]
-            stats = kronecker_statistics(stage, xin, V_x, Z) if need_stats[t] else None
-            if Z is not None and xin.requires_grad and t <= last_stats:
-                Z = torch.stack([
-                    torch.autograd.grad(out, xin, Z[:, c], retain_graph=True)[0]
-                    for c in range(Z.shape[1])
-                ], 1)
-            Q_x, Q_u = self.first_order(stage, traj.handles[t], V_x, B,  # type: ignore[arg-type]
-                                        control=not (skip_u and skip_u[t]))
-            expansions[t] = QExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats)
-            V_x = Q_x
+            leaves, out = traj.handles[t]
+            V_z = V.pop(stage.output, None)
+            if V_z is None:  # read by no step that differentiates it (shape only)
+                V_z = torch.zeros_like(out)
             if keep_values:
-                values[t] = Q_x
+                values[stage.output] = V_z
+            Z = Zs.pop(stage.output, None) if Zs is not None else None
+            stats = None
+            if need_stats[t]:
+                stats = kronecker_statistics(stage, leaves[0], V_z, Z) if stage.kronecker \
+                    else StageStatistics()
+            if Z is not None and t <= last_stats:
+                for j, x in zip(stage.inputs, leaves):
+                    if x.requires_grad:
+                        cols = torch.stack([torch.autograd.grad(out, x, Z[:, c], retain_graph=True,
+                                                                allow_unused=True)[0]
+                                            for c in range(Z.shape[1])], 1)
+                        Zs[j] = cols if j not in Zs else Zs[j] + cols  # type: ignore[index]
+            Q_args, Q_u = self.first_order(stage, traj.handles[t], V_z, B,
+                                           control=not (skip_u and skip_u[t]))
+            for j, q in zip(stage.inputs, Q_args):
+                if q is not None:
+                    V[j] = q if j not in V else V[j] + q
+            expansions[t] = QExpansion(Q_args=Q_args, Q_u=Q_u, stats=stats)
+        if keep_values and 0 in V:
+            values[0] = V[0]
         return expansions, values
 
 
-
 class AutogradBackend(GraphBackend):
-    """Exact backend: full per-sample matrices (vanilla DDP)."""
+    """Exact backend: full per-sample matrices over the augmented state (vanilla DDP)."""
 
     name = "autograd"
     second_order_capable = True
@@ -159,24 +239,36 @@ class AutogradBackend(GraphBackend):
                 "loss Hessian; accepted 'type-2' or 'empirical' (or backend 'lowrank' with "
                 "backend_options={'terminal': 'mc'})")
 
-    # -- second order (SPEC 2-4 with full per-sample matrices) -----------------------------------
-    def check_second_order(self, stages: Sequence[Stage], traj: Trajectory, *, need_quu: bool
-                           ) -> None:
-        """Refuse, before any work, a stage whose full matrices exceed the memory budget."""
-        for t, stage in enumerate(stages):
-            self.check_budget(stage, traj.states[t], traj.states[t + 1],
-                              need_quu and stage.has_control)
+    # -- second order (full per-sample matrices on the augmented state) --------------------------
+    @staticmethod
+    def _layouts(graph: Graph, traj: Trajectory, stage: Stage) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(blocks of X_t, blocks of X_{t+1}) that carry a value block, in value-id order."""
+        t = stage.index
+        after = graph.live[t + 1] if t + 1 < len(graph.live) else (stage.output,)
+        X0 = tuple(j for j in graph.live[t] if traj.tracked[j])
+        X1 = tuple(j for j in after if traj.tracked[j])
+        return X0, X1
 
-    def check_budget(self, stage: Stage, x: Tensor, y: Tensor, need_quu: bool) -> None:
-        B, n, n1, m = x.shape[0], x[0].numel(), y[0].numel(), stage.control_size
+    def check_second_order(self, graph: Graph, traj: Trajectory, *, need_quu: bool) -> None:
+        """Refuse, before any work, a step whose full matrices exceed the memory budget."""
+        for stage in graph.stages:
+            X0, X1 = self._layouts(graph, traj, stage)
+            n = sum(traj.states[j][0].numel() for j in X0)
+            n1 = sum(traj.states[j][0].numel() for j in X1)
+            self.check_budget(stage, traj.states[0].shape[0], n, n1,
+                              need_quu and stage.has_control, traj.output.element_size())
+
+    def check_budget(self, stage: Stage, B: int, n: int, n1: int, need_quu: bool,
+                     element_size: int) -> None:
+        m = stage.control_size
         entries = B * (n1 * n + n1 * m + n * n + m * n + n1 * n1) + (m * m if need_quu else 0)
-        need = entries * x.element_size()
+        need = entries * element_size
         if need > self.memory_budget:
             raise MemoryBudgetError(
                 f"exact backend: {stage} needs about {need / 2**20:.1f} MiB for its full "
                 f"matrices (B={B}, n_in={n}, n_out={n1}, m={m}), over memory_budget="
                 f"{self.memory_budget / 2**20:.1f} MiB; raise OCNOpt(memory_budget=...), use a "
-                "smaller batch, or a scalable backend"
+                "smaller batch, or backend 'lowrank'"
             )
 
     def terminal_value(self, loss: Any, traj: Trajectory, terminal: Terminal, *,
@@ -186,36 +278,48 @@ class AutogradBackend(GraphBackend):
             if targets is None:
                 raise ValueError("the exact backend needs the terminal Hessian or the targets")
             V_xx = loss.hessian(traj.output.detach(), targets)
-        return ExactValue(terminal.V_x, V_xx)
+        T = len(traj.states) - 1
+        return ExactValue({T: terminal.V_x}, V_xx, (T,))
 
-    @staticmethod
-    def value_hessian(value: ExactValue) -> Tensor:
-        return value.V_xx
-
-    def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: ExactValue, *,
+    def expand_stage(self, stage: Stage, traj: Trajectory, value: ExactValue, *,
                      gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
                      stats_from_value: bool = True, skip_u: bool = False) -> ExactExpansion:
-        """The exact expansion of stage t (``skip_u`` is ignored: Qbar_u is always formed)."""
+        """The exact expansion of step t on the augmented state (``skip_u`` is ignored:
+        Qbar_u is always formed)."""
+        t = stage.index
         piece = traj.handles[t]
-        x, y = traj.states[t], traj.states[t + 1]
-        terms = self.second_order_terms(stage, x, traj.contexts[t], y, value.V_x, value.V_xx,
-                                        gauss_newton=gauss_newton, need_quu=need_quu)
+        X1 = value.layout
+        z = stage.output
+        X0 = tuple(sorted({j for j in X1 if j != z}
+                          | {j for j in stage.inputs if traj.tracked[j]}))
+        shapes = {j: traj.states[j].shape[1:] for j in set(X0) | set(X1)}
+        terms = self.second_order_terms(stage, traj, X0, X1, value, gauss_newton=gauss_newton,
+                                        need_quu=need_quu)
         stats = None
         if need_stats:
-            Z = None
-            if stats_from_value and stage.kronecker:  # rows of a square root of V'_xx
-                Z = psd_sqrt_factor(value.V_xx).reshape(y.shape[0], -1, *y.shape[1:])
-            stats = (kronecker_statistics(stage, piece[0], value.V_x, Z) if stage.kronecker
-                     else StageStatistics())
-        B = x.shape[0]
-        Q_x, Q_u = self.first_order(stage, piece, value.V_x, B)
-        if Q_x is None:  # input of stage 0 without grad: f_x^T V'_x from the Jacobian
-            Q_x = torch.einsum("bkn,bk->bn", terms.f_x, value.V_x.reshape(B, -1)).reshape(x.shape)
-        return ExactExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats, Q_xx=terms.Q_xx, Q_ux=terms.Q_ux,
-                              Q_uu=terms.Q_uu, terms=terms, next_value=value)
+            stats = StageStatistics()
+            if stage.kronecker:
+                y = traj.states[z]
+                Z = None
+                if stats_from_value:  # rows of a square root of V'_zz
+                    Z = psd_sqrt_factor(value.hessian_block(z)).reshape(y.shape[0], -1, *y.shape[1:])
+                stats = kronecker_statistics(stage, piece[0][0], value.V[z], Z)
+        B = traj.states[0].shape[0]
+        Q_args, Q_u = self.first_order(stage, piece, value.V[z], B)
+        Q_X: dict[int, Tensor] = {}
+        for j in X0:
+            if j in value.V and j != z:
+                Q_X[j] = value.V[j]
+        for j, q in zip(stage.inputs, Q_args):
+            if q is not None:
+                Q_X[j] = q if j not in Q_X else Q_X[j] + q
+        return ExactExpansion(Q_args=Q_args, Q_u=Q_u, stats=stats, Q_X=Q_X, Q_xx=terms.Q_xx,
+                              Q_ux=terms.Q_ux, Q_uu=terms.Q_uu, terms=terms, next_value=value,
+                              layout=X0, shapes=shapes)
 
-    def quadratic(self, stage: Stage, exp: ExactExpansion, k: list[Tensor]) -> Tensor:
-        """k^T Qbar_uu k (without l_uu) = E_i[(f_u k)^T V'_xx (f_u k)] + k^T psi_uu k."""
+    def quadratic(self, stage: Stage, exp: QExpansion, k: list[Tensor]) -> Tensor:
+        """k^T Qbar_uu k (without l_uu) = E_i[(F_u k)^T V'_XX (F_u k)] + k^T psi_uu k."""
+        assert isinstance(exp, ExactExpansion)
         terms, value = exp.terms, exp.next_value
         assert terms is not None and terms.f_u is not None and value is not None
         k_flat = stage.flatten(k)
@@ -225,69 +329,110 @@ class AutogradBackend(GraphBackend):
             quad = quad + k_flat @ terms.psi_uu @ k_flat
         return quad
 
-    def feedback(self, stage: Stage, exp: ExactExpansion, minv: Solver, lr: float, B: int
-                 ) -> Callable[[Tensor], list[Tensor]]:
-        """K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i)."""
+    def feedback(self, stage: Stage, exp: QExpansion, minv: Solver, lr: float, B: int, *,
+                 ignore: frozenset[int] = frozenset()) -> Feedback | None:
+        """K dX = -lr M^{-1} (1/B) sum_i Q_uX^(i) dX^(i), the ignored blocks of dX set to 0."""
+        assert isinstance(exp, ExactExpansion)
         Q_ux = exp.Q_ux
         assert Q_ux is not None
+        layout = exp.layout
+        blocks = [j for j in layout if j != 0 and j not in ignore]
+        if not blocks:
+            return None
 
-        def K(dx: Tensor) -> list[Tensor]:
-            s = torch.einsum("bmn,bn->m", Q_ux, dx.reshape(dx.shape[0], -1)) / B
+        def K(dX: Mapping[int, Tensor]) -> list[Tensor]:
+            flat = _cat_blocks([dX[j] if j in blocks else torch.zeros(
+                B, *exp.shapes[j], dtype=Q_ux.dtype, device=Q_ux.device) for j in layout])
+            s = torch.einsum("bmn,bn->m", Q_ux, flat) / B
             return [v.mul(-lr) for v in minv(stage.unflatten(s))]
 
-        return K
+        return Feedback(K, blocks)
 
-    def value_update(self, stage: Stage, exp: ExactExpansion, value: ExactValue,
+    def value_update(self, stage: Stage, exp: QExpansion, value: ValueFunction,
                      minv: Solver | None, lr: float, B: int, *, value_correction: bool,
                      mu: float, clip: bool, trust: float | None = None) -> ExactValue:
-        """V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u (its correction bounded by ``trust`` |Q_x| per
-        sample); V_xx = Q_xx - (lr/B) Q_ux^T M^{-1} Q_ux + mu I, projected onto the PSD cone
+        """V_X = Q_X - lr Q_uX^T M^{-1} Qbar_u (its correction bounded by ``trust`` |Q_X| per
+        sample); V_XX = Q_XX - (lr/B) Q_uX^T M^{-1} Q_uX + mu I, projected onto the PSD cone
         when ``clip``."""
-        V_x, V_xx = exp.Q_x, exp.Q_xx
-        assert V_x is not None and V_xx is not None
+        assert isinstance(exp, ExactExpansion)
+        layout = exp.layout
+        Q_X, V_xx = exp.Q_X, exp.Q_xx
+        assert V_xx is not None
+        if not layout:
+            return ExactValue({}, V_xx, ())
+        V = {j: Q_X[j] for j in layout}
         bounded = None
         if value_correction and minv is not None:
             Q_ux = exp.Q_ux
             assert Q_ux is not None
             assert exp.Q_u is not None  # the exact backend always forms Qbar_u
             M_Qu = stage.flatten(minv(exp.Q_u))
-            corrected = V_x - lr * torch.einsum("bmn,m->bn", Q_ux, M_Qu).reshape(V_x.shape)
+            corr = _split_blocks(torch.einsum("bmn,m->bn", Q_ux, M_Qu), layout, exp.shapes)
+            corrected = [V[j] - lr * corr[j] for j in layout]
             if trust is None:
-                V_x = corrected
+                V = dict(zip(layout, corrected))
             else:
-                V_x, bounded = bound_correction_with_share(V_x, corrected, trust)
+                out, bounded = bound_blocks([V[j] for j in layout], corrected, trust)
+                V = dict(zip(layout, out))
             M_Qux = stage.flatten(minv(stage.unflatten(Q_ux.transpose(1, 2))), lead=2)
             V_xx = V_xx - (lr / B) * torch.einsum("bmn,bkm->bnk", Q_ux, M_Qux)
         if mu:
             V_xx = V_xx + mu * torch.eye(V_xx.shape[-1], dtype=V_xx.dtype, device=V_xx.device)
         if clip:
             V_xx = psd_clip(V_xx)
-        return ExactValue(V_x, V_xx, bounded)
+        return ExactValue(V, V_xx, layout, bounded)
 
-    def second_order_terms(self, stage: Stage, x: Tensor, ctx: Any, y: Tensor, V_x: Tensor,
-                           V_xx: Tensor, *, gauss_newton: bool, need_quu: bool
-                           ) -> SecondOrderTerms:
-        """Second-order terms of stage ``stage`` at the nominal state ``x`` (B, *n_in) with
-        output ``y``, from V'_x (B, *n_out) and V'_xx (B, n_out, n_out). The caller checks
-        the memory budget first (``check_budget``)."""
-        B, n, n1 = x.shape[0], x[0].numel(), y[0].numel()
+    def second_order_terms(self, stage: Stage, traj: Trajectory, X0: tuple[int, ...],
+                           X1: tuple[int, ...], value: ExactValue, *, gauss_newton: bool,
+                           need_quu: bool) -> SecondOrderTerms:
+        """Second-order terms of step ``stage`` on the augmented state: F maps the flattened
+        blocks X0 of X_t (and the step's untracked inputs, held fixed) to the blocks X1 of
+        X_{t+1}; carried blocks pass through. From V'_X (B, n_out) and V'_XX (B, n_out, n_out).
+        The caller checks the memory budget first (``check_second_order``)."""
+        t = stage.index
+        states = traj.states
+        B = states[0].shape[0]
+        shapes = {j: states[j].shape[1:] for j in set(X0) | set(X1) | set(stage.inputs)}
+        sizes = [math.prod(shapes[j]) for j in X0]
+        n, n1 = sum(sizes), sum(math.prod(shapes[j]) for j in X1)
+        consts = tuple(j for j in stage.inputs if j not in X0)
         has_u = stage.has_control
-        u = stage.flatten([p.detach() for p in stage.params]) if has_u else x.new_zeros(0)
+        u = stage.flatten([p.detach() for p in stage.params]) if has_u else states[0].new_zeros(0)
+        ctx = traj.contexts[t]
         cdim = 0 if isinstance(ctx, Tensor) else None
+        z = stage.output
+        single = len(X0) == 1 and X0 == stage.inputs and X1 == (z,)  # a chain step: F = f
 
-        def f(u_flat: Tensor, xi: Tensor, ci: Any) -> Tensor:
+        def F(u_flat: Tensor, xi: Tensor, ci: Any, consts_i: tuple[Tensor, ...]) -> Tensor:
             params = dict(zip(stage.param_names, stage.unflatten(u_flat))) if has_u else {}
-            c = None if ci is None else ci.unsqueeze(0)
-            return stage.functional(params, xi.unsqueeze(0), c).reshape(-1)
+            c = ci.unsqueeze(0) if cdim == 0 else ci
+            env = {j: v.unsqueeze(0) for j, v in zip(consts, consts_i)}
+            if single:
+                env[X0[0]] = xi.reshape(1, *shapes[X0[0]])
+            else:
+                for j, v in zip(X0, xi.split(sizes)):
+                    env[j] = v.reshape(1, *shapes[j])
+            xs = tuple(env[j] for j in stage.inputs)
+            env[z] = stage.functional(params, stage.handler_input(xs), c)
+            if single:
+                return env[z].reshape(-1)
+            return torch.cat([env[j].reshape(-1) for j in X1])
 
-        x = x.detach()
-        if has_u:
-            f_u, f_x = vmap(jacrev(f, argnums=(0, 1)), in_dims=(None, 0, cdim))(u, x, ctx)
+        X = _cat_blocks([states[j] for j in X0]) if X0 else states[0].new_zeros(B, 0)
+        C = tuple(states[j] for j in consts)
+        dims = (None, 0, cdim, 0)
+        if has_u and n:
+            f_u, f_x = vmap(jacrev(F, argnums=(0, 1)), in_dims=dims)(u, X, ctx, C)
             f_u = f_u.reshape(B, n1, -1)
+        elif has_u:
+            f_u = vmap(jacrev(F, argnums=0), in_dims=dims)(u, X, ctx, C).reshape(B, n1, -1)
+            f_x = X.new_zeros(B, n1, 0)
         else:
             f_u = None
-            f_x = vmap(jacrev(f, argnums=1), in_dims=(None, 0, cdim))(u, x, ctx)
+            f_x = vmap(jacrev(F, argnums=1), in_dims=dims)(u, X, ctx, C) if n else \
+                X.new_zeros(B, n1, 0)
         f_x = f_x.reshape(B, n1, n)
+        V_xx = value.V_xx
         Vf_x = V_xx @ f_x
         Q_xx = f_x.transpose(1, 2) @ Vf_x
         Q_ux = f_u.transpose(1, 2) @ Vf_x if f_u is not None else None
@@ -296,20 +441,24 @@ class AutogradBackend(GraphBackend):
             Q_uu = torch.einsum("bkm,bkl->ml", f_u, V_xx @ f_u) / B
         psi_uu = None
         if not gauss_newton:
-            v = V_x.detach().reshape(B, -1)
+            v = value.flat().detach()
 
-            def psi(u_flat: Tensor, xi: Tensor, ci: Any, vi: Tensor) -> Tensor:
-                return (vi * f(u_flat, xi, ci)).sum()
+            def psi(u_flat: Tensor, xi: Tensor, ci: Any, consts_i: tuple[Tensor, ...],
+                    vi: Tensor) -> Tensor:
+                return (vi * F(u_flat, xi, ci, consts_i)).sum()
 
-            psi_xx = vmap(hessian(psi, argnums=1), in_dims=(None, 0, cdim, 0))(u, x, ctx, v)
-            Q_xx = Q_xx + psi_xx.reshape(B, n, n)
+            pdims = (None, 0, cdim, 0, 0)
+            if n:
+                psi_xx = vmap(hessian(psi, argnums=1), in_dims=pdims)(u, X, ctx, C, v)
+                Q_xx = Q_xx + psi_xx.reshape(B, n, n)
             if has_u:
-                psi_ux = vmap(jacfwd(jacrev(psi, argnums=0), argnums=1),
-                              in_dims=(None, 0, cdim, 0))(u, x, ctx, v)
-                Q_ux = Q_ux + psi_ux.reshape(B, -1, n)  # type: ignore[operator]
+                if n:
+                    psi_ux = vmap(jacfwd(jacrev(psi, argnums=0), argnums=1),
+                                  in_dims=pdims)(u, X, ctx, C, v)
+                    Q_ux = Q_ux + psi_ux.reshape(B, -1, n)  # type: ignore[operator]
 
                 def psi_sum(u_flat: Tensor) -> Tensor:
-                    return vmap(psi, in_dims=(None, 0, cdim, 0))(u_flat, x, ctx, v).sum() / B
+                    return vmap(psi, in_dims=pdims)(u_flat, X, ctx, C, v).sum() / B
 
                 psi_uu = jacfwd(jacrev(psi_sum))(u)
                 if Q_uu is not None:

@@ -1,6 +1,6 @@
 """BackPACK backend: Kronecker factors from BackPACK, rank-1 value-gradient feedback.
 
-SPEC 6 ("backpack"). The curvature statistics of the kfac/ekfac models come from BackPACK
+docs/backends.md ("backpack"). The curvature statistics of the kfac/ekfac models come from BackPACK
 (backpack-for-pytorch) second-order extensions, chosen by ``extension``:
 
 - ``"kflr"``: exact GGN Kronecker factors (KFLR); for Linear stages they equal the lowrank
@@ -15,9 +15,12 @@ uses the empirical per-sample gradients. The rest (value recursion, feedback wit
 outer product of each sample's value gradient: DDPNOpt's practical algorithm, value
 correction) is the lowrank backend with the empirical terminal factor.
 
-BackPACK runs on an extended *twin* of the chain whose modules share the parameters of the
+BackPACK runs on an extended *twin* of the network whose modules share the parameters of the
 user's modules, in a separate forward/backward pass on the same batch at statistics steps: the
 user's modules are never extended, and extended modules never enter ``torch.func`` transforms.
+A chain's twin is an ``nn.Sequential`` of copies of its layers; a graph's twin is a copy of the
+model converted by BackPACK's own ``torch.fx`` converter (``extend(..., use_converter=True)``),
+which supports what BackPACK supports and says so otherwise.
 Cost at a statistics step: one extra forward and backward pass plus BackPACK's extension work.
 """
 
@@ -32,11 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from ocnopt.curvature.base import StageStatistics
-from ocnopt.engine import QExpansion, Terminal, Trajectory
+from ocnopt.engine import QExpansion, Terminal, Trajectory, ValueFunction
+from ocnopt.graph import Graph
 from ocnopt.losses import CrossEntropy, Loss, MeanSquaredError
 from ocnopt.stages import Stage
 
-from .lowrank import LowRankBackend, LowRankExpansion, LowRankValue
+from .lowrank import LowRankBackend, LowRankExpansion
 
 EXTENSIONS = ("kflr", "kfac", "kfra")
 
@@ -65,21 +69,24 @@ class BackpackBackend(LowRankBackend):
             raise ValueError(f"invalid mc_samples={mc_samples!r}: accepted an integer >= 1")
         self.extension = extension
         self.mc_samples = mc_samples
-        self._twin: nn.Sequential | None = None
+        self._twin: nn.Module | None = None
         self._loss: nn.Module | None = None
+        self._stages: list[Stage] = []
 
     # -- construction --------------------------------------------------------------------------
-    def prepare(self, stages: Sequence[Stage], loss: Loss) -> None:
+    def prepare(self, graph: Graph, loss: Loss) -> None:
         try:
             from backpack import extend
         except ImportError as err:  # pragma: no cover - installed with the test extra
             raise ImportError("backend 'backpack' needs backpack-for-pytorch: "
                               "pip install 'ocnopt[backpack]'") from err
+        stages = graph.stages
+        self._stages = list(stages)
         ext = _extension(self.extension, self.mc_samples)
         supported = supported_by_backpack(ext)
         names = ", ".join(c.__name__ for c in supported)
         for st in stages:
-            if type(st.module) not in supported:
+            if st.module is not None and type(st.module) not in supported:
                 raise TypeError(
                     f"backend 'backpack': module {type(st.module).__name__} at stage position "
                     f"{st.index} (model.{st.name}) is not supported: BackPACK's "
@@ -93,14 +100,19 @@ class BackpackBackend(LowRankBackend):
         else:
             raise ValueError(f"backend 'backpack' supports loss 'cross_entropy' or 'mse' (BackPACK's "
                              f"loss extensions), got {loss.name!r}")
-        twins = []
-        for st in stages:
-            twin = copy.deepcopy(st.module)
-            for name, p in st.module.named_parameters():  # share the user's parameters
-                owner, _, leaf = name.rpartition(".")
-                setattr(twin.get_submodule(owner) if owner else twin, leaf, p)
-            twins.append(twin)
-        self._twin = extend(nn.Sequential(*twins))
+        if graph.chain:
+            self._twin = extend(nn.Sequential(*[_share(st.module) for st in stages
+                                                if st.module is not None]))
+            return
+        twin = _share(graph.root)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._twin = extend(twin, use_converter=True)
+        except Exception as err:  # BackPACK's converter names what it cannot convert
+            raise TypeError(f"backend 'backpack': BackPACK's graph converter cannot convert model "
+                            f"{type(graph.root).__name__}: {type(err).__name__}: {err}. Use backend "
+                            "'lowrank' or 'autograd' for this model") from err
 
     def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool) -> None:
         super().check_options(gauss_newton=gauss_newton, mu=mu, needs_full=needs_full)
@@ -164,40 +176,40 @@ class BackpackBackend(LowRankBackend):
                 s.A, s.G = factors[t]
 
     # -- order 1 -----------------------------------------------------------------------------
-    def backward(self, stages: Sequence[Stage], traj: Trajectory, terminal: Terminal, *,
+    def backward(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,
                  need_stats: Sequence[bool], keep_values: bool = False,
                  skip_u: Sequence[bool] | None = None
                  ) -> tuple[list[QExpansion], list[Tensor | None]]:
         expansions, values = super().backward(
-            stages, traj, Terminal(terminal.loss, terminal.V_x), need_stats=need_stats,
+            graph, traj, Terminal(terminal.loss, terminal.V_x), need_stats=need_stats,
             keep_values=keep_values, skip_u=skip_u)
-        self._attach(stages, traj, [e.stats for e in expansions])
+        self._attach(graph.stages, traj, [e.stats for e in expansions])
         return expansions, values
 
     # -- order 2 -----------------------------------------------------------------------------
-    def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: LowRankValue, *,
+    def expand_stage(self, stage: Stage, traj: Trajectory, value: ValueFunction, *,
                      gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
                      stats_from_value: bool = True, skip_u: bool = False) -> LowRankExpansion:
-        exp = super().expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
+        exp = super().expand_stage(stage, traj, value, gauss_newton=gauss_newton,
                                    need_quu=need_quu, need_stats=need_stats, keep=keep,
                                    skip_u=skip_u,
                                    stats_from_value=False)  # rows: empirical (for ekfac)
         if exp.stats is not None:
-            cache = getattr(traj, "_backpack_factors", None)
+            cache = traj.backend_data.get("backpack_factors")
             if cache is None:
-                cache = self.factors(self._stages_of(traj), traj)
-                traj._backpack_factors = cache  # type: ignore[attr-defined]
-            if t in cache:
-                exp.stats.A, exp.stats.G = cache[t]
+                cache = traj.backend_data["backpack_factors"] = self.factors(self._stages, traj)
+            if stage.index in cache:
+                exp.stats.A, exp.stats.G = cache[stage.index]
         return exp
 
-    def _stages_of(self, traj: Trajectory) -> list[Stage]:
-        return self._stages
 
-    def forward(self, stages: Sequence[Stage], inputs: Tensor, *, input_value: bool = False
-                ) -> Trajectory:
-        self._stages = list(stages)
-        return super().forward(stages, inputs, input_value=input_value)
+def _share(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are the original's (the same tensors)."""
+    twin = copy.deepcopy(module)
+    for name, p in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        setattr(twin.get_submodule(owner) if owner else twin, leaf, p)
+    return twin
 
 
 __all__ = ["BackpackBackend", "EXTENSIONS", "StageStatistics"]

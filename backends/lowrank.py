@@ -1,7 +1,7 @@
 """Low-rank Gauss-Newton backend: V_xx^(i) = Z^(i) Z^(i)T propagated by Jacobian products.
 
-SPEC 4 ("low rank"). The factor Z (stored as (B, r, *n): r columns per sample) starts at the
-terminal as one of
+docs/method.md, section 4 ("low rank") and section 7 (graphs). The factor Z (stored as
+(B, r, *n): r columns per sample) starts at the terminal as one of
 
 - ``"empirical"``: r = 1, Z_T = v_T, the per-sample gradient (the papers' outer-product choice);
 - ``"exact"``: the square root of the loss Hessian (r = classes for cross-entropy, r = outputs
@@ -22,6 +22,11 @@ sgd, rmsprop, adam, kfac and ekfac; otherwise per-sample gradients (``torch.func
 The Kronecker statistics of kfac/ekfac are built from the propagated factor (so ``"exact"``
 gives the Kronecker factors of the exact GGN). Gauss-Newton only; mu*I is not representable.
 
+On a graph the factor has one block Z_j (B, r, *n_j) per live tensor of the augmented state,
+sharing the r columns: a = F_X^T Z' passes carried blocks through and adds f_a^T Z'_z to the
+blocks of the step's arguments, s^(i) = sum_j <a_j^(i), dx_j^(i)> over the blocks the player
+sees (all of them for ``game="cooperative"``), and the value update acts on every block.
+
 Cost per stage: the order-1 backward pass plus r VJPs (a), one JVP (value correction), one
 VJP in the update pass (feedback), and the r x r Gram matrices; memory: the factor (B r n) and
 the graph pieces kept until the update pass.
@@ -29,16 +34,17 @@ the graph pieces kept until the update pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from ocnopt.curvature.base import Solver
-from ocnopt.engine import QExpansion, Terminal, Trajectory, bound_correction_with_share
+from ocnopt.curvature.base import Solver, StageStatistics
+from ocnopt.engine import Feedback, QExpansion, Terminal, Trajectory, ValueFunction, bound_blocks
+from ocnopt.graph import Graph
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
@@ -49,36 +55,56 @@ TERMINALS = ("empirical", "exact", "mc")
 TERMINAL_OF_FISHER = {"type-2": "exact", "mc": "mc", "empirical": "empirical"}
 
 
+
 @dataclass
-class LowRankValue:
-    """V_x (B, *n) and the factor Z (B, r, *n) with V_xx^(i) = sum_c Z[i, c] Z[i, c]^T.
+class LowRankValue(ValueFunction):
+    """V_X blocks (B, *n_j) and the factor blocks Z_j (B, r, *n_j) with
+    V_XX^(i) = Z^(i) Z^(i)T, Z the stacked blocks (shared columns).
 
-    ``rho`` (B,), when known: r = 1 and Z^(i) = rho_i V_x^(i). It holds for the empirical
-    terminal factor (Z_T = V_T, rho = 1) and is kept by the recursion: Q_x and a = f_x^T Z' are
-    then the same vector-Jacobian product up to rho', the value correction a (W^T k) and the
-    factor update a C scale a per sample, and so does the trust bound (``value_update``)."""
+    ``rho`` (B,), when known: r = 1 and Z_j^(i) = rho_i V_j^(i) for every block. It holds for
+    the empirical terminal factor (Z_T = V_T, rho = 1) and is kept by the recursion: Q_X and
+    a = F_X^T Z' are then the same vector-Jacobian products up to rho', the value correction
+    a (W^T k) and the factor update a C scale a per sample, and so does the trust bound
+    (``value_update``)."""
 
-    V_x: Tensor
-    Z: Tensor
+    V: dict[int, Tensor]
+    Zb: dict[int, Tensor]
     rho: Tensor | None = None
-    bounded: Tensor | None = None  # share of samples whose V_x correction the trust bound cut
+    bounded: Tensor | None = None  # share of samples whose V_X correction the trust bound cut
 
+    @property
+    def Z(self) -> Tensor:
+        """The factor of a single-tensor state (a chain)."""
+        (z,) = self.Zb.values()
+        return z
 
-def parallel_ratio(value: LowRankValue) -> Tensor | None:
-    """rho with Z[:, 0] = rho V_x per sample (B,), or None where it is not known."""
-    return value.rho
+    def hessian_block(self, j: int) -> Tensor:
+        Z = self.Zb[j].flatten(2)
+        return Z.transpose(1, 2) @ Z
 
 
 @dataclass
 class LowRankExpansion(QExpansion):
-    a: Tensor | None = None              # f_x^T Z', (B, r, *n_in); None at an input without grad
+    a_blocks: dict[int, Tensor] = field(default_factory=dict)  # F_X^T Z' per block of X_t
     next_value: LowRankValue | None = None
-    piece: tuple[Tensor, Tensor] | None = None
-    x: Tensor | None = None
+    piece: tuple[tuple[Tensor, ...], Tensor] | None = None
+    x: Tensor | None = None              # the nominal input of a module step
     ctx: Any = None
-    Wk: Tensor | None = None             # W^T k = <Z', f_u k> per sample, (B, r) (``quadratic``)
-    kQ: Tensor | None = None             # k . Qbar_u = mean_i <V'_x, f_u k> when Q_u is not formed
-    rho: Tensor | None = None            # Z' = rho V'_x per sample (``parallel_ratio``)
+    Wk: Tensor | None = None             # W^T k = <Z'_z, f_u k> per sample, (B, r) (``quadratic``)
+    rho: Tensor | None = None            # Z' = rho V' per sample (``LowRankValue.rho``)
+
+    @property
+    def a(self) -> Tensor | None:
+        """a = f_x^T Z' of a single-block state (a chain); None where no block is tracked."""
+        if not self.a_blocks:
+            return None
+        (a,) = self.a_blocks.values()
+        return a
+
+
+def parallel_ratio(value: LowRankValue) -> Tensor | None:
+    """rho with Z_j = rho V_j per sample (B,), or None where it is not known."""
+    return value.rho
 
 
 def _inner(Z: Tensor, v: Tensor) -> Tensor:
@@ -89,6 +115,11 @@ def _inner(Z: Tensor, v: Tensor) -> Tensor:
 def _combine(Z: Tensor, s: Tensor) -> Tensor:
     """sum_c s[:, c] Z[:, c]: (B, r, *n), (B, r) -> (B, *n)."""
     return torch.einsum("brn,br->bn", Z.flatten(2), s).reshape(Z.shape[0], *Z.shape[2:])
+
+
+def _add(blocks: dict[int, Tensor], j: int, v: Tensor) -> None:
+    """blocks[j] += v (the fork rule), without changing a tensor another block holds."""
+    blocks[j] = v if j not in blocks else blocks[j] + v
 
 
 class LowRankBackend(GraphBackend):
@@ -135,8 +166,7 @@ class LowRankBackend(GraphBackend):
                 "terminal out: it then follows fisher_type)")
 
     # -- second-order interface --------------------------------------------------------------
-    def check_second_order(self, stages: Sequence[Stage], traj: Trajectory, *, need_quu: bool
-                           ) -> None:
+    def check_second_order(self, graph: Graph, traj: Trajectory, *, need_quu: bool) -> None:
         if need_quu:
             self.check_options(gauss_newton=True, mu=0.0, needs_full=True)
 
@@ -155,39 +185,48 @@ class LowRankBackend(GraphBackend):
         rho = None
         if self.terminal == "empirical":
             rho = torch.ones(Z.shape[0], dtype=Z.dtype, device=Z.device)
-        return LowRankValue(terminal.V_x, Z, rho)
+        T = len(traj.states) - 1
+        return LowRankValue({T: terminal.V_x}, {T: Z}, rho)
 
-    @staticmethod
-    def value_hessian(value: LowRankValue) -> Tensor:
-        Z = value.Z.flatten(2)
-        return Z.transpose(1, 2) @ Z
-
-    def expand_stage(self, stage: Stage, t: int, traj: Trajectory, value: LowRankValue, *,
+    def expand_stage(self, stage: Stage, traj: Trajectory, value: ValueFunction, *,
                      gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
                      stats_from_value: bool = True, skip_u: bool = False) -> LowRankExpansion:
+        assert isinstance(value, LowRankValue)
+        t = stage.index
         piece = traj.handles[t]
-        xin, out = piece
-        B = xin.shape[0]
-        Z = value.Z
+        leaves, out = piece
+        z = stage.output
+        B = out.shape[0]
+        V_z, Z = value.V[z], value.Zb[z]
         stats = None
-        if need_stats and stage.kronecker:
-            stats = kronecker_statistics(stage, xin, value.V_x, Z if stats_from_value else None)
+        if need_stats:
+            stats = kronecker_statistics(stage, leaves[0], V_z, Z if stats_from_value else None) \
+                if stage.kronecker else StageStatistics()
         rho = parallel_ratio(value)
-        a = None
-        if xin.requires_grad and rho is None:
-            a = self._vjp_columns(xin, out, Z)
-        Q_x, Q_u = self.first_order(stage, piece, value.V_x, B, retain=True, control=not skip_u)
-        if rho is not None and Q_x is not None and xin.requires_grad:
-            a = (Q_x * rho.reshape(B, *[1] * (Q_x.dim() - 1))).unsqueeze(1)  # f_x^T (rho V'_x)
-        return LowRankExpansion(Q_x=Q_x, Q_u=Q_u, stats=stats, a=a, next_value=value,
-                                piece=piece, x=traj.states[t], ctx=traj.contexts[t], rho=rho)
+        a_args: list[Tensor | None] = [None] * len(leaves)
+        if rho is None:
+            a_args = [self._vjp_columns(x, out, Z) if x.requires_grad else None for x in leaves]
+        Q_args, Q_u = self.first_order(stage, piece, V_z, B, retain=True, control=not skip_u)
+        if rho is not None:  # f_x^T (rho V'_z)
+            a_args = [None if q is None else (q * rho.reshape(B, *[1] * (q.dim() - 1))).unsqueeze(1)
+                      for q in Q_args]
+        Q_X = {j: v for j, v in value.V.items() if j != z}
+        a_X = {j: v for j, v in value.Zb.items() if j != z}
+        for j, q, a in zip(stage.inputs, Q_args, a_args):
+            if q is not None:
+                _add(Q_X, j, q)
+                _add(a_X, j, a)  # type: ignore[arg-type]
+        x = traj.states[stage.inputs[0]] if not stage.is_function else None
+        return LowRankExpansion(Q_args=Q_args, Q_u=Q_u, stats=stats, Q_X=Q_X, a_blocks=a_X,
+                                next_value=value, piece=piece, x=x, ctx=traj.contexts[t],
+                                rho=rho)
 
     @staticmethod
     def _vjp_columns(xin: Tensor, out: Tensor, Z: Tensor) -> Tensor:
         """f_x^T Z[:, c] for every column c: (B, r, *n_in)."""
-        cols = [torch.autograd.grad(out, xin, Z[:, c], retain_graph=True)[0]
+        cols = [torch.autograd.grad(out, xin, Z[:, c], retain_graph=True, allow_unused=True)[0]
                 for c in range(Z.shape[1])]
-        return torch.stack(cols, 1)
+        return torch.stack([torch.zeros_like(xin) if c is None else c for c in cols], 1)
 
     def _fu_k(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
         params = {n: p.detach() for n, p in zip(stage.param_names, stage.params)}
@@ -195,29 +234,38 @@ class LowRankBackend(GraphBackend):
         assert exp.x is not None
         return stage.derivatives.param_jvp(stage.module, params, exp.x, exp.ctx, tangent)
 
-    def quadratic(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
-        """k^T Qbar_uu k = (1/B) sum_i |W^(i)T k|^2 with W^T k = <Z', f_u k>."""
-        assert exp.next_value is not None
+    def quadratic(self, stage: Stage, exp: QExpansion, k: list[Tensor]) -> Tensor:
+        """k^T Qbar_uu k = (1/B) sum_i |W^(i)T k|^2 with W^T k = <Z'_z, f_u k>."""
+        assert isinstance(exp, LowRankExpansion) and exp.next_value is not None
+        z = stage.output
         fu_k = self._fu_k(stage, exp, k)
-        Wk = exp.Wk = _inner(exp.next_value.Z, fu_k)  # value_update reuses it
-        if exp.Q_u is None:  # k . Qbar_u = (1/B) sum_i <V'_x^(i), f_u k> (predicted change)
-            exp.kQ = (exp.next_value.V_x * fu_k).sum() / fu_k.shape[0]
+        Wk = exp.Wk = _inner(exp.next_value.Zb[z], fu_k)  # value_update reuses it
+        if exp.Q_u is None:  # k . Qbar_u = (1/B) sum_i <V'_z^(i), f_u k> (predicted change)
+            exp.kQ = (exp.next_value.V[z] * fu_k).sum() / fu_k.shape[0]
         return Wk.square().sum() / Wk.shape[0]
 
-    def feedback(self, stage: Stage, exp: LowRankExpansion, minv: Solver, lr: float, B: int
-                 ) -> Callable[[Tensor], list[Tensor]] | None:
-        """K dx = -lr M^{-1} f_u^T (Z' s) / B with s^(i) = a^(i)T dx^(i): one VJP on the kept
-        graph piece with per-sample weighted cotangents."""
-        if exp.a is None:  # stage 0: dx_0 = 0
+    def feedback(self, stage: Stage, exp: QExpansion, minv: Solver, lr: float, B: int, *,
+                 ignore: frozenset[int] = frozenset()) -> Feedback | None:
+        """K dX = -lr M^{-1} f_u^T (Z'_z s) / B with s^(i) = sum_j a_j^(i)T dx_j^(i) over the
+        blocks not in ``ignore``: one VJP on the kept graph piece with per-sample weighted
+        cotangents."""
+        assert isinstance(exp, LowRankExpansion) and exp.next_value is not None
+        a_X = exp.a_blocks
+        blocks = [j for j in a_X if j != 0 and j not in ignore]  # dx_0 = 0
+        if not blocks:
             return None
-        a, Z = exp.a, exp.next_value.Z  # type: ignore[union-attr]
+        Z = exp.next_value.Zb[stage.output]
         xin, out = exp.piece  # type: ignore[misc]
         rows = stage.kronecker and stage.derivatives.exact_rows(stage.module)
         x = exp.x
         assert x is not None
 
-        def K(dx: Tensor) -> list[Tensor]:
-            s = _inner(a, dx)
+        def K(dX: Mapping[int, Tensor]) -> list[Tensor]:
+            s = None
+            for j in blocks:
+                term = _inner(a_X[j], dX[j])
+                s = term if s is None else s + term
+            assert s is not None
             solved = minv.cached_feedback(s) if rows else None
             if solved is not None:  # from the Gram matrices' products (value_update)
                 return [v.mul(-lr / B) for v in solved]
@@ -231,53 +279,58 @@ class LowRankBackend(GraphBackend):
             g = torch.autograd.grad(out, stage.params, cot, retain_graph=True)
             return [v.mul(-lr) for v in minv([x / B for x in g])]
 
-        return K
+        return Feedback(K, blocks)
 
-    def value_update(self, stage: Stage, exp: LowRankExpansion, value: LowRankValue,
+    def value_update(self, stage: Stage, exp: QExpansion, value: ValueFunction,
                      minv: Solver | None, lr: float, B: int, *, value_correction: bool,
                      mu: float, clip: bool, trust: float | None = None) -> LowRankValue:
-        V_x, a = exp.Q_x, exp.a
-        if a is None or V_x is None:
-            raise RuntimeError(f"{stage}: the value at the network input was not recorded; "
-                               "run the nominal pass with input_value=True")
+        assert isinstance(exp, LowRankExpansion)
+        Q_X, a_X = exp.Q_X, exp.a_blocks
         rho = exp.rho
-        if not (value_correction and minv is not None):
-            return LowRankValue(V_x, a, rho)
-        Zn = value.Z
+        if not (value_correction and minv is not None) or not Q_X:
+            return LowRankValue(dict(Q_X), dict(a_X), rho)
+        Zn = exp.next_value.Zb[stage.output]  # type: ignore[union-attr]
         if exp.Wk is not None and minv.solves_direction(exp.Q_u):
             Wk = exp.Wk  # the policy's k is -lr M^-1 Qbar_u: W^T k is known (quadratic)
         else:
             Wk = _inner(Zn, self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)]))
         S = self.gram(stage, exp, minv)
-        if rho is not None:  # r = 1, a = rho' Q_x: every update is a per-sample scalar
-            kappa = rho * Wk[:, 0]  # V_x = Q_x (1 + kappa); the trust bound is |kappa| <= trust
+        if rho is not None:  # r = 1, a = rho' Q_X: every update is a per-sample scalar
+            kappa = rho * Wk[:, 0]  # V_X = Q_X (1 + kappa); the trust bound is |kappa| <= trust
             bounded = None
             if trust is not None:
                 bounded = (kappa.abs() > trust).to(kappa.dtype).mean()
                 kappa = kappa.clamp(-trust, trust)
             c = (1 - (lr / B) * S[:, 0, 0]).clamp_min(0).sqrt()
-            view = (-1, *[1] * (V_x.dim() - 1))
             one_k = 1 + kappa
-            Z = (V_x * (rho * c).reshape(view)).unsqueeze(1)
-            V_x = V_x * one_k.reshape(view)
+            rc = rho * c
+            V, Zb = {}, {}
+            for j, q in Q_X.items():
+                view = (-1, *[1] * (q.dim() - 1))
+                Zb[j] = (q * rc.reshape(view)).unsqueeze(1)
+                V[j] = q * one_k.reshape(view)
             safe = trust is not None and trust < 1  # 1 + kappa >= 1 - trust > 0: no check
             new_rho = rho * c / one_k if safe or bool((one_k != 0).all()) else None
-            return LowRankValue(V_x, Z, new_rho, bounded)
+            return LowRankValue(V, Zb, new_rho, bounded)
+        keys = list(Q_X)
+        corrected = [Q_X[j] + _combine(a_X[j], Wk) for j in keys]
         bounded = None
         if trust is not None:
-            V_x, bounded = bound_correction_with_share(V_x, V_x + _combine(a, Wk), trust)
+            out, bounded = bound_blocks([Q_X[j] for j in keys], corrected, trust)
+            V = dict(zip(keys, out))
         else:
-            V_x = V_x + _combine(a, Wk)
+            V = dict(zip(keys, corrected))
         r = S.shape[-1]
         eye = torch.eye(r, dtype=S.dtype, device=S.device)
         C = psd_sqrt_factor(eye - (lr / B) * S)
-        Z = torch.einsum("bcn,bcd->bdn", a.flatten(2), C).reshape(a.shape)
-        return LowRankValue(V_x, Z, bounded=bounded)
+        Zb = {j: torch.einsum("bcn,bcd->bdn", a.flatten(2), C).reshape(a.shape)
+              for j, a in a_X.items()}
+        return LowRankValue(V, Zb, bounded=bounded)
 
     def gram(self, stage: Stage, exp: LowRankExpansion, minv: Solver) -> Tensor:
         """Per-sample W^T M^{-1} W (B, r, r): the curvature model's closed form for Kronecker
         stages, else per-sample gradients formed explicitly by torch.func.vmap."""
-        Z = exp.next_value.Z  # type: ignore[union-attr]
+        Z = exp.next_value.Zb[stage.output]  # type: ignore[union-attr]
         x = exp.x
         assert x is not None
         if stage.kronecker:
@@ -299,7 +352,7 @@ class LowRankBackend(GraphBackend):
         cdim = 0 if isinstance(exp.ctx, Tensor) else None
 
         def psi(ps: tuple[Tensor, ...], xi: Tensor, ci: Any, zi: Tensor) -> Tensor:
-            c = None if ci is None else ci.unsqueeze(0)
+            c = ci.unsqueeze(0) if cdim == 0 else ci
             y = stage.functional(dict(zip(names, ps)), xi.unsqueeze(0), c)
             return (y.squeeze(0) * zi).sum()
 

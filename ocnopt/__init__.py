@@ -7,7 +7,16 @@ on the curvature model of Q_uu.
 """
 
 from .curvature import CURVATURES, CurvatureModel, CurvatureWarning
-from .engine import BellmanEngine, Policy, QExpansion, StepResult, Terminal, Trajectory
+from .engine import (
+    BellmanEngine,
+    Policy,
+    QExpansion,
+    StepResult,
+    Terminal,
+    Trajectory,
+    ValueFunction,
+)
+from .graph import Graph, GraphError, build_graph
 from .losses import CrossEntropy, Loss, MeanSquaredError, make_loss
 from .optimizer import NonFiniteStepWarning, OCNOpt
 from .stages import Stage, build_stages
@@ -18,4 +27,5 @@ __all__ = [
     "OCNOpt", "BellmanEngine", "Stage", "build_stages", "Loss", "CrossEntropy",
     "MeanSquaredError", "make_loss", "CURVATURES", "CurvatureModel", "CurvatureWarning",
     "NonFiniteStepWarning", "Policy", "QExpansion", "StepResult", "Terminal", "Trajectory",
+    "ValueFunction", "Graph", "GraphError", "build_graph",
 ]

@@ -1,23 +1,29 @@
-"""The Bellman-expansion engine (SPEC sections 2-4).
+"""The Bellman-expansion engine (docs/method.md, sections 2-4 and 7).
 
-Three passes over the chain of stages:
+Three passes over the steps of a graph (``ocnopt.graph``; a chain is the special case):
 
-1. ``nominal``: the forward pass x_{t+1} = f_t(x_t, u_t), recording the states xbar_t and what
+1. ``nominal``: the forward pass z_t = f_t(a_t, u_t), recording every tensor xbar_j and what
    the backward pass needs;
-2. ``expand``: the backward value recursion from V_T = phi, producing per stage the expansion
-   of Q_t (Q_x per sample, Qbar_u, statistics for the curvature model) and the value V_x;
-3. ``update_pass``: the forward pass with the new controls, applying each stage's policy
-   du_t = k_t (+ K_t dx_t) with dx_t = xhat_t - xbar_t, and returning the loss after the step.
+2. ``expand`` (order 1) / ``second_order``: the backward value recursion from V_T = phi on the
+   augmented state X_t (one block per live tensor), producing per step the expansion of Q_t
+   (Q_X per sample, Qbar_u, statistics for the curvature model), the policy and V_X;
+3. ``update_pass``: the forward pass with the new controls, applying each step's policy
+   du_t = k_t (+ K_t dX_t) with dX_t = Xhat_t - Xbar_t blockwise, and returning the loss
+   after the step.
 
-The derivatives come from a ``Backend`` (``ocnopt.backends``); the engine only orchestrates.
-Shapes: B batch, n state (per sample, any shape), m control.
+The derivatives come from a ``Backend`` (``ocnopt.backends``), the value function's
+representation (``ValueFunction``) is the backend's; the engine only orchestrates, through the
+declared methods of both. Shapes: B batch, n state (per sample, any shape), m control,
+r rank. Value ids: 0 is the network input, t + 1 the output of step t (``ocnopt.stages``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import abc
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,17 +32,25 @@ from .curvature.base import StageStatistics
 from .losses import Loss
 from .stages import Stage
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .graph import Graph
+
 
 @dataclass
 class Trajectory:
-    """The nominal pass: states xbar_t (t = 0..T), per-stage replay contexts and the
-    backend's handles for the backward pass (autograd graph pieces)."""
+    """The nominal pass: every tensor xbar_j by value id (``states[0]`` the input,
+    ``states[t + 1]`` the output of step t), per-step replay contexts, the backend's handles
+    for the backward pass (per step: the leaves of its inputs and its output), which values
+    carry a value block (``tracked``: floating tensors; the input only when asked for), and
+    per-trajectory data a backend keeps for its later calls (``backend_data``)."""
 
     states: list[Tensor]
     contexts: list[Any]
     handles: Any = None
+    tracked: list[bool] = field(default_factory=list)
     targets: Tensor | None = None  # set by ``terminal``
     generator: torch.Generator | None = None  # set by ``terminal``: the step's sampler
+    backend_data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output(self) -> Tensor:
@@ -55,40 +69,112 @@ class Terminal:
     V_xx: Tensor | None = None  # (B, n, n) flattened terminal Hessian, for order 2
 
 
+class ValueFunction(abc.ABC):
+    """The quadratic model of the value function at the augmented state X_t, per sample:
+    V_X as one block per live tensor (``V``: value id -> (B, *n_j)), V_XX in the backend's
+    representation (full matrix, low-rank factor, Kronecker), and ``bounded``: the share of
+    samples whose V_X correction the trust bound cut at the step that produced it (None:
+    no bound)."""
+
+    V: dict[int, Tensor]
+    bounded: Tensor | None
+
+    @abc.abstractmethod
+    def hessian_block(self, j: int) -> Tensor:
+        """The diagonal block V_{x_j x_j} (B, n_j, n_j), dense."""
+
+    @property
+    def V_x(self) -> Tensor:
+        """The one block of a single-tensor state (a chain)."""
+        (v,) = self.V.values()
+        return v
+
+
 @dataclass
 class QExpansion:
-    """Expansion of Q_t around the nominal trajectory.
+    """Expansion of Q_t around the nominal trajectory, for one step.
 
-    Q_x = f_x^T V'_x (per sample, (B, *n)); Q_u = l_u + (1/B) sum_i f_u^T V'_x^(i) (one tensor
-    per parameter of the stage; None where the step was asked not to form it because the
-    curvature model does not read it: ``CurvatureModel.gradient_unused``); ``stats``: the
-    curvature model's statistics, if requested.
+    ``Q_args``: f_a^T V'_z per input a of the step (per sample, None where the input carries
+    no value block); ``Q_X``: Q_X = F_X^T V'_X over the blocks of X_t (carried blocks and
+    arguments, the fork rule); ``Q_u``: l_u + (1/B) sum_i f_u^T V'_z^(i), one tensor per
+    parameter (None where the step was asked not to form it because the curvature model does
+    not read it: ``CurvatureModel.gradient_unused``); ``stats``: the curvature model's
+    statistics, if requested; ``kQ``: k . Qbar_u, set by ``Backend.quadratic`` when Q_u is not
+    formed. Second order (exact backend), flattened over the blocks of X_t per sample:
+    Q_xx (B, n, n), Q_ux (B, m, n), Qbar_uu (m, m) (only when computed).
     """
 
-    Q_x: Tensor | None
+    Q_args: list[Tensor | None]
     Q_u: list[Tensor] | None
     stats: StageStatistics | None = None
-    # second order (exact backend), flattened per sample: Q_xx (B, n, n), Q_ux (B, m, n),
-    # Qbar_uu (m, m) including l_uu (only when computed)
+    Q_X: dict[int, Tensor] = field(default_factory=dict)
     Q_xx: Tensor | None = None
     Q_ux: Tensor | None = None
     Q_uu: Tensor | None = None
+    kQ: Tensor | None = None
+
+    @property
+    def Q_x(self) -> Tensor | None:
+        """f_x^T V'_x of a one-input step (the chain's Q_x)."""
+        return self.Q_args[0] if len(self.Q_args) == 1 else None
+
+
+class Deviation(Mapping[int, Tensor]):
+    """dX = Xhat - Xbar blockwise, each block formed when first read (the update pass)."""
+
+    def __init__(self, new: Mapping[int, Tensor], nominal: Sequence[Tensor]):
+        self.new, self.nominal = new, nominal
+        self._cache: dict[int, Tensor] = {}
+
+    def __getitem__(self, j: int) -> Tensor:
+        d = self._cache.get(j)
+        if d is None:
+            d = self._cache[j] = self.new[j] - self.nominal[j]
+        return d
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.new)
+
+    def __len__(self) -> int:
+        return len(self.new)
+
+
+class Feedback:
+    """The feedback part of a policy, dX -> K dX = -lr M^{-1} (1/B) sum_i Q_uX^(i) dX^(i).
+
+    ``blocks``: the value ids of X_t it reads (the live tensors minus, for ``game="nash"``, the
+    blocks that depend on a simultaneous player). Called with a mapping value id -> dx_j, or
+    with one tensor for a single-block state (a chain)."""
+
+    def __init__(self, fn: Callable[[Mapping[int, Tensor]], list[Tensor]], blocks: Sequence[int]):
+        self.fn, self.blocks = fn, tuple(blocks)
+
+    def __call__(self, dX: Mapping[int, Tensor] | Tensor) -> list[Tensor]:
+        if isinstance(dX, Tensor):
+            if len(self.blocks) != 1:
+                raise ValueError(f"feedback over blocks {self.blocks}: pass dX as a mapping "
+                                 "value id -> tensor")
+            dX = {self.blocks[0]: dX}
+        return self.fn(dX)
 
 
 @dataclass
 class Policy:
-    """Affine feedback policy of one stage: du = k + K(dx). ``feedback`` is None at order 1."""
+    """Affine feedback policy of one step: du = k + K(dX). ``feedback`` is None at order 1."""
 
     k: list[Tensor]
-    feedback: Callable[[Tensor], list[Tensor]] | None = None
+    feedback: Feedback | None = None
+    #: the parameters k moves (the step's own; None: all of the step's parameters)
+    params: list[Tensor] | None = None
     k_norm: Tensor | None = None  # |k| when the caller has it (the update pass's trust bound)
     feedback_scale: Tensor | None = None  # set by the update pass: the trust bound's factor
 
 
 @dataclass
 class SecondOrderPass:
-    """Result of the second-order backward pass: policies, expansions, values (V_x per sample
-    and V_xx (B, n, n) per stage input, when kept) and the predicted change of the objective
+    """Result of the second-order backward pass: policies and expansions per step, values by
+    value id (V_x[j] and V_xx[j]: the block of tensor j in the value at X_j, the state right
+    after j was produced, when kept) and the predicted change of the objective
     sum_t (k_t . Qbar_u + 1/2 k_t^T Qbar_uu k_t)."""
 
     policies: list[Policy | None]
@@ -96,18 +182,19 @@ class SecondOrderPass:
     V_x: list[Tensor | None]
     V_xx: list[Tensor | None]
     predicted_change: float
-    #: per stage, the share of samples whose V_x correction the trust bound cut (None: no bound)
+    #: per step, the share of samples whose V_X correction the trust bound cut (None: no bound)
     value_bounded: list[Tensor | None] | None = None
 
 
 PolicyFn = Callable[[Stage, list[Tensor] | None, StageStatistics | None],
-                    tuple[list[Tensor], Callable[[list[Tensor]], list[Tensor]]]]
+                    tuple[list[Tensor], Any]]
 
 
 @dataclass
 class StageDiagnostics:
-    """Per controlled stage: |k|, |K dx| (after the trust bound), the factor the trust bound
-    applied to K dx (1: not cut) and the share of samples whose V_x correction it cut."""
+    """Per player (step with a control): |k|, |K dX| (after the trust bound), the factor the
+    trust bound applied to K dX (1: not cut) and the share of samples whose V_X correction it
+    cut."""
 
     index: int
     name: str
@@ -120,13 +207,108 @@ class StageDiagnostics:
 @dataclass
 class StepResult:
     """What one ``OCNOpt.step`` did: loss before (and after, when computed), whether the step
-    was skipped as non-finite, and per-stage diagnostics."""
+    was skipped as non-finite, and per-player diagnostics."""
 
     loss: Tensor
     loss_after: float | None = None
     skipped: bool = False
     predicted_change: float | None = None
     stages: list[StageDiagnostics] = field(default_factory=list)
+
+
+@dataclass
+class StepConfig:
+    """The options of one step (structural options and the hyper-parameters the engine
+    reads): ``weight_decay`` is the coupled l_t(u) = wd/2 |u|^2 (0 when decoupled),
+    ``fisher_type`` the curvature model's (None: empirical), ``trust`` the bound of order 2,
+    ``game`` "cooperative" or "nash"."""
+
+    order: int
+    lr: float
+    weight_decay: float = 0.0
+    feedback: bool = True
+    value_correction: bool = True
+    gauss_newton: bool = True
+    mu: float = 0.0
+    clip: bool = True
+    trust: float | None = None
+    game: str = "cooperative"
+    fisher_type: str | None = None
+    track_loss_after: bool = False
+
+
+class Controls(abc.ABC):
+    """What the engine needs from the optimizer's state for one step: the curvature model,
+    the hyper-parameters, the step counter, the sampling generator, the curvature state of a
+    control (read only: the step returns the new states) and a parameter backup."""
+
+    model: Any
+    hp: dict[str, Any]
+    step: int
+    generator: torch.Generator | None
+
+    @abc.abstractmethod
+    def states(self, control: Stage) -> list[dict[str, Any]]:
+        """The curvature state of each parameter of ``control``."""
+
+    @abc.abstractmethod
+    def backup(self) -> Any:
+        """A copy of every parameter (taken before the update pass)."""
+
+    @abc.abstractmethod
+    def restore(self, backup: Any) -> None:
+        """Put the parameters of ``backup`` back."""
+
+
+@dataclass
+class StepOutcome:
+    """What ``BellmanEngine.step`` did: the loss before; ``skipped`` names what was not finite
+    ("loss", "update", "value expansion"; parameters untouched); else ``new_states`` (per
+    player: its parameters and their new curvature states, to commit) and ``result``."""
+
+    loss: Tensor
+    skipped: str | None = None
+    new_states: dict[int, tuple[list[Tensor], list[dict[str, Any]]]] = field(default_factory=dict)
+    result: StepResult | None = None
+
+
+def weight_positions(stage: Stage, traj: Trajectory) -> int:
+    """Weight-sharing positions P of a step's output per sample (1 for a Linear on vectors)."""
+    if "weight" not in stage.param_names or stage.module is None:
+        return 1
+    d_out = stage.params[stage.param_names.index("weight")].shape[0]
+    out = traj.states[stage.output]
+    return max(1, out[0].numel() // d_out)
+
+
+def _gather_tied(stages: Sequence[Stage], views: Sequence[Stage],
+                 grads: Sequence[list[Tensor] | None]) -> list[list[Tensor] | None]:
+    """Qbar_u per control: a parameter used by several steps (weight tying) gets the sum of
+    its gradients over the uses, in its first user's control (as autograd sums them)."""
+    if not any(st.shared for st in stages):
+        return list(grads)
+    owner: dict[int, tuple[int, int]] = {}
+    out: list[list[Tensor] | None] = []
+    for st, g in zip(stages, grads):
+        if g is None or not st.has_control:
+            out.append(g)
+            continue
+        mine = []
+        for i, (p, gi) in enumerate(zip(st.params, g)):
+            if st.owned[i]:
+                owner[id(p)] = (st.index, len(mine))
+                mine.append(gi)
+        out.append(mine)
+    for st, g in zip(stages, grads):
+        if g is None or not st.shared:
+            continue
+        for i, (p, gi) in enumerate(zip(st.params, g)):
+            if not st.owned[i]:
+                o, pos = owner[id(p)]
+                target = out[o]
+                assert target is not None
+                target[pos] = target[pos] + gi
+    return out
 
 
 def _norm(ts: Sequence[Tensor]) -> Tensor:
@@ -141,29 +323,49 @@ def bound_correction(Q_x: Tensor, V_x: Tensor, trust: float) -> Tensor:
 
 def bound_correction_with_share(Q_x: Tensor, V_x: Tensor, trust: float) -> tuple[Tensor, Tensor]:
     """``bound_correction`` and the share of samples it cut (a 0-dim tensor)."""
-    delta = V_x - Q_x
-    B = delta.shape[0]
-    dn = torch.linalg.vector_norm(delta.reshape(B, -1), dim=1)
-    qn = torch.linalg.vector_norm(Q_x.reshape(B, -1), dim=1)
+    (out,), share = bound_blocks([Q_x], [V_x], trust)
+    return out, share
+
+
+def bound_blocks(Q: Sequence[Tensor], V: Sequence[Tensor], trust: float
+                 ) -> tuple[list[Tensor], Tensor]:
+    """``bound_correction`` on a state of several blocks: the per-sample norms are those of
+    the stacked blocks (one factor c per sample for all blocks)."""
+    delta = [v - q for q, v in zip(Q, V)]
+    B = delta[0].shape[0]
+
+    def norm(ts: Sequence[Tensor]) -> Tensor:
+        if len(ts) == 1:
+            return torch.linalg.vector_norm(ts[0].reshape(B, -1), dim=1)
+        return torch.stack([torch.linalg.vector_norm(t.reshape(B, -1), dim=1)
+                            for t in ts]).square().sum(0).sqrt()
+
+    dn, qn = norm(delta), norm(Q)
     cut = dn > trust * qn
     scale = torch.where(cut, trust * qn / dn.clamp_min(torch.finfo(dn.dtype).tiny),
                         torch.ones_like(dn))
-    return Q_x + delta * scale.reshape(B, *([1] * (delta.dim() - 1))), cut.to(dn.dtype).mean()
+    out = [q + d * scale.reshape(B, *([1] * (d.dim() - 1))) for q, d in zip(Q, delta)]
+    return out, cut.to(dn.dtype).mean()
 
 
 class BellmanEngine:
     """Orchestrates the nominal pass, the backward value recursion and the update pass."""
 
-    def __init__(self, stages: Sequence[Stage], loss: Loss, backend: Any):
-        self.stages = list(stages)
+    def __init__(self, graph: Graph, loss: Loss, backend: Any):
+        from ocnopt.backends.base import Backend
+
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be an ocnopt.backends.Backend, got {type(backend).__name__}")
+        self.graph = graph
+        self.stages = graph.stages
         self.loss = loss
-        self.backend = backend
+        self.backend: Backend = backend
 
     # -- 1. nominal forward pass -----------------------------------------------------------------
     def nominal(self, inputs: Tensor, *, input_value: bool = False) -> Trajectory:
-        """Forward pass recording the states; ``input_value`` also records what V_x at x_0
-        needs (one extra product for the first stage)."""
-        return self.backend.forward(self.stages, inputs, input_value=input_value)
+        """Forward pass recording the states; ``input_value`` also records what V_x at the
+        network input needs (its block is tracked)."""
+        return self.backend.forward(self.graph, inputs, input_value=input_value)
 
     # -- terminal cost -----------------------------------------------------------------------
     def terminal(self, traj: Trajectory, targets: Tensor, *, fisher_type: str | None = None,
@@ -187,10 +389,10 @@ class BellmanEngine:
     def expand(self, traj: Trajectory, terminal: Terminal, *, need_stats: Sequence[bool],
                keep_values: bool = False, skip_u: Sequence[bool] | None = None
                ) -> tuple[list[QExpansion], list[Tensor | None]]:
-        """First-order value recursion V_x = Q_x = f_x^T V'_x (backprop, SPEC 4) with Qbar_u
-        and the requested statistics per stage. Returns the expansions and, when
-        ``keep_values``, V_x at every stage input (None where not computed)."""
-        return self.backend.backward(self.stages, traj, terminal, need_stats=need_stats,
+        """First-order value recursion V_X = Q_X = F_X^T V'_X (backprop, docs/method.md
+        section 4) with Qbar_u and the requested statistics per step. Returns the expansions
+        and, when ``keep_values``, V_x of every tensor by value id (None where not tracked)."""
+        return self.backend.backward(self.graph, traj, terminal, need_stats=need_stats,
                                      keep_values=keep_values, skip_u=skip_u)
 
     def second_order(
@@ -214,22 +416,28 @@ class BellmanEngine:
         stats_from_value: bool = True,
         trust: float | None = None,
         skip_u: Sequence[bool] | None = None,
+        game: str = "cooperative",
+        controls: Sequence[bool] | None = None,
     ) -> SecondOrderPass:
-        """Second-order backward value recursion (SPEC 2-4) with the policy of every stage.
+        """Second-order backward value recursion (docs/method.md sections 2-4, 7) with the
+        policy of every player.
 
-        Per stage, from the value at the next stage: the Q expansion (backend), the curvature
-        model's step (``policy_fn`` returns the open-loop step k = -lr d and the solver
-        v -> M^{-1} v), the feedback K dx = -lr M^{-1} (1/B) sum_i Q_ux^(i) dx^(i), and the
-        value update V_x = Q_x - lr Q_ux^T M^{-1} Qbar_u, V_xx = Q_xx - (lr/B) Q_ux^T M^{-1}
-        Q_ux (+ mu I, clipped to PSD), each in the backend's representation of V_xx.
+        Per step, from the value at X_{t+1}: the Q expansion (backend), the curvature model's
+        step (``policy_fn`` returns the open-loop step k = -lr d and the solver
+        v -> M^{-1} v), the feedback K dX = -lr M^{-1} (1/B) sum_i Q_uX^(i) dX^(i) (for
+        ``game="nash"`` without the blocks of dX that depend on a simultaneous player), and
+        the value update V_X = Q_X - lr Q_uX^T M^{-1} Qbar_u, V_XX = Q_XX - (lr/B) Q_uX^T
+        M^{-1} Q_uX (+ mu I, clipped to PSD), each in the backend's representation of V_XX.
         ``weight_decay`` is the coupled l_t(u) = wd/2 |u|^2 (added to Q_u and Q_uu here).
         Kronecker statistics come from the propagated value Hessian V'_xx (its per-sample
         square-root factor) when ``stats_from_value``, else from V'_x (empirical Fisher).
+        ``controls[t]`` False: step t has parameters but no policy of its own (tied weights).
         """
         backend = self.backend
+        graph = self.graph
         T = len(self.stages)
         B = terminal.V_x.shape[0]
-        backend.check_second_order(self.stages, traj, need_quu=need_quu)
+        backend.check_second_order(graph, traj, need_quu=need_quu)
         value = backend.terminal_value(self.loss, traj, terminal, targets=targets,
                                        generator=generator)
         policies: list[Policy | None] = [None] * T
@@ -237,13 +445,14 @@ class BellmanEngine:
         Vx_list: list[Tensor | None] = [None] * (T + 1)
         Vxx_list: list[Tensor | None] = [None] * (T + 1)
         if keep:
-            Vx_list[T], Vxx_list[T] = value.V_x, backend.value_hessian(value)
+            Vx_list[T], Vxx_list[T] = value.V[T], value.hessian_block(T)
         predicted = terminal.V_x.new_zeros(())
         bounded: list[Tensor | None] = [None] * T
         for t in reversed(range(T)):
             stage = self.stages[t]
-            exp = backend.expand_stage(stage, t, traj, value, gauss_newton=gauss_newton,
-                                       need_quu=need_quu and stage.has_control,
+            player = stage.has_control and (controls is None or controls[t])
+            exp = backend.expand_stage(stage, traj, value, gauss_newton=gauss_newton,
+                                       need_quu=need_quu and player,
                                        need_stats=need_stats[t], keep=keep,
                                        stats_from_value=stats_from_value,
                                        skip_u=bool(skip_u and skip_u[t]))
@@ -253,7 +462,7 @@ class BellmanEngine:
             if exp.stats is not None and need_quu:
                 exp.stats.Q_uu = exp.Q_uu
             minv = None
-            if stage.has_control:
+            if player:
                 if weight_decay:  # Qbar_u is formed whenever weight decay is in it
                     assert exp.Q_u is not None
                     exp.Q_u = [g.add(p.detach(), alpha=weight_decay)
@@ -262,37 +471,174 @@ class BellmanEngine:
                 quad = backend.quadratic(stage, exp, k)
                 if weight_decay:
                     quad = quad + weight_decay * sum(kk.square().sum() for kk in k)
-                kQ = getattr(exp, "kQ", None) if exp.Q_u is None else sum(
-                    torch.vdot(kk.flatten(), g.flatten()) for kk, g in zip(k, exp.Q_u))
-                assert kQ is not None, "a backend that skips Qbar_u gives k . Qbar_u"
+                if exp.Q_u is None:
+                    kQ = exp.kQ
+                    assert kQ is not None, "a backend that skips Qbar_u gives k . Qbar_u"
+                else:
+                    kQ = sum(torch.vdot(kk.flatten(), g.flatten()) for kk, g in zip(k, exp.Q_u))
                 predicted = predicted + kQ + 0.5 * quad
-                policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B)
+                ignore = graph.nash_ignored[t] if game == "nash" else frozenset()
+                policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B,
+                                                                    ignore=ignore)
                                      if feedback else None)
             if t > 0 or keep:
                 value = backend.value_update(stage, exp, value, minv, lr, B,
                                              value_correction=value_correction and minv is not None,
                                              mu=mu, clip=clip, trust=trust)
-                bounded[t] = getattr(value, "bounded", None)
+                bounded[t] = value.bounded
             expansions[t] = exp if keep else None
-            if keep:
-                Vx_list[t], Vxx_list[t] = value.V_x, backend.value_hessian(value)
+            if keep and t in value.V:
+                Vx_list[t], Vxx_list[t] = value.V[t], value.hessian_block(t)
         return SecondOrderPass(policies, expansions, Vx_list, Vxx_list, float(predicted), bounded)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def step(self, inputs: Tensor, targets: Tensor, config: StepConfig, controls: Controls
+             ) -> StepOutcome:
+        """One Bellman step on the batch: nominal pass, terminal cost, the backward recursion
+        (order 1: backprop; order 2 or curvature "full": the second-order pass with the
+        policies), the finiteness checks and the update (order 1 open loop, order 2 the update
+        pass). Parameters are moved in place only by a step that succeeds (restored from
+        ``controls.backup`` when the update pass ends non-finite); the curvature states of
+        the step are returned, not committed."""
+        stages = self.stages
+        curv = controls.model
+        hp, k = controls.hp, controls.step
+        views = [st.control_view() if st.has_control else st for st in stages]
+        need_stats = [st.has_control and any(st.owned)
+                      and curv.wants_statistics(k, hp, controls.states(views[st.index]))
+                      for st in stages]
+        fisher = config.fisher_type if any(need_stats) else None
+        if fisher == "empirical":
+            fisher = None
+        second = config.order == 2 or curv.needs_full
+        try:
+            traj = self.nominal(inputs)
+        except RuntimeError as err:
+            raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model: {err}"
+                             ) from err
+        terminal = self.terminal(traj, targets, fisher_type=fisher, generator=controls.generator)
+        if not torch.isfinite(terminal.loss):
+            return StepOutcome(terminal.loss, skipped="loss")
+        # Qbar_u's tensors the curvature model will not read (its direction comes from the
+        # statistics' rows, which are the gradient's with the empirical Fisher): not formed
+        # (order 2 also needs M^-1 Qbar_u for the value correction: the direction when it is
+        # that solve, i.e. without momentum)
+        gradient_rows = config.fisher_type in (None, "empirical")
+        B = inputs.shape[0]
+        may_skip = config.order == 1 or curv.direction_is_solve(hp)
+        skip_u = [may_skip and need_stats[t] and st.kronecker
+                  and curv.gradient_unused(st, hp, B, weight_positions(st, traj),
+                                           gradient_rows=gradient_rows)
+                  for t, st in enumerate(stages)]
+        lr, wd = config.lr, config.weight_decay
+        new_states: dict[int, list[dict[str, Any]]] = {}
+
+        def policy_fn(stage: Stage, Q_u: list[Tensor] | None, stats: Any) -> tuple[list[Tensor], Any]:
+            from .curvature.base import Solver
+
+            view = views[stage.index]
+            states = controls.states(view)
+            with torch.no_grad():  # Q_u None: not formed, the model's direction needs no grads
+                upd, dirs = curv.update(view, states, Q_u if Q_u is not None else [],
+                                        view.params, stats, hp, k)
+            new_states[stage.index] = upd
+            solver = Solver(curv, view, upd, hp)
+            if stats is not None and stats.aA is not None:
+                solver.cache["aA"] = (stats.a, stats.aA)  # a A^-1 of the direction: Gram reuses it
+            if curv.direction_is_solve(hp):  # d = M^{-1} Qbar_u: reuse it in the value update
+                solver.remember(Q_u, dirs)
+            return [d.mul(-lr) for d in dirs], solver
+
+        predicted, bounded = None, None
+        if second:
+            with torch.no_grad():
+                try:
+                    result = self.second_order(
+                        traj, terminal, policy_fn, lr=lr, weight_decay=wd,
+                        feedback=config.order == 2 and config.feedback,
+                        value_correction=config.order == 2 and config.value_correction,
+                        gauss_newton=config.gauss_newton, mu=config.mu, clip=config.clip,
+                        need_stats=need_stats, need_quu=curv.needs_full, targets=targets,
+                        generator=controls.generator,
+                        stats_from_value=not gradient_rows,
+                        trust=config.trust if config.order == 2 else None, skip_u=skip_u,
+                        game=config.game)
+                except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
+                    return StepOutcome(terminal.loss, skipped="value expansion")
+            policies, predicted = result.policies, result.predicted_change
+            bounded = result.value_bounded
+        else:
+            expansions, _ = self.expand(traj, terminal, need_stats=need_stats, skip_u=skip_u)
+            grads = _gather_tied(stages, views, [e.Q_u for e in expansions])
+            policies = []
+            for st, exp, Q_u in zip(stages, expansions, grads):
+                view = views[st.index]
+                if not st.has_control or not view.params:  # no control, no curvature state
+                    policies.append(None)
+                    continue
+                if wd:  # gradient_unused is False with weight decay: Q_u was formed
+                    assert Q_u is not None
+                    Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, view.params)]
+                k_t, _ = policy_fn(st, Q_u, exp.stats)
+                policies.append(Policy(k=k_t, params=list(view.params)))
+        controlled = [(st, pol) for st, pol in zip(stages, policies) if pol is not None]
+        with torch.no_grad():
+            # squared norms without a parameter-sized temporary (d.square()) per tensor
+            k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
+                                   .square().sum() for _, pol in controlled])
+        if not bool(torch.isfinite(k_norms.sum())):
+            return StepOutcome(terminal.loss, skipped="update")
+        for (_, pol), n in zip(controlled, k_norms):
+            pol.k_norm = n.sqrt()
+
+        loss_after, fb_norms = None, [0.0] * len(controlled)
+        if config.order == 2 or config.track_loss_after:  # order 2: the update pass is the step
+            backup = controls.backup()
+            _, loss_after, norms = self.update_pass(
+                traj, policies, targets, trust=config.trust if config.order == 2 else None)
+            fb_norms = norms or fb_norms
+            if loss_after is None or not math.isfinite(loss_after) \
+                    or not all(map(math.isfinite, fb_norms)):
+                controls.restore(backup)
+                return StepOutcome(terminal.loss, skipped="update")
+        else:
+            self.apply_open_loop(policies)
+        n = len(controlled)
+        scales, cut = [1.0] * n, [0.0] * n
+        if second:  # the trust bound's diagnostics, converted at once
+            one, zero = k_norms.new_ones(()), k_norms.new_zeros(())
+            values = torch.stack(
+                [one if pol.feedback_scale is None else pol.feedback_scale.reshape(())
+                 for _, pol in controlled]
+                + [zero if bounded is None or bounded[st.index] is None
+                   else bounded[st.index].reshape(()).to(zero.dtype)  # type: ignore[union-attr]
+                   for st, _ in controlled]).tolist()
+            scales, cut = values[:n], values[n:]
+        diagnostics = [StageDiagnostics(st.index, st.name, float(nk) ** 0.5, fb, sc, vb)
+                       for (st, _), nk, fb, sc, vb in zip(controlled, k_norms.tolist(), fb_norms,
+                                                          scales, cut)]
+        return StepOutcome(terminal.loss, new_states={st.index: (views[st.index].params,
+                                                                 new_states[st.index])
+                                                      for st, _ in controlled},
+                           result=StepResult(loss=terminal.loss, loss_after=loss_after,
+                                             predicted_change=predicted, stages=diagnostics))
 
     # -- 3. forward update pass ---------------------------------------------------------------
     @torch.no_grad()
     def update_pass(self, traj: Trajectory, policies: Sequence[Policy | None],
                     targets: Tensor | None = None, trust: float | None = None
                     ) -> tuple[list[Tensor], float | None, list[float]]:
-        """Apply du_t = k_t + K_t dx_t stage by stage (dx_0 = 0); return the new states
-        xhat_t, the loss at xhat_T (None without targets) and the norm of each stage's
-        feedback part K_t dx_t (0 without feedback)."""
-        x = traj.states[0]
-        states = [x]
+        """Apply du_t = k_t + K_t dX_t step by step (dx_0 = 0), replaying the graph with the
+        new controls; return the new tensors Xhat by value id, the loss at the output (None
+        without targets) and the norm of each player's feedback part K_t dX_t (0 without
+        feedback)."""
+        states = [traj.states[0]]
+        live: dict[int, Tensor] = {0: traj.states[0]}
         fb_norms: list[Tensor] = []
-        for t, (stage, policy) in enumerate(zip(self.stages, policies)):
+        for stage, policy in zip(self.stages, policies):
             if policy is not None:
                 if policy.feedback is not None:  # before u changes: it may use the kept graph
-                    fb = policy.feedback(x - traj.states[t])
+                    fb = policy.feedback(Deviation(live, traj.states))
                     fb_norm = _norm(fb)
                     scale = torch.ones_like(fb_norm)
                     if trust is not None:
@@ -301,26 +647,35 @@ class BellmanEngine:
                                                                      max=1.0), scale)
                         fb_norm = fb_norm * scale
                     policy.feedback_scale = scale
-                    for p, k, f in zip(stage.params, policy.k, fb):  # u + k + scale K dx
+                    for p, k, f in zip(policy.params or stage.params, policy.k, fb):  # u+k+sKdx
                         p.add_(k).addcmul_(f, scale)
                     fb_norms.append(fb_norm)
                 else:
-                    for p, k in zip(stage.params, policy.k):
+                    for p, k in zip(policy.params or stage.params, policy.k):
                         p.add_(k)
-                    fb_norms.append(x.new_zeros(()))
-            x = stage.replay(x, traj.contexts[t])
-            states.append(x)
+                    fb_norms.append(states[0].new_zeros(()))
+            xs = tuple(live[j] for j in stage.inputs)
+            z = stage.replay(stage.handler_input(xs), traj.contexts[stage.index])
+            for j in stage.frees:
+                del live[j]
+            live[stage.output] = z
+            states.append(z)
         loss_after = None
         if targets is not None:
-            loss_after = float(self.loss.per_sample(x, targets).mean())
+            loss_after = float(self.loss.per_sample(states[-1], targets).mean())
         norms = torch.stack(fb_norms).tolist() if fb_norms else []
         return states, loss_after, norms
 
     @torch.no_grad()
     def apply_open_loop(self, policies: Sequence[Policy | None]) -> None:
-        """u_t <- u_t + k_t for every stage (order 1: no feedback, no forward pass needed)."""
+        """u_t <- u_t + k_t for every player (order 1: no feedback, no forward pass needed)."""
         for stage, policy in zip(self.stages, policies):
             if policy is not None:
-                for p, d in zip(stage.params, policy.k):
+                for p, d in zip(policy.params or stage.params, policy.k):
                     p.add_(d)
 
+
+__all__ = ["BellmanEngine", "StepConfig", "Controls", "StepOutcome", "weight_positions",
+           "Trajectory", "Terminal", "ValueFunction", "QExpansion", "Policy", "Feedback",
+           "Deviation", "SecondOrderPass", "StepResult", "StageDiagnostics", "bound_correction",
+           "bound_correction_with_share", "bound_blocks"]

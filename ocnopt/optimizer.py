@@ -18,19 +18,13 @@ from torch import Tensor, nn
 
 from .backends import make_backend
 from .curvature import CURVATURES, CurvatureModel
-from .curvature.base import Solver, check_nonneg
-from .engine import BellmanEngine, Policy, StageDiagnostics, StepResult
+from .curvature.base import check_nonneg
+from .engine import BellmanEngine, Controls, StepConfig, StepResult
+from .graph import build_graph
 from .losses import Loss, make_loss
-from .stages import Stage, build_stages
+from .stages import Stage
 
-
-def _positions(stage: Stage, traj: Any, t: int) -> int:
-    """Weight-sharing positions P of a stage's output per sample (1 for a Linear on vectors)."""
-    if "weight" not in stage.param_names:
-        return 1
-    d_out = stage.params[stage.param_names.index("weight")].shape[0]
-    out = traj.states[t + 1]
-    return max(1, out[0].numel() // d_out)
+GAMES = ("cooperative", "nash")
 
 
 class NonFiniteStepWarning(RuntimeWarning):
@@ -39,25 +33,37 @@ class NonFiniteStepWarning(RuntimeWarning):
 
 _COMMON = {"lr", "weight_decay"}
 _STRUCTURAL = ("order", "backend", "curvature", "loss", "feedback", "value_correction",
-               "gauss_newton", "track_loss_after", "seed")
+               "gauss_newton", "track_loss_after", "seed", "game", "leaf_modules")
 
 
 class OCNOpt(torch.optim.Optimizer):
     """Optimal-control neural optimizer.
 
     Args:
-        model: the network as an ``nn.Sequential`` chain (nested Sequentials flattened).
+        model: the network: any ``nn.Module`` that ``torch.fx`` can trace (residual and
+            multi-branch networks; every supported layer call is a step, every other tensor
+            operation a control-free step), an ``nn.Sequential`` chain (nested Sequentials
+            flattened), or a single layer. docs/method.md section 7.
         loss: ``"cross_entropy"``, ``"mse"``, a torch loss module with mean reduction, or a
             per-sample callable ``fn(output, target) -> (B,)``. The objective is the batch mean.
         lr: learning rate (scales open-loop and feedback parts); default per curvature model
             (sgd 1e-3, rmsprop 1e-2, adam/adamw 1e-3, kfac/ekfac 3e-2, full 1: ``DEFAULT_LR``).
         curvature: the model M of Q_uu: ``"sgd"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``,
             ``"kfac"``, ``"ekfac"``, ``"full"`` (E[Q_uu] from the exact backend).
-        backend: who computes the derivatives: ``"autograd"`` (exact, full matrices) or
-            ``"lowrank"`` (Gauss-Newton factor V_xx = Z Z^T), or a ``Backend`` instance.
+        backend: who computes the derivatives (every backend does orders 1 and 2):
+            ``"autograd"`` (exact, full per-sample matrices: small networks, "vanilla DDP"),
+            ``"lowrank"`` (Gauss-Newton factor V_xx = Z Z^T, scalable), ``"backpack"``
+            (Kronecker factors from BackPACK, rank-1 value-gradient feedback), or a
+            ``Backend`` instance.
         order: 1 (backpropagation: the first-order truncation of the Bellman equation) or 2
             (DDP: V_xx propagated, affine feedback policies du = k + K dx applied in the update
-            pass); order 2 needs a backend with second-order terms ("autograd").
+            pass).
+        game: order 2 on graphs: ``"cooperative"`` (default; DDP on the augmented chain: a
+            player's feedback sees every carried state) or ``"nash"`` (a player's feedback
+            ignores the states that depend on a simultaneous player's output). On a chain both
+            are DDPNOpt. docs/method.md section 7.
+        leaf_modules: module classes to run as one step each (not traced into), e.g. a block
+            whose forward has data-dependent control flow.
         feedback: order 2: apply the feedback part K dx in the update pass.
         value_correction: order 2: subtract the policy terms from V_x and V_xx (SPEC 4).
         gauss_newton: drop the contraction terms V'_x . f_ab (Gauss-Newton) or keep them.
@@ -106,6 +112,8 @@ class OCNOpt(torch.optim.Optimizer):
         backend_options: dict[str, Any] | None = None,
         track_loss_after: bool = False,
         seed: int = 0,
+        game: str = "cooperative",
+        leaf_modules: tuple[type[nn.Module], ...] = (),
         **hyperparameters: Any,
     ):
         if not isinstance(curvature, str) or curvature not in CURVATURES:
@@ -113,6 +121,8 @@ class OCNOpt(torch.optim.Optimizer):
         if order not in (1, 2) or isinstance(order, bool):
             raise ValueError(f"invalid order={order!r}: accepted 1 (backpropagation) or 2 "
                              "(DDP with feedback)")
+        if game not in GAMES:
+            raise ValueError(f"invalid game={game!r}: accepted {GAMES}")
         for name, flag in (("feedback", feedback), ("value_correction", value_correction),
                            ("gauss_newton", gauss_newton), ("psd_clip", psd_clip),
                            ("track_loss_after", track_loss_after)):
@@ -130,9 +140,8 @@ class OCNOpt(torch.optim.Optimizer):
             self.backend = make_backend(backend, **options)
         except TypeError as err:
             raise TypeError(f"invalid backend option for backend={backend!r}: {err}") from err
-        if hasattr(self.backend, "check_options"):
-            self.backend.check_options(gauss_newton=gauss_newton, mu=mu,
-                                       needs_full=self.model_.needs_full)
+        self.backend.check_options(gauss_newton=gauss_newton, mu=mu,
+                                   needs_full=self.model_.needs_full)
         if (order == 2 or self.model_.needs_full) and not self.backend.second_order_capable:
             raise ValueError(f"order={order} with curvature={curvature!r} needs a backend with "
                              f"second-order terms; backend={backend!r} has none (use 'autograd')")
@@ -146,9 +155,13 @@ class OCNOpt(torch.optim.Optimizer):
         self.loss_fn = make_loss(loss)
         self.order = order
         self.track_loss_after = bool(track_loss_after)
-        self.stages = build_stages(model)
-        self.backend.prepare(self.stages, self.loss_fn)
-        self.engine = BellmanEngine(self.stages, self.loss_fn, self.backend)
+        self.game = game
+        self.graph = build_graph(model, leaf_modules=leaf_modules)
+        self.stages: list[Stage] = self.graph.stages
+        if order == 2 or self.model_.needs_full:
+            _refuse_tied(self.stages, order, curvature)
+        self.backend.prepare(self.graph, self.loss_fn)
+        self.engine = BellmanEngine(self.graph, self.loss_fn, self.backend)
 
         accepted = {"weight_decay": 0.0, "mu": 0.0, "trust": 0.5, **self.model_.defaults}
         unknown = sorted(set(hyperparameters) - set(accepted))
@@ -163,7 +176,7 @@ class OCNOpt(torch.optim.Optimizer):
         if weight_decay is not None:
             hp["weight_decay"] = weight_decay
         self._check(hp)
-        params = [p for st in self.stages for p in st.params]
+        params = [p for st in self.stages for p, own in zip(st.params, st.owned) if own]
         super().__init__(params, hp)
         # a CPU generator whatever the model's device: the same labels on every device, and
         # checkpoints that load on any device (a CUDA generator's state does not fit a CPU one)
@@ -236,12 +249,14 @@ class OCNOpt(torch.optim.Optimizer):
             self.generator.set_state(meta["generator"])
 
     # -- the step -----------------------------------------------------------------------------
-    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+    def step(self, inputs: Tensor | None = None, targets: Tensor | None = None  # type: ignore[override]
+             ) -> Tensor:
         """One Bellman step on the batch (inputs, targets); returns the loss before the step.
 
         ``last_step`` holds the loss after the step (when computed), whether the step was
-        skipped as non-finite, the predicted change (second-order pass) and per-stage
-        diagnostics (norms of the open-loop step k and of the feedback part K dx).
+        skipped as non-finite, the predicted change (second-order pass) and per-player
+        diagnostics (norms of the open-loop step k and of the feedback part K dX, the trust
+        bound's factor and cut share).
         """
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
             raise TypeError(f"step(inputs, targets) takes tensors, got "
@@ -252,131 +267,24 @@ class OCNOpt(torch.optim.Optimizer):
         hp = self.param_groups[0]
         self._check(hp)
         meta = self._meta
-        k = int(meta["step"])
         model = self.model_
-        need_stats = [st.has_control and model.wants_statistics(k, hp, [self.state[p] for p in st.params])
-                      for st in self.stages]
-        fisher = hp.get("fisher_type") if any(need_stats) else None
-        if fisher == "empirical":
-            fisher = None
-        second = self.order == 2 or model.needs_full
+        config = StepConfig(
+            order=self.order, lr=float(hp["lr"]),
+            weight_decay=float(hp["weight_decay"]) if model.coupled_weight_decay(hp) else 0.0,
+            feedback=self.feedback, value_correction=self.value_correction,
+            gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)), clip=self.psd_clip,
+            trust=hp.get("trust"), game=self.game, fisher_type=hp.get("fisher_type"),
+            track_loss_after=self.track_loss_after)
         self._generator_state = self.generator.get_state()
-
-        try:
-            traj = self.engine.nominal(inputs)
-        except RuntimeError as err:
-            raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model: {err}"
-                             ) from err
-        terminal = self.engine.terminal(traj, targets, fisher_type=fisher,
-                                        generator=self.generator)
-        if not torch.isfinite(terminal.loss):
-            return self._skip(terminal.loss, "loss")
-        # Qbar_u's tensors the curvature model will not read (its direction comes from the
-        # statistics' rows, which are the gradient's with the empirical Fisher): not formed
-        # (order 2 also needs M^-1 Qbar_u for the value correction: the direction when it is
-        # that solve, i.e. without momentum)
-        gradient_rows = hp.get("fisher_type", "empirical") == "empirical"
-        B = inputs.shape[0]
-        may_skip = self.order == 1 or model.direction_is_solve(hp)
-        skip_u = [may_skip and need_stats[t]
-                  and model.gradient_unused(st, hp, B, _positions(st, traj, t),
-                                            gradient_rows=gradient_rows)
-                  for t, st in enumerate(self.stages)]
-
-        lr = float(hp["lr"])
-        wd = float(hp["weight_decay"]) if model.coupled_weight_decay(hp) else 0.0
-        new_states: dict[int, list[dict[str, Any]]] = {}
-
-        def policy_fn(stage: Stage, Q_u: list[Tensor] | None, stats: Any
-                      ) -> tuple[list[Tensor], Callable[[list[Tensor]], list[Tensor]]]:
-            states = [self.state[p] for p in stage.params]
-            with torch.no_grad():  # Q_u None: not formed, the model's direction needs no grads
-                upd, dirs = model.update(stage, states, Q_u if Q_u is not None else [],
-                                         stage.params, stats, hp, k)
-            new_states[stage.index] = upd
-            solver = Solver(model, stage, upd, hp)
-            if stats is not None and getattr(stats, "aA", None) is not None:
-                solver.cache["aA"] = (stats.a, stats.aA)  # a A^-1 of the direction: Gram reuses it
-            if model.direction_is_solve(hp):  # d = M^{-1} Qbar_u: reuse it in the value update
-                solver.remember(Q_u, dirs)
-            return [d.mul(-lr) for d in dirs], solver
-
-        predicted, bounded = None, None
-        if second:
-            with torch.no_grad():
-                try:
-                    result = self.engine.second_order(
-                        traj, terminal, policy_fn, lr=lr, weight_decay=wd,
-                        feedback=self.order == 2 and self.feedback,
-                        value_correction=self.order == 2 and self.value_correction,
-                        gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)),
-                        clip=self.psd_clip, need_stats=need_stats, need_quu=model.needs_full,
-                        targets=targets, generator=self.generator,
-                        stats_from_value=hp.get("fisher_type", "empirical") != "empirical",
-                        trust=hp.get("trust") if self.order == 2 else None, skip_u=skip_u)
-                except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
-                    return self._skip(terminal.loss, "value expansion")
-            policies, predicted = result.policies, result.predicted_change
-            bounded = result.value_bounded
-        else:
-            expansions, _ = self.engine.expand(traj, terminal, need_stats=need_stats,
-                                               skip_u=skip_u)
-            policies = []
-            for st, exp in zip(self.stages, expansions):
-                if not st.has_control:  # no control, no curvature state
-                    policies.append(None)
-                    continue
-                Q_u = exp.Q_u
-                if wd:  # gradient_unused is False with weight decay: Q_u was formed
-                    assert Q_u is not None
-                    Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, st.params)]
-                k_t, _ = policy_fn(st, Q_u, exp.stats)
-                policies.append(Policy(k=k_t))
-        controlled = [(st, pol) for st, pol in zip(self.stages, policies) if pol is not None]
-        with torch.no_grad():
-            # squared norms without a parameter-sized temporary (d.square()) per tensor
-            k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
-                                   .square().sum() for _, pol in controlled])
-        if not bool(torch.isfinite(k_norms.sum())):
-            return self._skip(terminal.loss, "update")
-        for (_, pol), n in zip(controlled, k_norms):
-            pol.k_norm = n.sqrt()
-
-        loss_after, fb_norms = None, [0.0] * len(controlled)
-        if self.order == 2 or self.track_loss_after:  # order 2: the update pass is the step
-            backup = self._backup_params()
-            _, loss_after, norms = self.engine.update_pass(
-                traj, policies, targets, trust=hp.get("trust") if self.order == 2 else None)
-            fb_norms = norms or fb_norms
-            if loss_after is None or not math.isfinite(loss_after) or not all(map(math.isfinite, fb_norms)):
-                with torch.no_grad():
-                    for p, b in zip(self.param_groups[0]["params"], backup):
-                        p.copy_(b)
-                return self._skip(terminal.loss, "update")
-        else:
-            self.engine.apply_open_loop(policies)
-        for st in self.stages:
-            for p, s in zip(st.params, new_states.get(st.index, [])):
+        outcome = self.engine.step(inputs, targets, config, _OptimizerControls(self, hp))
+        if outcome.skipped is not None:
+            return self._skip(outcome.loss, outcome.skipped)
+        for params, states in outcome.new_states.values():
+            for p, s in zip(params, states):
                 self.state[p] = s
-        meta["step"] = k + 1
-        n = len(controlled)
-        scales, cut = [1.0] * n, [0.0] * n
-        if second:  # the trust bound's diagnostics, converted at once
-            one, zero = k_norms.new_ones(()), k_norms.new_zeros(())
-            values = torch.stack(
-                [one if pol.feedback_scale is None else pol.feedback_scale.reshape(())
-                 for _, pol in controlled]
-                + [zero if bounded is None or bounded[st.index] is None
-                   else bounded[st.index].reshape(()).to(zero.dtype)  # type: ignore[union-attr]
-                   for st, _ in controlled]).tolist()
-            scales, cut = values[:n], values[n:]
-        self.last_step = StepResult(
-            loss=terminal.loss, loss_after=loss_after, predicted_change=predicted,
-            stages=[StageDiagnostics(st.index, st.name, float(n) ** 0.5, fb, sc, vb)
-                    for (st, _), n, fb, sc, vb in zip(controlled, k_norms.tolist(), fb_norms,
-                                                      scales, cut)],
-        )
-        return terminal.loss
+        meta["step"] = int(meta["step"]) + 1
+        self.last_step = outcome.result
+        return outcome.loss
 
     def _backup_params(self) -> list[Tensor]:
         """A copy of the parameters before the update pass (restored if it ends non-finite),
@@ -404,3 +312,41 @@ class OCNOpt(torch.optim.Optimizer):
             self._warned_nonfinite = True
         self.last_step = StepResult(loss=loss, skipped=True)
         return loss
+
+
+class _OptimizerControls(Controls):
+    """The optimizer's state as the engine reads it for one step."""
+
+    def __init__(self, opt: OCNOpt, hp: dict[str, Any]):
+        self.opt, self.model, self.hp = opt, opt.model_, hp
+        self.step = int(opt._meta["step"])
+        self.generator = opt.generator
+
+    def states(self, control: Stage) -> list[dict[str, Any]]:
+        return [self.opt.state[p] for p in control.params]
+
+    def backup(self) -> list[Tensor]:
+        return self.opt._backup_params()
+
+    def restore(self, backup: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, b in zip(self.opt.param_groups[0]["params"], backup):
+                p.copy_(b)
+
+
+def _refuse_tied(stages: list[Stage], order: int, curvature: str) -> None:
+    """Order 2 (and curvature "full") with a parameter used by several steps: refused."""
+    uses: dict[int, list[Stage]] = {}
+    names: dict[int, str] = {}
+    for st in stages:
+        for n, p in zip(st.param_names, st.params):
+            uses.setdefault(id(p), []).append(st)
+            names.setdefault(id(p), f"{st.name}.{n}")
+    for pid, users in uses.items():
+        if len(users) > 1:
+            where = ", ".join(f"step {u.index} (model.{u.name})" for u in users)
+            raise ValueError(
+                f"parameter model.{names[pid]} is used by {len(users)} steps ({where}): tied "
+                f"parameters are supported at order 1 only (their gradient summed over the uses); "
+                f"order={order} with curvature={curvature!r} treats each step's parameters as "
+                "its own control. Untie them (copy.deepcopy) or use order=1")

@@ -1,32 +1,93 @@
-"""The network as a chain of stages ``x_{t+1} = f_t(x_t, u_t)`` (SPEC section 1).
+"""The network as steps of a dynamical system (docs/method.md, sections 1 and 7).
 
-Stage t maps the state x_t (the activation entering it, per sample) and the control u_t (its
-trainable parameters, shared by the batch) to x_{t+1}. Parameter-free layers are kept as
-control-free stages (u empty); the value recursion passes through them unchanged in form.
+Step t reads some earlier tensors (its arguments a_t: the network input or outputs of earlier
+steps) and its control u_t (the trainable parameters it owns, shared by the batch) and
+produces one tensor z_t = f_t(a_t, u_t). A chain (``nn.Sequential``) is the special case where
+step t reads exactly the output of step t-1; any network ``torch.fx`` can trace is a graph of
+such steps (``ocnopt.graph``). Tensors are named by *value ids*: 0 is the network input and
+t + 1 the output of step t, so on a chain the value id of the input of step t is t.
+
+Module steps (``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``, ...) read one tensor and are
+differentiated by their layer handler (``ocnopt.derivatives``); function steps (``add``,
+``cat``, ``flatten``, ``relu``, ...) read any number of tensors, own no control and are
+differentiated generically through ``torch.func``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .derivatives import DERIVATIVES, StageDerivatives, supported_modules
+from .derivatives import StageDerivatives
 from .derivatives.base import param_dict
 
+#: what a step's handler receives as its input: one tensor (module steps) or a tuple (functions)
+StepInput = Any
 
-@dataclass
+
+class FunctionDerivatives(StageDerivatives):
+    """Derivatives of a control-free function step ``z = fn(*args, **kwargs)``: the generic
+    ``torch.func`` forms on a call whose tensor arguments are the step's inputs (a tuple, in
+    the order of ``Stage.inputs``) and whose other arguments are constants of the trace
+    (numbers, shapes recorded in the nominal pass, buffers)."""
+
+    def __init__(self, call: Callable[[tuple[Tensor, ...], Any], Tensor], label: str):
+        self.call = call
+        self.label = label
+
+    def forward(self, module: Any, x: StepInput) -> tuple[Tensor, Any]:
+        return self.call(x, None), None
+
+    def replay(self, module: Any, x: StepInput, ctx: Any) -> Tensor:
+        return self.call(x, ctx)
+
+    def functional(self, module: Any, params: dict[str, Tensor], x: StepInput, ctx: Any) -> Tensor:
+        return self.call(x, ctx)
+
+    def __repr__(self) -> str:
+        return f"FunctionDerivatives({self.label})"
+
+
+@dataclass(eq=False)
 class Stage:
-    """One time step of the chain: a module, its derivatives and its control."""
+    """One time step: its module (None for a function step), its derivatives, its control and
+    where it sits in the graph.
+
+    ``inputs``: value ids of the tensors the step reads, in the order its handler takes them;
+    ``output``: the value id it produces (``index + 1``); ``frees``: the value ids whose last
+    read is this step (they leave the augmented state after it). ``param_names``/``params``:
+    the trainable parameters the step uses; ``owned[i]`` is False where ``params[i]`` is also
+    used by an earlier step (weight tying), which then owns it as its control.
+    """
 
     index: int
     name: str
-    module: nn.Module
+    module: nn.Module | None
     derivatives: StageDerivatives
     param_names: list[str] = field(default_factory=list)
     params: list[nn.Parameter] = field(default_factory=list)
+    inputs: tuple[int, ...] = ()
+    output: int = -1
+    frees: tuple[int, ...] = ()
+    owned: list[bool] = field(default_factory=list)
+    #: a parameter of this step is used by another step too (weight tying)
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output < 0:
+            self.output = self.index + 1
+        if not self.inputs:
+            self.inputs = (self.index,)
+        if not self.owned:
+            self.owned = [True] * len(self.params)
+
+    @property
+    def is_function(self) -> bool:
+        return isinstance(self.derivatives, FunctionDerivatives)
 
     @property
     def has_control(self) -> bool:
@@ -34,16 +95,21 @@ class Stage:
 
     @property
     def kronecker(self) -> bool:
-        """Whether curvature models with Kronecker factors (kfac, ekfac) apply to this stage."""
-        return self.derivatives.kronecker and self.has_control
+        """Whether curvature models with Kronecker factors (kfac, ekfac) apply to this step:
+        a Linear/Conv handler, and no parameter shared with another step."""
+        return self.derivatives.kronecker and self.has_control and not self.shared
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+    def handler_input(self, xs: tuple[Tensor, ...]) -> StepInput:
+        """What the handler takes for the tensors ``xs`` read (in ``inputs`` order)."""
+        return xs if self.is_function else xs[0]
+
+    def forward(self, x: StepInput) -> tuple[Tensor, Any]:
         return self.derivatives.forward(self.module, x)
 
-    def replay(self, x: Tensor, ctx: Any) -> Tensor:
+    def replay(self, x: StepInput, ctx: Any) -> Tensor:
         return self.derivatives.replay(self.module, x, ctx)
 
-    def functional(self, params: dict[str, Tensor], x: Tensor, ctx: Any = None) -> Tensor:
+    def functional(self, params: dict[str, Tensor], x: StepInput, ctx: Any = None) -> Tensor:
         """f_t(x, u) as a pure function of ``params`` (a dict keyed by ``param_names``)."""
         return self.derivatives.functional(self.module, params, x, ctx)
 
@@ -62,97 +128,31 @@ class Stage:
         chunks = flat.split([p.numel() for p in self.params], dim=-1)
         return [c.reshape(*lead, *p.shape) for c, p in zip(chunks, self.params)]
 
+    def control_view(self) -> Stage:
+        """This step restricted to the parameters it owns (its control), for the curvature
+        model: itself when it owns all of them."""
+        if all(self.owned):
+            return self
+        keep = [i for i, o in enumerate(self.owned) if o]
+        return Stage(self.index, self.name, self.module, self.derivatives,
+                     [self.param_names[i] for i in keep], [self.params[i] for i in keep],
+                     self.inputs, self.output, self.frees, shared=True)
+
     def __repr__(self) -> str:
-        return f"Stage({self.index}, {self.name!r}, {type(self.module).__name__})"
+        kind = type(self.module).__name__ if self.module is not None else \
+            getattr(self.derivatives, "label", "function")
+        return f"Stage({self.index}, {self.name!r}, {kind})"
 
 
-def _flatten(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    if isinstance(module, nn.Sequential):
-        out: list[tuple[str, nn.Module]] = []
-        for name, child in module._modules.items():  # named_children() hides repeats
-            if child is not None:
-                out += _flatten(child, f"{prefix}.{name}" if prefix else name)
-        return out
-    return [(prefix or type(module).__name__, module)]
+def module_params(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    """The trainable parameters of ``module`` (its control u), by local name."""
+    params = param_dict(module)
+    names = [n for n, p in params.items() if isinstance(p, nn.Parameter)]
+    return names, [params[n] for n in names]  # type: ignore[misc]
 
 
-def _check_module(position: int, name: str, module: nn.Module) -> StageDerivatives:
-    handler = DERIVATIVES.get(type(module))
-    if handler is None:
-        if len(list(module.children())) > 0 and not isinstance(module, nn.Sequential):
-            raise TypeError(
-                f"module {type(module).__name__} at stage position {position} (model.{name}) is "
-                "a container with its own forward(): ocnopt cannot see its computation as a chain. "
-                "Write it as nn.Sequential(...) of supported layers (nested Sequentials are "
-                "flattened); residual and multi-branch blocks are not supported yet. "
-                f"Supported layers: {', '.join(supported_modules())}"
-            )
-        raise TypeError(
-            f"unsupported module {type(module).__name__} at stage position {position} "
-            f"(model.{name}); supported layers: {', '.join(supported_modules())}"
-        )
-    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) and module.return_indices:
-        raise TypeError(
-            f"{type(module).__name__} at stage position {position} (model.{name}) has "
-            "return_indices=True; a stage must return one tensor, use return_indices=False"
-        )
-    if isinstance(module, nn.Flatten) and module.start_dim == 0:
-        raise TypeError(
-            f"Flatten at stage position {position} (model.{name}) has start_dim=0, which mixes "
-            "samples of the batch; use start_dim=1"
-        )
-    return handler
+def build_stages(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -> list[Stage]:
+    """The steps of ``model`` in topological order (see ``ocnopt.graph.build_graph``)."""
+    from .graph import build_graph
 
-
-def build_stages(model: nn.Module) -> list[Stage]:
-    """Turn ``model`` (an ``nn.Sequential`` of supported layers, nested Sequentials flattened,
-    or a single supported layer) into the chain of stages.
-
-    Raises ``TypeError`` naming the module, its position and the supported layers when a module
-    is not supported, and explaining how to express the model as a chain when it is not one.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(model, nn.Sequential) and type(model) not in DERIVATIVES:
-        raise TypeError(
-            f"model of type {type(model).__name__} is not a chain: ocnopt needs the network as "
-            "nn.Sequential(layer_0, layer_1, ...) whose output is the next layer's input "
-            "(nested Sequentials are flattened). Residual and multi-branch networks are not "
-            f"supported yet. Supported layers: {', '.join(supported_modules())}"
-        )
-    stages: list[Stage] = []
-    first_seen: dict[int, str] = {}
-    for position, (name, module) in enumerate(_flatten(model, "")):
-        if id(module) in first_seen and any(True for _ in module.parameters()):
-            raise ValueError(
-                f"module {type(module).__name__} is shared: it appears twice in the chain (model."
-                f"{first_seen[id(module)]} and model.{name}, stage position {position}): each "
-                "stage must own its control; use a separate module (copy.deepcopy) for each use"
-            )
-        first_seen.setdefault(id(module), name)
-        handler = _check_module(position, name, module)
-        params = param_dict(module)
-        stages.append(
-            Stage(
-                index=position,
-                name=name,
-                module=module,
-                derivatives=handler,
-                param_names=list(params),
-                params=[p for p in params.values() if isinstance(p, nn.Parameter)],
-            )
-        )
-    if not stages:
-        raise ValueError("model has no layers: an empty nn.Sequential is not a network")
-    seen: set[int] = set()
-    for st in stages:
-        for p in st.params:
-            if id(p) in seen:
-                raise ValueError(
-                    f"parameter shared between stages (found again at stage {st.index}, "
-                    f"model.{st.name}); each stage must own its control"
-                )
-            seen.add(id(p))
-    if not seen:
-        raise ValueError("model has no trainable parameters: nothing to optimise")
-    return stages
+    return build_graph(model, leaf_modules=leaf_modules).stages

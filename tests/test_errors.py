@@ -163,9 +163,9 @@ def test_loss_callable_with_per_sample_shape_is_accepted(make_mlp, make_batches)
 
 # ---- modules ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, position", [
-    (nn.BatchNorm1d(6), 1),
-    (nn.LayerNorm(6), 1),
-])
+    (nn.MultiheadAttention(6, 2), 1),
+    (nn.RNN(6, 6), 1),
+], ids=["attention", "rnn"])
 def test_unsupported_module_names_module_position_and_supported(bad, position):
     model = nn.Sequential(nn.Linear(4, 6), bad, nn.Linear(6, 3))
     with pytest.raises(TypeError, match=msg_re(type(bad).__name__, f"position {position}",
@@ -185,26 +185,82 @@ def test_lstm_alone_is_unsupported():
         OCNOpt(nn.Sequential(nn.LSTM(4, 3)))
 
 
-class Residual(nn.Module):
+def test_unsupported_module_in_a_traced_graph_names_its_node():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 6)
+            self.rnn = nn.GRU(6, 6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(self.rnn(self.inp(x)) + x.sum())
+
+    with pytest.raises(TypeError, match=msg_re("GRU", re.escape("(model.rnn)"), SUPPORTED)):
+        OCNOpt(Net())
+
+
+class Branchy(nn.Module):
     def __init__(self):
         super().__init__()
         self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
 
     def forward(self, x):
-        return x + self.inner(x)
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return self.head(x + self.inner(x))
 
 
-def test_custom_module_as_model_explains_how_to_write_a_chain():
-    with pytest.raises(TypeError, match=msg_re("Residual", "not a chain",
-                                               re.escape("nn.Sequential("), SUPPORTED)):
-        OCNOpt(Residual())
+def test_untraceable_model_names_the_module_and_the_line():
+    with pytest.raises(TypeError, match=msg_re("Branchy", "cannot be traced by torch.fx",
+                                               re.escape("if x.sum() > 0:"), "test_errors.py",
+                                               "leaf_modules")):
+        OCNOpt(Branchy())
 
 
-def test_custom_container_inside_sequential_explains_how_to_write_a_chain():
-    model = nn.Sequential(nn.Linear(4, 4), Residual(), nn.Linear(4, 3))
-    with pytest.raises(TypeError, match=msg_re("Residual", "position 1", re.escape("model.1"),
-                                               re.escape("nn.Sequential("), SUPPORTED)):
-        OCNOpt(model)
+def test_untraceable_block_works_as_a_leaf_module():
+    """The error's advice: the block named in leaf_modules is one step, run as it is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Branchy()).double()
+    opt = OCNOpt(model, curvature="sgd", lr=0.1, leaf_modules=(Branchy,))
+    assert [type(st.module).__name__ for st in opt.stages] == ["Linear", "Branchy"]
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    ref = __import__("copy").deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    F.cross_entropy(ref(x), y).backward()
+    ref_opt.step()
+    opt.step(x, y)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_model_with_two_inputs_is_refused():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x, mask):
+            return self.lin(x * mask)
+
+    with pytest.raises(TypeError, match=msg("Two.forward takes 2 tensor inputs", "x, mask",
+                                            "passes one")):
+        OCNOpt(Two())
+
+
+def test_parameter_used_outside_its_module_is_refused():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) * self.lin.weight.sum()
+
+    with pytest.raises(TypeError, match=msg("parameter 'lin.weight' directly",
+                                            "control of a step", "leaf_modules")):
+        OCNOpt(Scaled())
 
 
 def test_maxpool_with_return_indices():
@@ -241,17 +297,20 @@ def test_empty_sequential():
         OCNOpt(nn.Sequential())
 
 
-def test_parameter_shared_between_stages():
+@pytest.mark.parametrize("order, curvature", [(2, "adam"), (1, "full")])
+def test_parameter_shared_between_stages_is_refused_at_order_2(order, curvature):
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
-    with pytest.raises(ValueError, match=msg("shared", "stage 2", "model.2")):
-        OCNOpt(nn.Sequential(first, nn.Tanh(), second))
+    with pytest.raises(ValueError, match=msg("parameter model.0.weight is used by 2 steps",
+                                             "step 0 (model.0)", "step 2 (model.2)",
+                                             "order 1 only", "Untie")):
+        OCNOpt(nn.Sequential(first, nn.Tanh(), second), order=order, curvature=curvature)
 
 
-def test_module_reused_in_the_chain_is_refused():
+def test_module_reused_in_the_chain_is_refused_at_order_2():
     shared = nn.Linear(4, 4)
-    with pytest.raises(ValueError, match=msg("shared")):
-        OCNOpt(nn.Sequential(shared, nn.Tanh(), shared))
+    with pytest.raises(ValueError, match=msg("used by 2 steps", "order 1 only")):
+        OCNOpt(nn.Sequential(shared, nn.Tanh(), shared), order=2, backend="lowrank")
 
 
 # ---- batches ---------------------------------------------------------------------------------

@@ -229,27 +229,31 @@ def test_update_pass_at_zero_lr_reproduces_nominal_states(chain, B, feedback):
     res = eng.second_order(traj, term, sgd_policy(0.0), lr=0.0, feedback=feedback,
                            need_stats=[False] * len(eng.stages))
     first = next(t for t, p in enumerate(res.policies) if p is not None)
-    if feedback:
-        fb = res.policies[first].feedback
+    fb = res.policies[first].feedback
+    if feedback and first == 0:  # dx_0 = 0 always: the network input carries no block
+        assert fb is None
+    elif feedback:
+        assert fb is not None
 
-        def spy(dx, fb=fb):
-            seen_dx0.append(dx.clone())
-            return fb(dx)
+        def spy(dX, fb=fb):
+            seen_dx0.append({j: dX[j].clone() for j in fb.blocks})
+            return fb(dX)
 
-        res.policies[first].feedback = spy
+        res.policies[first].feedback = ocnopt.engine.Feedback(spy, fb.blocks)
     states, loss_after, _ = eng.update_pass(traj, res.policies, y)
     for a, b in zip(states, traj.states):
         assert torch.equal(a, b)
     assert loss_after == float(term.loss)
-    if feedback and first == 0:
-        assert torch.count_nonzero(seen_dx0[0]) == 0
+    for dX in seen_dx0:  # at lr = 0 nothing before the first player moved
+        assert all(torch.count_nonzero(d) == 0 for d in dX.values())
 
 
 # -- the exact backend's budget ------------------------------------------------------------------
 def test_exact_backend_refuses_a_stage_over_budget():
+    # the network input carries no value block (dx_0 = 0): n_in = 0 at the first stage
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
     opt = ocnopt.OCNOpt(model, curvature="full", order=2, memory_budget=2**20)
-    with pytest.raises(MemoryBudgetError, match=r"Linear.*MiB.*B=32, n_in=64, n_out=64, m=4160"):
+    with pytest.raises(MemoryBudgetError, match=r"Linear.*MiB.*B=32, n_in=0, n_out=64, m=4160"):
         opt.step(torch.randn(32, 64), torch.randint(0, 10, (32,)))
     assert all(not s for p, s in opt.state.items() if p != "ocnopt")
 
