@@ -1,0 +1,176 @@
+"""The dense augmented-chain DDP oracle (tests/reference_ddp.py) against the chain engine.
+
+On an nn.Sequential chain the augmented state is the chain's state, so one step of the oracle
+must equal one step of OCNOpt(order=2, curvature="full", backend="autograd", trust=None):
+parameters, predicted change and loss after the step. This validates the oracle before it is
+used on graphs (the graph identity of docs/method.md's test list).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+import ocnopt
+from tests.reference_ddp import build_steps, dense_ddp_step, nash_masks
+
+RTOL = 1e-9
+
+
+def chain(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def data(B: int, loss: str, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, generator=g, dtype=torch.float64)
+    if loss == "mse":
+        return x, torch.randn(B, 3, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (B,), generator=g)
+
+
+def engine_step(model: nn.Module, x, y, *, loss, lr, damping, weight_decay, gauss_newton, **flags):
+    model = copy.deepcopy(model)
+    opt = ocnopt.OCNOpt(model, loss=loss, curvature="full", backend="autograd", order=2, lr=lr,
+                        damping=damping, weight_decay=weight_decay, trust=None,
+                        gauss_newton=gauss_newton, track_loss_after=True, **flags)
+    opt.step(x, y)
+    step = opt.last_step
+    return dict(model.named_parameters()), step.predicted_change, step.loss_after
+
+
+def assert_close(a, b, rtol=RTOL):
+    """|a - b| <= rtol |b| (norm-wise: small entries of a large step carry its rounding)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64).detach()
+    assert float(torch.linalg.vector_norm(a - b)) <= rtol * float(torch.linalg.vector_norm(b)), (a, b)
+
+
+def assert_same_step(model, ref_params, params, rtol=RTOL):
+    """The steps (new - old parameters, all tensors stacked) agree norm-wise."""
+    old = {k: p.detach() for k, p in model.named_parameters()}
+    assert_close(torch.cat([(ref_params[k] - old[k]).reshape(-1) for k in old]),
+                 torch.cat([(params[k].detach() - old[k]).reshape(-1) for k in old]), rtol)
+
+
+CASES = [  # (loss, lr, damping, weight_decay)
+    ("cross_entropy", 1.0, 1e-3, 0.0),
+    ("cross_entropy", 0.5, 1e-2, 1e-2),
+    ("mse", 1.0, 1e-3, 0.0),
+    ("mse", 0.7, 1e-3, 5e-2),
+]
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("gauss_newton", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_reference_equals_chain_engine(B, gauss_newton, case):
+    """params after one step, predicted change and loss after equal the chain engine's."""
+    loss, lr, damping, wd = case
+    model = chain(seed=B + 7 * int(gauss_newton))
+    x, y = data(B, loss)
+    ref_params, ref_pred, ref_after = dense_ddp_step(
+        model, x, y, loss=loss, lr=lr, damping=damping, weight_decay=wd, gauss_newton=gauss_newton)
+    params, pred, after = engine_step(model, x, y, loss=loss, lr=lr, damping=damping,
+                                      weight_decay=wd, gauss_newton=gauss_newton)
+    moved = sum(float((ref_params[k] - p.detach()).abs().max()) for k, p in model.named_parameters())
+    assert moved > 1e-3  # the step is not trivial
+    assert_same_step(model, ref_params, params)
+    assert_close(ref_pred, pred)
+    assert_close(ref_after, after)
+
+
+@pytest.mark.parametrize("flags", [dict(feedback=False), dict(value_correction=False),
+                                   dict(feedback=False, value_correction=False), dict(psd_clip=False)])
+def test_reference_flags_equal_chain_engine(flags):
+    """feedback / value correction / PSD clip switched off: still the chain engine's step."""
+    x, y = data(3, "cross_entropy")
+    model = chain(seed=3)
+    kw = dict(loss="cross_entropy", lr=1.0, damping=1e-3, weight_decay=1e-2, gauss_newton=False)
+    ref_params, ref_pred, ref_after = dense_ddp_step(model, x, y, **kw, **flags)
+    params, pred, after = engine_step(model, x, y, **kw, **flags)
+    assert_same_step(model, ref_params, params)
+    assert_close(ref_pred, pred)
+    assert_close(ref_after, after)
+
+
+def test_feedback_matters_on_chain():
+    """The comparison above can fail: without feedback the step differs (B = 3, Newton)."""
+    x, y = data(3, "cross_entropy")
+    model = chain(seed=3)
+    kw = dict(loss="cross_entropy", lr=1.0, damping=1e-3, gauss_newton=False)
+    with_fb = dense_ddp_step(model, x, y, **kw)[0]
+    without = dense_ddp_step(model, x, y, **kw, feedback=False)[0]
+    assert max(float((with_fb[k] - without[k]).abs().max()) for k in with_fb) > 1e-4
+
+
+def test_lr_zero_keeps_everything():
+    """lr = 0: parameters unchanged, predicted change 0, loss after = loss before."""
+    x, y = data(2, "mse")
+    model = chain()
+    params, pred, after = dense_ddp_step(model, x, y, loss="mse", lr=0.0, damping=1e-3)
+    for name, p in model.named_parameters():
+        assert torch.equal(params[name], p.detach())
+    assert pred == 0.0
+    assert after == pytest.approx(float(nn.functional.mse_loss(model(x), y)), rel=1e-12)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2, self.head = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(x + self.lin2(torch.tanh(self.lin1(x))))
+
+
+class Inception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b1, self.b2, self.head = (nn.Linear(3, 2), nn.Linear(3, 4), nn.Linear(4, 2),
+                                               nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b2(torch.tanh(self.b1(x)))], dim=1))
+
+
+def test_augmented_state_layout_residual():
+    """Residual block: x stays live until the add; the lin1 output is dropped after tanh."""
+    _, inp, steps, result = build_steps(Residual())
+    names = [[b.name for b in s.blocks_in] for s in steps]
+    assert [s.node.name for s in steps] == ["lin1", "tanh", "lin2", "add", "head"]
+    assert names == [["x"], ["x", "lin1"], ["x", "tanh"], ["x", "lin2"], ["add"]]
+    assert [b.name for b in steps[-1].blocks_out] == ["head"] and result.name == "head"
+    _, _, steps, _ = build_steps(Residual(), include_input=False)
+    assert [[b.name for b in s.blocks_in] for s in steps] == [[], ["lin1"], ["tanh"], ["lin2"], ["add"]]
+
+
+def test_nash_masks_inception():
+    """Inception: b1 and b2 ignore the block of the simultaneous branch a; the head sees all."""
+    _, _, steps, _ = build_steps(Inception())
+    masks = nash_masks(steps)
+    by_name = {steps[t].node.name: dict(zip([b.name for b in steps[t].blocks_in], m))
+               for t, m in masks.items()}
+    assert by_name == {"a": {"x": True}, "b1": {"x": True, "a": False},
+                       "b2": {"a": False, "tanh": True}, "head": {"cat": True}}
+    assert all(all(m) for m in nash_masks(build_steps(Residual())[2]).values())
+
+
+def test_refuses_unsupported():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return operator.sub(self.lin(x), x)
+
+    with pytest.raises(TypeError, match="unsupported function"):
+        dense_ddp_step(Odd().double(), torch.zeros(1, 2, dtype=torch.float64),
+                       torch.zeros(1, dtype=torch.long), lr=1.0, damping=1e-3)
+    with pytest.raises(ValueError, match="invalid game='stackelberg'"):
+        dense_ddp_step(chain(), *data(1, "mse"), loss="mse", lr=1.0, damping=1e-3, game="stackelberg")
