@@ -251,15 +251,16 @@ def dense_ddp_step(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross
         parts = [values[b][i].reshape(-1) for b in blocks]
         return torch.cat(parts) if parts else x.new_zeros(0)
 
-    def step_map(s: Step, shapes: dict[fx.Node, torch.Size]):
-        """The augmented step X_t -> X_{t+1} of one sample, flattened: g(X, u)."""
+    def step_map(s: Step, shapes: dict[fx.Node, torch.Size], i: int):
+        """The augmented step X_t -> X_{t+1} of sample i, flattened: g(X, u) (the network
+        input, when it is not a block, is the constant x^(i))."""
         names = list(s.params)
         sizes = [s.params[k].numel() for k in names]
         in_sizes = [shapes[b].numel() for b in s.blocks_in]
 
         def g(X: Tensor, u: Tensor) -> Tensor:
             blocks = dict(zip(s.blocks_in, X.split(in_sizes)))
-            local = {b: v.reshape(1, *shapes[b]) for b, v in blocks.items()}
+            local = {inp: x[i:i + 1], **{b: v.reshape(1, *shapes[b]) for b, v in blocks.items()}}
             params = {k: c.reshape(s.params[k].shape) for k, c in zip(names, u.split(sizes))}
             z = run_node(gm, s.node, local, params)
             local[s.node] = z
@@ -275,12 +276,12 @@ def dense_ddp_step(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross
     policies: dict[int, tuple[Tensor, list[Tensor], Tensor]] = {}  # t -> (k, Q_uX^(i), M^-1)
     predicted = 0.0
     for s in reversed(steps):
-        g = step_map(s, shapes)
         u = (torch.cat([p.detach().reshape(-1) for p in s.params.values()]) if s.params
              else x.new_zeros(0))
         m, nX = u.numel(), sum(shapes[b].numel() for b in s.blocks_in)
         Q_X, Q_XX, Q_uX, Q_uu, Q_u = [], [], [], [], []
         for i in range(B):
+            g = step_map(s, shapes, i)
             X = flat_blocks(env, s.blocks_in, i)
             F_X, F_u = jacrev(g, argnums=(0, 1))(X, u)
             Q_X.append(F_X.T @ V[i])

@@ -1,9 +1,15 @@
-"""The dense augmented-chain DDP oracle (tests/reference_ddp.py) against the chain engine.
+"""The dense augmented-chain DDP oracle (tests/reference_ddp.py), validated before it is used on
+graphs (the graph identity of docs/method.md's test list).
 
-On an nn.Sequential chain the augmented state is the chain's state, so one step of the oracle
-must equal one step of OCNOpt(order=2, curvature="full", backend="autograd", trust=None):
-parameters, predicted change and loss after the step. This validates the oracle before it is
-used on graphs (the graph identity of docs/method.md's test list).
+1. On an nn.Sequential chain the augmented state is the chain's state, so one step of the
+   oracle equals one step of OCNOpt(order=2, curvature="full", backend="autograd",
+   trust=None): parameters, predicted change and loss after the step.
+2. On graphs (residual, inception, projection shortcut), without feedback and value correction
+   the propagated V_XX is the Gauss-Newton (resp. exact) Hessian of the loss w.r.t. the
+   augmented state, so each player's step is -lr (G_u + wd I + damping I)^{-1} (grad + wd u)
+   with G_u the GGN (resp. Hessian) block of the mean loss, computed here by torch.func on the
+   whole model: an independent check of the graph layout, the fork rule and the block Jacobians.
+3. The augmented-state layout and the feedback Nash masks on small graphs, and the games.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import torch
 from torch import nn
 
 import ocnopt
-from tests.reference_ddp import build_steps, dense_ddp_step, nash_masks
+from tests._graphs import GRAPHS, graph_batch, make_graph
+from tests.reference_ddp import build_steps, dense_ddp_step, floored_solve, nash_masks
 
 RTOL = 1e-9
 
@@ -116,48 +123,29 @@ def test_lr_zero_keeps_everything():
     for name, p in model.named_parameters():
         assert torch.equal(params[name], p.detach())
     assert pred == 0.0
-    assert after == pytest.approx(float(nn.functional.mse_loss(model(x), y)), rel=1e-12)
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin1, self.lin2, self.head = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(3, 2)
-
-    def forward(self, x):
-        return self.head(x + self.lin2(torch.tanh(self.lin1(x))))
-
-
-class Inception(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b1, self.b2, self.head = (nn.Linear(3, 2), nn.Linear(3, 4), nn.Linear(4, 2),
-                                               nn.Linear(4, 2))
-
-    def forward(self, x):
-        return self.head(torch.cat([self.a(x), self.b2(torch.tanh(self.b1(x)))], dim=1))
+    assert after == pytest.approx(float(nn.functional.mse_loss(model(x).detach(), y)), rel=1e-12)
 
 
 def test_augmented_state_layout_residual():
     """Residual block: x stays live until the add; the lin1 output is dropped after tanh."""
-    _, inp, steps, result = build_steps(Residual())
+    _, inp, steps, result = build_steps(make_graph("residual"))
     names = [[b.name for b in s.blocks_in] for s in steps]
     assert [s.node.name for s in steps] == ["lin1", "tanh", "lin2", "add", "head"]
     assert names == [["x"], ["x", "lin1"], ["x", "tanh"], ["x", "lin2"], ["add"]]
     assert [b.name for b in steps[-1].blocks_out] == ["head"] and result.name == "head"
-    _, _, steps, _ = build_steps(Residual(), include_input=False)
+    _, _, steps, _ = build_steps(make_graph("residual"), include_input=False)
     assert [[b.name for b in s.blocks_in] for s in steps] == [[], ["lin1"], ["tanh"], ["lin2"], ["add"]]
 
 
 def test_nash_masks_inception():
     """Inception: b1 and b2 ignore the block of the simultaneous branch a; the head sees all."""
-    _, _, steps, _ = build_steps(Inception())
+    _, _, steps, _ = build_steps(make_graph("inception"))
     masks = nash_masks(steps)
     by_name = {steps[t].node.name: dict(zip([b.name for b in steps[t].blocks_in], m))
                for t, m in masks.items()}
     assert by_name == {"a": {"x": True}, "b1": {"x": True, "a": False},
                        "b2": {"a": False, "tanh": True}, "head": {"cat": True}}
-    assert all(all(m) for m in nash_masks(build_steps(Residual())[2]).values())
+    assert all(all(m) for m in nash_masks(build_steps(make_graph("residual"))[2]).values())
 
 
 def test_refuses_unsupported():
@@ -174,3 +162,88 @@ def test_refuses_unsupported():
                        torch.zeros(1, dtype=torch.long), lr=1.0, damping=1e-3)
     with pytest.raises(ValueError, match="invalid game='stackelberg'"):
         dense_ddp_step(chain(), *data(1, "mse"), loss="mse", lr=1.0, damping=1e-3, game="stackelberg")
+
+
+def block_newton_steps(model, x, y, *, loss, lr, damping, weight_decay, exact):
+    """Per player (a module's parameters), from torch.func on the whole model: the step
+    -lr M^{-1} (grad + wd u) with M = G + wd I + damping I (floored when indefinite), G the
+    GGN block (1/B) sum_i J_i^T H_i J_i (``exact=False``) or the Hessian block of the mean loss
+    (``exact=True``), and sum over players of k . g + 1/2 k^T (G + wd I) k."""
+    from torch.func import functional_call, grad, hessian, jacrev
+
+    base = {k: p.detach() for k, p in model.named_parameters()}
+    players: dict[str, list[str]] = {}
+    for k in base:
+        players.setdefault(k.rsplit(".", 1)[0], []).append(k)
+
+    def phi(out, yi):
+        if loss == "mse":
+            return (out - yi).square().mean()
+        return -torch.log_softmax(out, 0)[yi]
+
+    new, predicted = dict(base), 0.0
+    for names in players.values():
+        sizes = [base[k].numel() for k in names]
+        u = torch.cat([base[k].reshape(-1) for k in names])
+
+        def out(uf, i, names=names, sizes=sizes):
+            p = dict(base)
+            p.update({k: c.reshape(base[k].shape) for k, c in zip(names, uf.split(sizes))})
+            return functional_call(model, p, (x[i:i + 1],)).reshape(-1)
+
+        def mean_loss(uf, out=out):
+            return torch.stack([phi(out(uf, i), y[i]) for i in range(x.shape[0])]).mean()
+
+        g = grad(mean_loss)(u) + weight_decay * u
+        if exact:
+            G = hessian(mean_loss)(u)
+        else:
+            G = torch.stack([jacrev(out)(u, i).T @ hessian(phi)(out(u, i), y[i]) @ jacrev(out)(u, i)
+                             for i in range(x.shape[0])]).mean(0)
+        G = G + weight_decay * torch.eye(u.numel(), dtype=u.dtype)
+        k = -lr * floored_solve(G, damping, 1e-6) @ g
+        predicted += float(k @ g + 0.5 * k @ G @ k)
+        offset = 0
+        for name in names:
+            new[name] = base[name] + k[offset:offset + base[name].numel()].reshape(base[name].shape)
+            offset += base[name].numel()
+    return new, predicted
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+def test_graph_open_loop_equals_block_newton(name, exact):
+    """Graphs, no feedback, no value correction (no PSD clip under Newton): the reference's step
+    is the block Gauss-Newton / Newton step of torch.func on the whole model."""
+    model = make_graph(name, seed=2)
+    x, y = graph_batch(3, "cross_entropy")
+    kw = dict(loss="cross_entropy", lr=0.8, damping=0.5, weight_decay=1e-2)
+    ref_params, ref_pred, _ = dense_ddp_step(model, x, y, **kw, gauss_newton=not exact,
+                                             feedback=False, value_correction=False, psd_clip=not exact)
+    params, pred = block_newton_steps(model, x, y, **kw, exact=exact)
+    assert_same_step(model, ref_params, params)
+    assert_close(ref_pred, pred)
+
+
+@pytest.mark.parametrize("gauss_newton", [True, False])
+def test_reference_games(gauss_newton):
+    """nash == cooperative where no players are simultaneous (residual, exactly); they differ on
+    the inception block and the projection shortcut (Gauss-Newton); the value recursion, hence
+    the open-loop steps and the predicted change, is the same in both games."""
+    kw = dict(loss="cross_entropy", lr=1.0, damping=1e-2 if gauss_newton else 1.0,
+              gauss_newton=gauss_newton)
+    x, y = graph_batch(3, "cross_entropy")
+    model = make_graph("residual", seed=3)
+    coop, nash = (dense_ddp_step(model, x, y, **kw, game=g) for g in ("cooperative", "nash"))
+    assert all(torch.equal(coop[0][k], nash[0][k]) for k in coop[0]) and coop[1] == nash[1]
+    for name in ("inception", "projection"):
+        model = make_graph(name, seed=3)
+        coop, nash = (dense_ddp_step(model, x, y, **kw, game=g) for g in ("cooperative", "nash"))
+        assert coop[1] == nash[1]
+        open_loop = [dense_ddp_step(model, x, y, **kw, game=g, feedback=False)[0]
+                     for g in ("cooperative", "nash")]
+        assert all(torch.equal(open_loop[0][k], open_loop[1][k]) for k in coop[0])
+        if gauss_newton:
+            diff = torch.cat([(coop[0][k] - nash[0][k]).reshape(-1) for k in coop[0]])
+            step = torch.cat([(coop[0][k] - p.detach()).reshape(-1) for k, p in model.named_parameters()])
+            assert float(diff.norm() / step.norm()) > 1e-3
