@@ -247,3 +247,49 @@ def test_reference_games(gauss_newton):
             diff = torch.cat([(coop[0][k] - nash[0][k]).reshape(-1) for k in coop[0]])
             step = torch.cat([(coop[0][k] - p.detach()).reshape(-1) for k, p in model.named_parameters()])
             assert float(diff.norm() / step.norm()) > 1e-3
+
+
+def conv_chain(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                         nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("gauss_newton", [True, False])
+def test_reference_equals_chain_engine_conv(gauss_newton):
+    """Conv2d, ReLU, AvgPool2d, Flatten, Linear as a chain: the chain engine's step."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (2,), generator=g)
+    model = conv_chain()
+    kw = dict(loss="cross_entropy", lr=1.0, damping=0.1, weight_decay=1e-2, gauss_newton=gauss_newton)
+    ref_params, ref_pred, ref_after = dense_ddp_step(model, x, y, **kw)
+    params, pred, after = engine_step(model, x, y, **kw)
+    assert_same_step(model, ref_params, params)
+    assert_close(ref_pred, pred)
+    assert_close(ref_after, after)
+
+
+class Gated(nn.Module):
+    """y = head(flatten(relu(a(x)) * tanh(b(x)))): call_function mul and relu, method flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * torch.tanh(self.b(x))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_gated_graph_open_loop_equals_block_newton(exact):
+    torch.manual_seed(6)
+    model = Gated().double()
+    x, y = graph_batch(3, "mse")
+    kw = dict(loss="mse", lr=1.0, damping=0.3, weight_decay=0.0)
+    ref_params, ref_pred, _ = dense_ddp_step(model, x, y, **kw, gauss_newton=not exact,
+                                             feedback=False, value_correction=False, psd_clip=not exact)
+    params, pred = block_newton_steps(model, x, y, **kw, exact=exact)
+    assert_same_step(model, ref_params, params)
+    assert_close(ref_pred, pred)
