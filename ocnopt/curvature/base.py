@@ -57,6 +57,8 @@ class CurvatureModel:
     defaults: ClassVar[dict[str, Any]] = {}
     needs_kronecker: ClassVar[bool] = False
     needs_full: ClassVar[bool] = False  # needs E[Q_uu] from the exact backend
+    #: ``per_sample_gram`` takes ``cache=`` and leaves there what ``cached_feedback`` reuses
+    caches_rows: ClassVar[bool] = False
 
     def check(self, hp: dict[str, Any]) -> None:
         """Raise ``ValueError`` for an invalid hyper-parameter (named, with accepted values)."""
@@ -119,6 +121,13 @@ class CurvatureModel:
         return None
 
 
+    def cached_feedback(self, stage: Stage, states: list[State], cache: dict[str, Any],
+                        s: Tensor) -> list[Tensor] | None:
+        """M^{-1} sum_{i,c} s_ic w_ic from what ``per_sample_gram`` left in ``cache`` this step
+        (models with ``caches_rows``), or None."""
+        return None
+
+
 class Solver:
     """v -> M^{-1} v for one stage with the state of the current step; also exposes the
     model's closed-form per-sample Gram matrices to the backends."""
@@ -146,7 +155,7 @@ class Solver:
         return self.model.solve_rows(self.stage, self.states, self.hp, a, g)
 
     def gram(self, a: Tensor, g: Tensor) -> Tensor | None:
-        if getattr(self.model, "caches_rows", False):
+        if self.model.caches_rows:
             return self.model.per_sample_gram(self.stage, self.states, self.hp, a, g,  # type: ignore[call-arg]
                                               cache=self.cache)
         return self.model.per_sample_gram(self.stage, self.states, self.hp, a, g)
@@ -154,9 +163,9 @@ class Solver:
     def cached_feedback(self, s: Tensor) -> list[Tensor] | None:
         """M^{-1} sum_{i,c} s_ic w_ic from the products the Gram matrices of this step left in
         ``cache`` (models with ``caches_rows``), or None."""
-        if not (getattr(self.model, "caches_rows", False) and self.cache):
+        if not (self.model.caches_rows and self.cache):
             return None
-        return self.model.cached_feedback(self.stage, self.states, self.cache, s)  # type: ignore[attr-defined]
+        return self.model.cached_feedback(self.stage, self.states, self.cache, s)
 
     def solves_direction(self, v: list[Tensor] | None) -> bool:
         """Whether the model's direction of this step is exactly M^{-1} v (``remember``)."""
