@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .curvature.base import StageStatistics
+from .curvature.base import Solver, StageStatistics
 from .losses import Loss
 from .stages import Stage
 
@@ -534,8 +534,6 @@ class BellmanEngine:
         new_states: dict[int, list[dict[str, Any]]] = {}
 
         def policy_fn(stage: Stage, Q_u: list[Tensor] | None, stats: Any) -> tuple[list[Tensor], Any]:
-            from .curvature.base import Solver
-
             view = views[stage.index]
             states = controls.states(view)
             with torch.no_grad():  # Q_u None: not formed, the model's direction needs no grads

@@ -1,0 +1,155 @@
+"""Step time of this library against an earlier commit of itself, in one process, interleaved.
+
+The earlier commit's ``ocnopt/`` and ``backends/`` are exported with ``git archive`` into a
+scratch folder as the package ``ocnopt_baseline`` (imports renamed), so both versions run side
+by side in this process on the same models, batches and thread count. Every configuration
+(problem x optimizer x version) gets its own copy of the same initial model; after a warm-up,
+rounds of ``block`` timed steps run in an order reshuffled every round (the ``overhead``
+protocol of ``ocnopt.bench``). Prints per configuration the median step time of both versions
+and the ratio after / before, with a 95 % bootstrap interval of the ratio of medians.
+
+    python benchmarks/baseline_overhead.py --baseline c7932e0 --json baseline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import ocnopt
+from ocnopt.bench.measure import quantile
+from ocnopt.bench.problems import get_problem, load
+from ocnopt.bench.protocols import environment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIGS = {  # name: OCNOpt keyword arguments
+    "adam order 1": dict(curvature="adam", lr=1e-3),
+    "kfac order 1": dict(curvature="kfac", lr=3e-2),
+    "lowrank-adam-fb": dict(curvature="adam", lr=1e-3, order=2, backend="lowrank"),
+    "lowrank-kfac-fb": dict(curvature="kfac", lr=3e-2, order=2, backend="lowrank"),
+}
+
+
+def export_baseline(commit: str, folder: Path) -> Any:
+    """``ocnopt`` of ``commit`` as the importable package ``ocnopt_baseline``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "ocnopt", "backends"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    pkg = folder / "ocnopt_baseline"
+    (folder / "ocnopt").rename(pkg)
+    (folder / "backends").rename(pkg / "backends")
+    for path in pkg.rglob("*.py"):
+        text = path.read_text()
+        text = re.sub(r"\bocnopt\.", "ocnopt_baseline.", text)
+        text = re.sub(r"\bfrom ocnopt import\b", "from ocnopt_baseline import", text)
+        text = re.sub(r"\bimport ocnopt\b", "import ocnopt_baseline", text)
+        path.write_text(text)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("ocnopt_baseline")
+
+
+def problems(seed: int) -> dict[str, tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """digits-fcn at its batch (32) and the 784-512-512-10 MLP at batch 256 (random data)."""
+    out = {}
+    problem = get_problem("digits-fcn")
+    data = load(problem)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.y_fit), generator=g)[: 32 * 8].split(32)
+    out["digits-fcn (B 32)"] = (problem.model(seed), [(data.X_fit[i], data.y_fit[i]) for i in idx])
+    torch.manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                        nn.Linear(512, 10))
+    batches = [(torch.randn(256, 784, generator=g), torch.randint(0, 10, (256,), generator=g))
+               for _ in range(4)]
+    out["mlp 784-512-512-10 (B 256)"] = (mlp, batches)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", required=True, help="commit to compare against")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--block", type=int, default=5)
+    ap.add_argument("--problems", default="all", help="comma-separated subset of the problems")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    libs = {"before": None, "after": ocnopt}
+    with tempfile.TemporaryDirectory() as tmp:
+        libs["before"] = export_baseline(args.baseline, Path(tmp))
+        runners: dict[tuple[str, str, str], dict[str, Any]] = {}
+        import copy
+
+        for pname, (model, batches) in problems(0).items():
+            if args.problems != "all" and not any(p in pname for p in args.problems.split(",")):
+                continue
+            for cname, kw in CONFIGS.items():
+                for version, lib in libs.items():
+                    m = copy.deepcopy(model)
+                    runners[(pname, cname, version)] = {
+                        "opt": lib.OCNOpt(m, **kw), "batches": batches, "k": 0, "ns": []}
+
+        def one(r: dict[str, Any], timed: bool) -> None:
+            x, y = r["batches"][r["k"] % len(r["batches"])]
+            r["k"] += 1
+            t0 = time.perf_counter_ns()
+            r["opt"].step(x, y)
+            if timed:
+                r["ns"].append(time.perf_counter_ns() - t0)
+
+        for r in runners.values():
+            for _ in range(args.warmup):
+                one(r, False)
+        rng = random.Random(0)
+        order = list(runners)
+        for _ in range(args.rounds):
+            rng.shuffle(order)
+            for key in order:
+                for _ in range(args.block):
+                    one(runners[key], True)
+    rows = []
+    boot = random.Random(1)
+    for (pname, cname, version), r in runners.items():
+        if version != "after":
+            continue
+        before, after = runners[(pname, cname, "before")]["ns"], r["ns"]
+        ratio = statistics.median(after) / statistics.median(before)
+        samples = sorted(statistics.median(boot.choices(after, k=len(after)))
+                         / statistics.median(boot.choices(before, k=len(before)))
+                         for _ in range(400))
+        rows.append({"problem": pname, "optimizer": cname,
+                     "before_ms": statistics.median(before) / 1e6,
+                     "after_ms": statistics.median(after) / 1e6, "ratio": ratio,
+                     "ci95": [quantile(samples, 0.025), quantile(samples, 0.975)]})
+    print(f"baseline {args.baseline}, {args.threads} thread(s), {args.rounds} rounds x "
+          f"{args.block} steps, median step time")
+    print(f"{'problem':28} {'optimizer':18} {'before ms':>10} {'after ms':>10} {'after/before':>13} "
+          f"{'95% CI':>15}")
+    for row in rows:
+        lo, hi = row["ci95"]
+        print(f"{row['problem']:28} {row['optimizer']:18} {row['before_ms']:10.3f} "
+              f"{row['after_ms']:10.3f} {row['ratio']:13.3f}   [{lo:.3f}, {hi:.3f}]")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"baseline": args.baseline, "rows": rows,
+                                         "settings": vars(args) | {"json": str(args.json)},
+                                         "environment": environment()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
