@@ -258,6 +258,12 @@ class OCNOpt(torch.optim.Optimizer):
         diagnostics (norms of the open-loop step k and of the feedback part K dX, the trust
         bound's factor and cut share).
         """
+        if inputs is None or callable(inputs):
+            raise TypeError(
+                "OCNOpt.step(inputs, targets) takes the batch, not a closure: it runs the forward "
+                "pass, the backward value recursion and the update itself (order 2 needs the "
+                "batch again for the update pass). Replace `loss.backward(); opt.step()` by "
+                "`loss = opt.step(inputs, targets)` (the loss before the step is returned)")
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
             raise TypeError(f"step(inputs, targets) takes tensors, got "
                             f"{type(inputs).__name__} and {type(targets).__name__}")

@@ -161,6 +161,14 @@ def test_loss_callable_with_per_sample_shape_is_accepted(make_mlp, make_batches)
     assert float(opt.step(x, y)) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("call", ["none", "closure"])
+def test_step_without_a_batch_explains_the_contract(call):
+    opt = OCNOpt(nn.Sequential(nn.Linear(4, 3)))
+    with pytest.raises(TypeError, match=msg("step(inputs, targets) takes the batch, not a closure",
+                                            "loss = opt.step(inputs, targets)")):
+        opt.step() if call == "none" else opt.step(lambda: torch.zeros(()))
+
+
 # ---- modules ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, position", [
     (nn.MultiheadAttention(6, 2), 1),
