@@ -163,8 +163,8 @@ def test_loss_callable_with_per_sample_shape_is_accepted(make_mlp, make_batches)
 
 # ---- modules ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, position", [
-    (nn.BatchNorm1d(6), 1),
-    (nn.LayerNorm(6), 1),
+    (nn.RNN(6, 6), 1),
+    (nn.Bilinear(6, 6, 6), 1),
 ])
 def test_unsupported_module_names_module_position_and_supported(bad, position):
     model = nn.Sequential(nn.Linear(4, 6), bad, nn.Linear(6, 3))
