@@ -59,7 +59,7 @@ DERIVATIVES: dict[type[nn.Module], StageDerivatives] = {
 }
 
 #: layer families the generic handler must not take, with the reason
-_REFUSED: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
+_REFUSED: tuple[tuple[tuple[type, ...], str], ...] = (
     ((nn.RNNBase,), "returns a tuple (output, hidden state); a stage must return one tensor"),
     ((nn.MultiheadAttention, nn.Bilinear),
      "takes several input tensors; a stage maps one tensor to one tensor"),

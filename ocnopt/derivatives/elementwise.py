@@ -41,7 +41,7 @@ class DropoutDerivatives(StageDerivatives):
         p = float(module.p)  # type: ignore[arg-type]
         if not module.training or p == 0.0:
             return x, None
-        shape = x.shape
+        shape: tuple[int, ...] = tuple(x.shape)
         if self.channelwise:
             if x.dim() < 2:
                 raise ValueError(f"{type(module).__name__} needs inputs (B, C, ...), got shape "

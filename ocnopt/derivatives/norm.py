@@ -49,12 +49,12 @@ class BatchNormDerivatives(StageDerivatives):
         return out, ctx
 
     def replay(self, module: nn.Module, x: Tensor, ctx: Any) -> Tensor:
-        module._check_input_dim(x)  # type: ignore[operator]
-        if _uses_batch_statistics(module):  # batch statistics of x, running statistics untouched
-            return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0,
-                                module.eps)  # type: ignore[arg-type]
-        return F.batch_norm(x, module.running_mean, module.running_var,  # type: ignore[arg-type]
-                            module.weight, module.bias, False, 0.0, module.eps)  # type: ignore[arg-type]
+        bn: Any = module
+        bn._check_input_dim(x)
+        if _uses_batch_statistics(bn):  # batch statistics of x, running statistics untouched
+            return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                            bn.eps)
 
     def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
         """(x - mean) / sqrt(var + eps) * w + b with mean, var the nominal batch statistics
@@ -65,7 +65,8 @@ class BatchNormDerivatives(StageDerivatives):
             mean, var = ctx[0, 0], ctx[0, 1]
         assert isinstance(mean, Tensor) and isinstance(var, Tensor)
         shape = (1, -1, *([1] * (x.dim() - 2)))
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+        eps = float(module.eps)  # type: ignore[arg-type]
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
         w = params.get("weight", module.weight)
         b = params.get("bias", module.bias)
         if isinstance(w, Tensor):
