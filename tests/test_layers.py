@@ -304,8 +304,9 @@ def kfac_reference_step(model, x, y, state, lr, damping, decay, step, norm_index
                     p -= lr * p.grad / (D + damping)
 
 
-@pytest.mark.parametrize("name", ["bn1d", "layernorm"])
-def test_kfac_diagonal_fallback_on_norm_parameters_matches_an_independent_step(name):
+@pytest.mark.parametrize("name, index", [("bn1d", 1), ("layernorm", 1), ("embedding", 0),
+                                         ("prelu", 1)])
+def test_kfac_diagonal_fallback_on_norm_parameters_matches_an_independent_step(name, index):
     model = build(name)
     ref = copy.deepcopy(model)
     lr, damping, decay = 0.1, 0.3, 0.8
@@ -314,10 +315,10 @@ def test_kfac_diagonal_fallback_on_norm_parameters_matches_an_independent_step(n
     state: dict = {}
     for step, (x, y) in enumerate(batches(name, 3, B=16)):
         opt.step(x, y)
-        kfac_reference_step(ref, x, y, state, lr, damping, decay, step, norm_index=1)
+        kfac_reference_step(ref, x, y, state, lr, damping, decay, step, norm_index=index)
         assert_same_state(model, ref)
-    # the fallback's state lives in the norm parameters' own state dicts
-    for p in model[1].parameters():
+    # the fallback's state lives in the parameters' own state dicts
+    for p in model[index].parameters():
         assert {"diag", "diag_damping"} <= set(opt.state[p])
 
 
@@ -373,7 +374,7 @@ def test_order2_without_feedback_and_correction_is_order1_bit_for_bit(name, back
 
 
 @pytest.mark.parametrize("backend", ["lowrank", "autograd"])
-@pytest.mark.parametrize("name", ["bn1d", "layernorm"])
+@pytest.mark.parametrize("name", ["bn1d", "bn2d", "layernorm", "groupnorm", "prelu", "hardswish"])
 @pytest.mark.parametrize("curvature", ["adam", "kfac"])
 def test_order2_with_norms_steps_with_feedback(name, backend, curvature):
     model = build(name)
@@ -434,6 +435,34 @@ def test_generic_handler_per_sample_jacobian_of_a_custom_module():
     torch.testing.assert_close(J, torch.diag_embed(x), **TOL)
 
 
+@pytest.mark.parametrize("shape, n", [((5, 4), 4), ((5, 4, 3), 4), ((5, 4), 1)])
+def test_prelu_functional_per_sample_jacobians(shape, n):
+    torch.manual_seed(0)
+    m = nn.PReLU(n, init=0.3).to(DT)
+    with torch.no_grad():
+        m.weight.uniform_(0.1, 0.9)
+    h = handler_for(m)
+    x = torch.randn(*shape, dtype=DT)
+    params = {"weight": m.weight.detach()}
+
+    def f(p, xi):
+        return h.functional(m, p, xi.unsqueeze(0), None).squeeze(0)
+
+    J_p, J_x = vmap(jacrev(f, argnums=(0, 1)), in_dims=(None, 0))(params, x)
+    torch.testing.assert_close(h.functional(m, params, x, None), m(x).detach(), **TOL)
+    w = m.weight.detach().reshape(-1, *([1] * (x.dim() - 2))) if n > 1 else m.weight.detach()
+    slope = torch.where(x >= 0, torch.ones_like(x), w * torch.ones_like(x))
+    k = x[0].numel()
+    torch.testing.assert_close(J_x.reshape(-1, k, k), torch.diag_embed(slope.reshape(-1, k)), **TOL)
+    neg = torch.where(x >= 0, torch.zeros_like(x), x)  # dy/dw_c = min(0, x) on channel c
+    if n > 1:
+        onehot = torch.eye(n, dtype=DT).reshape(1, n, *([1] * (x.dim() - 2)), n)
+        want = (neg.unsqueeze(-1) * onehot).reshape(-1, k, n)
+    else:
+        want = neg.reshape(-1, k, 1)
+    torch.testing.assert_close(J_p["weight"].reshape(-1, k, n), want, **TOL)
+
+
 def test_rrelu_in_training_mode_is_refused_when_the_step_runs():
     model = nn.Sequential(nn.Linear(4, 6), nn.RReLU(), nn.Linear(6, 3)).to(DT)
     opt = ocnopt.OCNOpt(model, curvature="sgd")
@@ -474,3 +503,13 @@ def test_positions(module, shape, want):
     if isinstance(module, nn.Linear):
         module.weight.requires_grad_(False)  # frozen weight: not a Kronecker control
         assert handler_for(module).positions(module, n) == 1
+
+
+def test_embedding_first_stage_at_order2_lowrank():
+    """Integer inputs: no value gradient at the input; the low-rank backend's order 2 runs
+    (the exact backend takes per-sample f_x by jacrev, which an integer input does not have)."""
+    model = build("embedding")
+    opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.05, order=2, backend="lowrank")
+    for x, y in batches("embedding", 2):
+        assert torch.isfinite(opt.step(x, y))
+        assert not opt.last_step.skipped

@@ -14,7 +14,7 @@ from .base import StageDerivatives
 from .conv import ConvDerivatives
 from .elementwise import DropoutDerivatives, ElementwiseDerivatives, EvalOnlyDerivatives
 from .embedding import EmbeddingDerivatives
-from .generic import GenericDerivatives
+from .generic import GenericDerivatives, PReLUDerivatives
 from .linear import LinearDerivatives
 from .norm import BatchNormDerivatives
 
@@ -44,7 +44,7 @@ DERIVATIVES: dict[type[nn.Module], StageDerivatives] = {
     # the same handler)
     nn.LayerNorm: GENERIC,
     nn.GroupNorm: GENERIC,
-    nn.PReLU: GENERIC,
+    nn.PReLU: PReLUDerivatives(),
     **{
         cls: _elementwise
         for cls in (

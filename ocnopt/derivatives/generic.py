@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .base import StageDerivatives
@@ -30,3 +31,16 @@ class GenericDerivatives(StageDerivatives):
             raise TypeError(f"{type(module).__name__} returned {type(out).__name__}, but a stage "
                             "must return one tensor")
         return out, ctx
+
+
+class PReLUDerivatives(GenericDerivatives):
+    """``nn.PReLU``: y = max(0, x) + w min(0, x), w per channel (dim 1, or dim 0 for a 1-d
+    input) or one shared scalar. ``functional`` is written out because ``torch.func``'s
+    ``jacrev`` of ``F.prelu`` under ``vmap`` mixes the batch with the channels (torch 2.x)."""
+
+    def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
+        w = params.get("weight", module.weight)
+        assert isinstance(w, Tensor)
+        if w.numel() > 1 and x.dim() >= 2:
+            w = w.reshape(-1, *([1] * (x.dim() - 2)))
+        return torch.where(x >= 0, x, w * x)
