@@ -123,13 +123,13 @@ def test_order1_equals_torch_optim_running_statistics_included(name, curvature, 
         assert int(model[1].num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [True, False])
-def test_batchnorm_options_follow_torch(momentum, affine):
+def test_batchnorm_options_follow_torch(momentum, affine, track):
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6, affine=affine,
-                                                                    momentum=momentum),
-                          nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    bn = nn.BatchNorm1d(6, affine=affine, momentum=momentum, track_running_stats=track)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), bn, nn.Tanh(), nn.Linear(6, 3)).to(DT)
     ref = copy.deepcopy(model)
     opt = ocnopt.OCNOpt(model, curvature="adam", lr=0.05)
     twin = torch_twin(ref, "adam", 0.05)
@@ -513,3 +513,20 @@ def test_embedding_first_stage_at_order2_lowrank():
     for x, y in batches("embedding", 2):
         assert torch.isfinite(opt.step(x, y))
         assert not opt.last_step.skipped
+
+
+def test_positions_agree_with_the_optimizers_count_on_a_trajectory():
+    from ocnopt.optimizer import _positions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(2), nn.Linear(25, 4),
+                          nn.LayerNorm(4), nn.Flatten(), nn.Linear(12, 3)).to(DT)
+    opt = ocnopt.OCNOpt(model, curvature="sgd")
+    x = torch.randn(2, 2, 5, 5, dtype=DT)
+    traj = opt.engine.nominal(x)
+    for t, st in enumerate(opt.stages):
+        n = traj.states[t + 1][0].numel()
+        got = handler_for(st.module).positions(st.module, n)
+        # the old count divides by a norm's weight size too; P only matters for Kronecker stages
+        assert got == (_positions(st, traj, t) if st.kronecker else 1), st
