@@ -61,8 +61,8 @@ class BatchNormDerivatives(StageDerivatives):
         (``ctx``, constants) or the running statistics (eval mode, ``ctx`` None)."""
         if ctx is None:
             mean, var = module.running_mean, module.running_var
-        else:
-            mean, var = ctx[0, 0], ctx[0, 1]
+        else:  # (B, 2, C), a sample's (1, 2, C) or (2, C): the same constants
+            mean, var = ctx.reshape(-1, 2, ctx.shape[-1])[0]
         assert isinstance(mean, Tensor) and isinstance(var, Tensor)
         shape = (1, -1, *([1] * (x.dim() - 2)))
         eps = float(module.eps)  # type: ignore[arg-type]
