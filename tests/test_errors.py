@@ -173,7 +173,8 @@ def test_step_without_a_batch_explains_the_contract(call):
 @pytest.mark.parametrize("bad, position", [
     (nn.MultiheadAttention(6, 2), 1),
     (nn.RNN(6, 6), 1),
-], ids=["attention", "rnn"])
+    (nn.Bilinear(6, 6, 6), 1),
+], ids=["attention", "rnn", "bilinear"])
 def test_unsupported_module_names_module_position_and_supported(bad, position):
     model = nn.Sequential(nn.Linear(4, 6), bad, nn.Linear(6, 3))
     with pytest.raises(TypeError, match=msg_re(type(bad).__name__, f"position {position}",

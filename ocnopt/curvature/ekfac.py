@@ -7,6 +7,7 @@ decomposition fails) and s the running average of E_i[(Q_G^T Gw_i Q_A)^2], Gw_i 
 changes, s restarts from the current batch's estimate in the new basis (choice: the old
 diagonal lives in the old basis), so statistics are also collected at every basis refresh.
 Damping is added to the corrected eigenvalues ("exact" damping, as curvlinops' EKFAC inverse).
+Stages without Kronecker factors use kfac's diagonal fallback (``curvature/fallback.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from ..stages import Stage
 from .base import StageStatistics, State, damping_at, diagonal_gram, eigh64
+from .fallback import DiagonalFallback
 from .kfac import KFAC, CurvatureWarning, ema, kronecker_factors
 
 _CHUNK_ELEMENTS = 2**24  # bound on B_chunk * r * d_out * d_in for per-sample gradients
@@ -112,13 +114,15 @@ class EKFAC(KFAC):
                         g: Tensor, cache: dict[str, Any] | None = None) -> Tensor | None:
         """The diagonal closed form in the Kronecker eigenbasis (rows rotated by Q_A, Q_G);
         ``cache`` is unused (``caches_rows`` is False)."""
-        if not stage.derivatives.exact_rows(stage.module):
+        if not (stage.kronecker and stage.derivatives.exact_rows(stage.module)):
             return None
         st = states[0]
         D = {"weight": st["scale"] + st["damping"], "bias": st["scale_bias"] + st["damping"]}
         return diagonal_gram(stage, a @ st["QA"], g @ st["QG"], D)
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        if not stage.kronecker:
+            return DiagonalFallback.apply(states, v)
         return self._scaled(stage, states[0], v, 1.0)
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:

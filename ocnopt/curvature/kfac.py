@@ -13,6 +13,9 @@ per-sample loss phi = mean_k (x_k - y_k)^2, which is exactly 1/C times curvlinop
 eigenvalue corrections), C the size of the output's last dimension (its features), because
 curvlinops multiplies the mean-reduced ``MSELoss`` by sqrt(C) before taking gradients; A, and
 G for the type-2 Fisher or the empirical cross-entropy Fisher, equal curvlinops' factors.
+Stages with a control but no Kronecker factors (norm affine parameters, embeddings, PReLU,
+...) use the diagonal fallback of ``curvature/fallback.py``: M = diag(D) + damping with D a
+running average of Qbar_u^2 (kfac and ekfac alike).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .base import (
     rows_gram,
     weight_bias_gram,
 )
+from .fallback import DiagonalFallback
 from .sgd import sgd_direction
 
 FISHER_TYPES = ("empirical", "type-2", "mc")
@@ -149,7 +153,7 @@ class KFAC(CurvatureModel):
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         if not stage.kronecker:
-            raise NotImplementedError(f"{stage}: no Kronecker factors")
+            return DiagonalFallback.update(stage, states, grads, hp, step)
         head = self._refresh(stage, states[0], stats, hp, step)
         dirs = self._direction_from_rows(stage, head, stats, hp)
         if dirs is None:
@@ -164,6 +168,8 @@ class KFAC(CurvatureModel):
         return new_states, dirs
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        if not stage.kronecker:
+            return DiagonalFallback.solve(states, v)
         return self.precondition(stage, states[0], v)
 
     @staticmethod
@@ -180,7 +186,8 @@ class KFAC(CurvatureModel):
 
     def gradient_unused(self, stage: Stage, hp: dict[str, Any], B: int, P: int, *,
                         gradient_rows: bool) -> bool:
-        return gradient_rows and self._rows_cheaper(stage, hp, B, P)
+        # the diagonal fallback (no Kronecker factors) reads Qbar_u
+        return stage.kronecker and gradient_rows and self._rows_cheaper(stage, hp, B, P)
 
     @classmethod
     def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
@@ -224,7 +231,7 @@ class KFAC(CurvatureModel):
 
         The bias adds (sum_p g_c)^T G^-1 (sum_p g_d). ``cache`` (a dict) receives what the
         feedback of the same step reuses (``cached_feedback``)."""
-        if not stage.derivatives.exact_rows(stage.module):
+        if not (stage.kronecker and stage.derivatives.exact_rows(stage.module)):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
         B, r, P, d_out = g.shape
@@ -294,7 +301,7 @@ class KFAC(CurvatureModel):
                    g: Tensor) -> list[Tensor] | None:
         """G^-1 (sum g a^T) A^-1 = (g G^-1)^T (a A^-1): rank <= B P, cheaper than the
         two d^3-sized products when B P < d_in."""
-        if not stage.derivatives.exact_rows(stage.module):
+        if not (stage.kronecker and stage.derivatives.exact_rows(stage.module)):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
         gG = _rows_times(g, G_inv).flatten(0, 1)
@@ -307,6 +314,8 @@ class KFAC(CurvatureModel):
         return out
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
+        if not stage.kronecker:
+            return DiagonalFallback.apply(states, v)
         # the damped factors whose inverses are in use (diagnostics only: O(d^3))
         G, A = torch.linalg.inv(states[0]["G_inv"]), torch.linalg.inv(states[0]["A_inv"])
         out = []

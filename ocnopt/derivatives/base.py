@@ -27,10 +27,34 @@ class StageDerivatives:
 
     kronecker: bool = False
 
+    # ---- checks ------------------------------------------------------------------------------
+    def refusal(self, module: nn.Module) -> str | None:
+        """Why this module's configuration is not supported (a sentence), or None."""
+        return None
+
+    def check(self, module: nn.Module, where: str) -> None:
+        """Raise ``TypeError`` naming ``where`` (e.g. "stage position 3 (model.layer1.0.conv1)")
+        when this module's configuration cannot be a stage."""
+        why = self.refusal(module)
+        if why is not None:
+            raise TypeError(f"{type(module).__name__} at {where}: {why}")
+
+    def positions(self, module: nn.Module, out_sample_numel: int) -> int:
+        """Weight-sharing positions P of the stage's output per sample: out_sample_numel / d_out
+        for a Kronecker layer with a trainable weight (1 for a Linear on vectors), 1 otherwise."""
+        if not self.kronecker:
+            return 1
+        w = getattr(module, "weight", None)
+        if not isinstance(w, Tensor) or not w.requires_grad:
+            return 1
+        return max(1, out_sample_numel // w.shape[0])
+
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
         """Nominal forward pass ``f(x, u)``; returns the output and a context that makes the
-        forward pass replayable (e.g. a dropout mask) in the update pass."""
+        forward pass replayable (e.g. a dropout mask) in the update pass. A context that is a
+        tensor is per sample along dim 0: the backends slice it with the input (``vmap``) and
+        hand ``functional`` the (1, ...) slice of a sample, or the whole (B, ...) tensor."""
         if getattr(module, "inplace", False):
             x = x.clone()
         return module(x), None
@@ -64,11 +88,18 @@ class StageDerivatives:
         return False
 
     def kfac_input(self, module: nn.Module, x: Tensor) -> Tensor:
-        """Rows ``a`` of the input factor, shape (B, P, d_in)."""
+        """Rows ``a`` of the input factor, shape (B, P, d_in); None for a layer type without
+        Kronecker factors (``kronecker`` False: the Kronecker curvature models use their
+        diagonal fallback there and read no rows)."""
+        if not self.kronecker:  # statistics of a non-Kronecker stage: empty rows
+            return None  # type: ignore[return-value]
         raise NotImplementedError(f"{type(module).__name__} has no Kronecker factors")
 
     def kfac_output(self, module: nn.Module, g: Tensor) -> Tensor:
-        """Rows ``g`` of the output factor from output cotangents (B, r, *out) -> (B, r, P, d_out)."""
+        """Rows ``g`` of the output factor from output cotangents (B, r, *out) -> (B, r, P, d_out);
+        None for a layer type without Kronecker factors (see ``kfac_input``)."""
+        if not self.kronecker:  # statistics of a non-Kronecker stage: empty rows
+            return None  # type: ignore[return-value]
         raise NotImplementedError(f"{type(module).__name__} has no Kronecker factors")
 
     def weight_matrix_shape(self, module: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,76 @@
+"""Derivatives of ``nn.BatchNorm1d/2d/3d`` (LayerNorm and GroupNorm act per sample: the
+generic handler covers them).
+
+In training mode (or without running statistics) BatchNorm normalises with the batch mean and
+biased variance, which couples the samples of a batch (choices, docs/method.md "Layers"):
+
+- ``forward`` (nominal pass) runs the module as torch does, so the running statistics (and
+  ``num_batches_tracked``) are updated exactly once per step, and the first-order value
+  recursion differentiates through the batch statistics (order 1 is exact);
+- ``replay`` (update pass) normalises with the batch statistics of its own input and leaves
+  the running statistics untouched;
+- ``functional`` (per-sample second-order terms) treats the nominal batch statistics as
+  constants, y = (x - mean) / sqrt(var + eps) * w + b, a per-sample map that ``vmap`` can
+  slice. The context is the (mean, biased var) pair broadcast to (B, 2, C) without copy (a
+  tensor context is per sample along dim 0).
+
+In eval mode with running statistics the three use the running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import StageDerivatives
+
+
+def _uses_batch_statistics(module: Any) -> bool:
+    """torch's rule: batch statistics in training mode, or when no running statistics exist."""
+    return bool(module.training or (module.running_mean is None and module.running_var is None))
+
+
+class BatchNormDerivatives(StageDerivatives):
+    """BatchNorm with batch statistics recorded by the nominal pass (see the module docstring)."""
+
+    def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
+        out = module(x)  # the nominal pass: running statistics updated once, as torch does
+        if not _uses_batch_statistics(module):
+            return out, None
+        dims = [0, *range(2, x.dim())]
+        with torch.no_grad():
+            xd = x.detach()
+            mean = xd.mean(dims)
+            var = xd.var(dims, unbiased=False)
+        ctx = torch.stack([mean, var]).unsqueeze(0).expand(x.shape[0], 2, mean.shape[0])
+        return out, ctx
+
+    def replay(self, module: nn.Module, x: Tensor, ctx: Any) -> Tensor:
+        bn: Any = module
+        bn._check_input_dim(x)
+        if _uses_batch_statistics(bn):  # batch statistics of x, running statistics untouched
+            return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                            bn.eps)
+
+    def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
+        """(x - mean) / sqrt(var + eps) * w + b with mean, var the nominal batch statistics
+        (``ctx``, constants) or the running statistics (eval mode, ``ctx`` None)."""
+        if ctx is None:
+            mean, var = module.running_mean, module.running_var
+        else:  # (B, 2, C), a sample's (1, 2, C) or (2, C): the same constants
+            mean, var = ctx.reshape(-1, 2, ctx.shape[-1])[0]
+        assert isinstance(mean, Tensor) and isinstance(var, Tensor)
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        eps = float(module.eps)  # type: ignore[arg-type]
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+        w = params.get("weight", module.weight)
+        b = params.get("bias", module.bias)
+        if isinstance(w, Tensor):
+            y = y * w.reshape(shape)
+        if isinstance(b, Tensor):
+            y = y + b.reshape(shape)
+        return y
