@@ -273,12 +273,11 @@ class StepOutcome:
 
 
 def weight_positions(stage: Stage, traj: Trajectory) -> int:
-    """Weight-sharing positions P of a step's output per sample (1 for a Linear on vectors)."""
-    if "weight" not in stage.param_names or stage.module is None:
+    """Weight-sharing positions P of a step's output per sample (1 for a Linear on vectors):
+    the layer handler's count."""
+    if stage.module is None:
         return 1
-    d_out = stage.params[stage.param_names.index("weight")].shape[0]
-    out = traj.states[stage.output]
-    return max(1, out[0].numel() // d_out)
+    return stage.derivatives.positions(stage.module, traj.states[stage.output][0].numel())
 
 
 def _gather_tied(stages: Sequence[Stage], views: Sequence[Stage],

@@ -33,16 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .derivatives import DERIVATIVES, StageDerivatives, supported_modules
+from .derivatives import DERIVATIVES, GENERIC, StageDerivatives, refusal_of, supported_modules
 from .stages import FunctionDerivatives, Stage, module_params
 
-#: torch.nn modules whose call is not a map of one tensor to one tensor
-_NOT_STEPS: tuple[type[nn.Module], ...] = (
-    nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder,
-    nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
-    nn.AdaptiveLogSoftmaxWithLoss, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
-    nn.ParameterDict,
-)
 #: in-place operators and their out-of-place twins (each step's inputs are its own tensors)
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
                  operator.imul: operator.mul, operator.itruediv: operator.truediv,
@@ -57,36 +50,21 @@ class GraphError(TypeError):
     """A model that ocnopt cannot see as a graph of steps (named, with what to do)."""
 
 
-def handler_for(module: nn.Module, where: str) -> StageDerivatives:
+def handler_for(module: nn.Module, where: str, *, leaf: bool = False) -> StageDerivatives:
     """The layer handler of ``module`` (``where`` names it in errors): the table's, else the
-    generic ``torch.func`` one; ``TypeError`` for modules that are not one-tensor maps."""
-    handler = DERIVATIVES.get(type(module))
-    if handler is None:
-        if isinstance(module, _NOT_STEPS):
-            raise GraphError(
-                f"unsupported module {type(module).__name__} at {where}: it does not map one "
-                "tensor to one tensor (recurrent and attention layers take or return several). "
-                f"Supported layers: {', '.join(supported_modules())}, and any other module that "
-                "maps one tensor to one tensor through a generic handler")
-        handler = _GENERIC
-    checker = getattr(handler, "check", None)
-    if checker is not None:
-        checker(module, where)
-    else:
-        _legacy_checks(module, where)
-    return handler
-
-
-def _legacy_checks(module: nn.Module, where: str) -> None:
-    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) and module.return_indices:
-        raise GraphError(f"{type(module).__name__} at {where} has return_indices=True; a step "
-                         "must return one tensor, use return_indices=False")
-    if isinstance(module, nn.Flatten) and module.start_dim == 0:
-        raise GraphError(f"Flatten at {where} has start_dim=0, which mixes samples of the "
-                         "batch; use start_dim=1")
-
-
-_GENERIC = StageDerivatives()
+    generic ``torch.func`` one; ``TypeError`` naming the module, where it is and why it cannot
+    be a step, with the supported layers. ``leaf``: the user named its class in
+    ``leaf_modules``: a container is then one step, run as it is."""
+    if leaf and type(module) not in DERIVATIVES:
+        return GENERIC
+    why = refusal_of(module)
+    if why is not None:
+        raise GraphError(
+            f"unsupported module {type(module).__name__} at {where}: {why}. Supported layers: "
+            f"{', '.join(supported_modules())}; any other leaf module that maps one tensor to one "
+            "tensor (no child modules, or parameters of its own) uses the generic torch.func "
+            "handler")
+    return DERIVATIVES.get(type(module), GENERIC)
 
 
 @dataclass
@@ -186,11 +164,12 @@ def _finish(stages: list[Stage], root: nn.Module, chain: bool) -> Graph:
     return Graph(stages, root, chain)
 
 
-def _chain(model: nn.Module, flat: list[tuple[str, nn.Module]]) -> Graph:
+def _chain(model: nn.Module, flat: list[tuple[str, nn.Module]],
+           leaf_modules: tuple[type[nn.Module], ...]) -> Graph:
     stages = []
     for position, (name, module) in enumerate(flat):
         where = f"stage position {position} (model.{name})"
-        handler = handler_for(module, where)
+        handler = handler_for(module, where, leaf=isinstance(module, leaf_modules))
         names, params = module_params(module)
         stages.append(Stage(position, name, module, handler, names, params,
                             inputs=(position,), output=position + 1))
@@ -211,7 +190,7 @@ def build_graph(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] =
     if isinstance(model, nn.Sequential) or _is_leaf(model, leaf_modules):
         flat = _flatten(model, "")
         if all(_is_leaf(m, leaf_modules) for _, m in flat):
-            return _chain(model, flat)
+            return _chain(model, flat, leaf_modules)
     return _trace(model, leaf_modules)
 
 
@@ -385,7 +364,7 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
                                    for u in users[node]):
                 raise GraphError(f"module {type(module).__name__} at {where} returns a tuple: a "
                                  "step must return one tensor")
-            handler = handler_for(module, where)
+            handler = handler_for(module, where, leaf=isinstance(module, leaf_modules))
             names, params = module_params(module)
             t = len(stages)
             stages.append(Stage(t, str(node.target), module, handler, names, params,

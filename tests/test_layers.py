@@ -464,13 +464,18 @@ def test_prelu_functional_per_sample_jacobians(shape, n):
 
 
 def test_rrelu_in_training_mode_is_refused_when_the_step_runs():
+    """Refused at construction in training mode; built in eval mode, a step after switching
+    back to training mode is refused too."""
     model = nn.Sequential(nn.Linear(4, 6), nn.RReLU(), nn.Linear(6, 3)).to(DT)
+    with pytest.raises(TypeError, match=r"RReLU at stage position 1 \(model.1\): draws random"):
+        ocnopt.OCNOpt(model, curvature="sgd")
+    model.eval()
     opt = ocnopt.OCNOpt(model, curvature="sgd")
     x, y = batches("prelu", 1)[0]
+    opt.step(x, y)
+    model.train()
     with pytest.raises(TypeError, match="RReLU at a stage: draws random numbers"):
         opt.step(x, y)
-    model.eval()
-    opt.step(x, y)
 
 
 @pytest.mark.parametrize("module, match", [
@@ -516,7 +521,7 @@ def test_embedding_first_stage_at_order2_lowrank():
 
 
 def test_positions_agree_with_the_optimizers_count_on_a_trajectory():
-    from ocnopt.optimizer import _positions
+    from ocnopt.engine import weight_positions
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
@@ -528,5 +533,5 @@ def test_positions_agree_with_the_optimizers_count_on_a_trajectory():
     for t, st in enumerate(opt.stages):
         n = traj.states[t + 1][0].numel()
         got = handler_for(st.module).positions(st.module, n)
-        # the old count divides by a norm's weight size too; P only matters for Kronecker stages
-        assert got == (_positions(st, traj, t) if st.kronecker else 1), st
+        expected = n // st.params[0].shape[0] if st.kronecker else 1  # out / d_out
+        assert got == expected == weight_positions(st, traj), st

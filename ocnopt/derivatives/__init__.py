@@ -93,6 +93,13 @@ def _generic_refusal(module: nn.Module) -> str | None:
     return None
 
 
+def refusal_of(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be a stage (a sentence), or None: its handler's ``refusal``, or
+    the generic handler's rules for a module without a handler of its own."""
+    handler = DERIVATIVES.get(type(module))
+    return handler.refusal(module) if handler is not None else _generic_refusal(module)
+
+
 def handler_for(module: nn.Module) -> StageDerivatives:
     """The handler of ``module``: the table's (``DERIVATIVES``, exact type), else the generic
     ``torch.func`` handler for another leaf module (no child modules, or parameters of its
@@ -102,7 +109,7 @@ def handler_for(module: nn.Module) -> StageDerivatives:
     if not isinstance(module, nn.Module):
         raise TypeError(f"a stage must be a torch.nn.Module, got {type(module).__name__}")
     handler = DERIVATIVES.get(type(module))
-    why = handler.refusal(module) if handler is not None else _generic_refusal(module)
+    why = refusal_of(module)
     if why is not None:
         raise TypeError(
             f"unsupported module {type(module).__name__}: {why}. Layers with their own handler: "
@@ -112,4 +119,5 @@ def handler_for(module: nn.Module) -> StageDerivatives:
 
 
 __all__ = ["DERIVATIVES", "GENERIC", "GenericDerivatives", "StageDerivatives", "handler_for",
+           "refusal_of",
            "supported_modules"]
