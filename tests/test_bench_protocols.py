@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 from ocnopt.bench import optimizers as registry  # noqa: E402
@@ -179,3 +180,20 @@ def test_splice_keeps_other_sections(tmp_path: Path) -> None:
     doc.write_text(text + "\n## Later section\n\nkept\n")
     report.splice(doc, "third")
     assert doc.read_text().endswith(f"{report.BEGIN}\nthird\n{report.END}\n\n## Later section\n\nkept\n")
+
+
+def test_evaluate_in_eval_mode_leaves_batchnorm_alone() -> None:
+    """evaluate() uses BatchNorm's running statistics, does not update them and restores the
+    training mode."""
+    p = problems.get_problem("digits-resnet")
+    data = problems.load(p, subset=64)
+    model = p.model(0)
+    buffers = [b.clone() for b in model.buffers()]
+    loss, acc = protocols.evaluate(model, data.X_test, data.y_test, p.loss)
+    assert model.training
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    model.eval()
+    with torch.no_grad():
+        out = model(data.X_test)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(out, data.y_test)))
+    assert acc == pytest.approx(float((out.argmax(1) == data.y_test).float().mean()))
