@@ -197,3 +197,25 @@ def test_evaluate_in_eval_mode_leaves_batchnorm_alone() -> None:
         out = model(data.X_test)
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(out, data.y_test)))
     assert acc == pytest.approx(float((out.argmax(1) == data.y_test).float().mean()))
+
+
+def test_findings_compare_nash_with_cooperative_and_order_one() -> None:
+    """The findings put `-fb-nash` beside its cooperative `-fb` and every order-2 mode beside
+    the order-1 mode of its curvature (autograd's, else its own backend's)."""
+
+    def row(opt: str, order: int | None, loss: float, std: float, seconds: float,
+            family: str = "ocnopt") -> dict[str, Any]:
+        return {"problem": "p", "folder": "f", "lr_source": "default", "metric": "accuracy",
+                "optimizer": opt, "family": family, "order": order, "lr": 0.01,
+                "train_loss": loss, "train_loss_std": std, "test": 0.9, "test_std": 0.01,
+                "seconds": seconds, "time_ratio": seconds, "diverged": 0, "seeds": [0, 1]}
+
+    rows = [row("torch-sgd", None, 0.5, 0.01, 1.0, "torch"), row("lowrank-kfac", 1, 0.4, 0.01, 2.0),
+            row("lowrank-kfac-fb", 2, 0.3, 0.01, 4.0), row("lowrank-kfac-fb-nash", 2, 0.305, 0.01, 8.0)]
+    lines = report._findings(rows, [], [])
+    assert ("- train p: `lowrank-kfac-fb-nash` (order 2, game nash) vs `lowrank-kfac-fb` (order 2, "
+            "cooperative): final training loss 0.305 vs 0.3 (+2 %, within one std over seeds), "
+            "test 90.0 % vs 90.0 %, time 2.0x.") in lines
+    assert ("- train p: `lowrank-kfac-fb` (order 2) vs `lowrank-kfac` (order 1, same curvature): "
+            "final training loss 0.3 vs 0.4 (-25 %, lower), test 90.0 % vs 90.0 %, time 2.0x.") in lines
+    assert sum("`lowrank-kfac-fb-nash` (order 2) vs `lowrank-kfac`" in li for li in lines) == 1
