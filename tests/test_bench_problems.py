@@ -378,3 +378,20 @@ def test_nash_names_construct_ocnopt_with_game(name: str, game: str) -> None:
     opt = stepper.opt
     assert getattr(opt, "game", None) == game or opt.defaults.get("game") == game
     assert math.isfinite(stepper.step(data.X_fit[:16], data.y_fit[:16]))
+
+
+@pytest.mark.xfail(not _ocnopt_has_game(), strict=True,
+                   reason="OCNOpt(game=...) arrives with the graph engine")
+def test_nash_equals_cooperative_on_a_chain() -> None:
+    """A chain has no simultaneous layers: lowrank-kfac-fb-nash takes the same steps as
+    lowrank-kfac-fb (float64, 3 steps on wine-fcn)."""
+    p = problems.get_problem("wine-fcn")
+    data = problems.load(p)
+    models = [p.model(0).double(), p.model(0).double()]
+    steppers = [registry.parse_optimizer(n, p).make(m, p.loss, 0.02, 0)
+                for n, m in zip(("lowrank-kfac-fb", "lowrank-kfac-fb-nash"), models)]
+    for i in range(3):
+        x, y = data.X_fit[16 * i:16 * (i + 1)].double(), data.y_fit[16 * i:16 * (i + 1)]
+        assert math.isclose(steppers[0].step(x, y), steppers[1].step(x, y), rel_tol=1e-12)
+    for q, r in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(q, r, rtol=1e-10, atol=1e-12)

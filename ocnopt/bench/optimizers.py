@@ -6,10 +6,11 @@ ocnopt's modes are named ``<backend>-<curvature>[-fb[-nash]]``:
   curvature model), e.g. ``autograd-adam`` (= torch Adam), ``autograd-kfac``;
 * ``<backend>-<curvature>-fb``: ``order=2`` with the feedback policies du = k + K dx and the
   value correction, e.g. ``lowrank-kfac-fb``; ``autograd-full-fb`` is vanilla DDP (exact
-  value Hessians, full curvature), for small problems only; the default game of the branches
-  of a graph network (``game="cooperative"``);
-* ``<backend>-<curvature>-fb-nash``: the same with ``game="nash"`` (graph networks: each
-  branch's policy plays against the others' nominal controls, docs/method.md).
+  value Hessians, full curvature), for small problems only; on graph networks the library's
+  default game (``game="cooperative"``, not passed);
+* ``<backend>-<curvature>-fb-nash``: the same with ``game="nash"`` (feedback Nash: a layer's
+  feedback ignores the parts of the state that depend on a simultaneous layer's output, e.g.
+  a parallel branch; on a chain there are no simultaneous layers and both games coincide).
 
 backend in autograd, lowrank, backpack; curvature in sgd, rmsprop, adam, adamw, kfac, ekfac,
 full (full only with autograd).
