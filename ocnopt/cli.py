@@ -40,7 +40,7 @@ app = typer.Typer(help="ocnopt: optimal-control neural optimizers for PyTorch.",
                   rich_markup_mode="markdown")
 bench = typer.Typer(
     help="Benchmarks of BENCHMARKS.md: problems with offline data, ocnopt's modes "
-         "(`<backend>-<curvature>[-fb]`) against torch.optim and curvlinops K-FAC.",
+         "(`<backend>-<curvature>[-fb[-nash]]`) against torch.optim and curvlinops K-FAC.",
     no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(bench, name="bench")
 
@@ -219,8 +219,9 @@ def _interrupted(records: list[dict[str, Any]], planned: int, out: Path) -> None
 OptOption = Annotated[list[str] | None, typer.Option(
     "--optimizers", "-o",
     help="Optimizers, comma-separated or repeated: peers torch-sgd, torch-rmsprop, torch-adam, "
-         "curvlinops-kfac; ocnopt modes `<backend>-<curvature>[-fb]` (e.g. autograd-adam = order 1, "
-         "lowrank-kfac-fb = order 2 with feedback, autograd-full-fb = vanilla DDP); 'default' or "
+         "curvlinops-kfac; ocnopt modes `<backend>-<curvature>[-fb[-nash]]` (e.g. autograd-adam = "
+         "order 1, lowrank-kfac-fb = order 2 with feedback, lowrank-kfac-fb-nash = the same with "
+         "game 'nash', autograd-full-fb = vanilla DDP); 'default' or "
          "'all' (every one that fits the problem). See `ocnopt bench list`.")]
 OutOption = Annotated[Path, typer.Option(
     "--out", help="Folder for the JSON results (one file per run, written when it finishes).")]
@@ -259,8 +260,8 @@ def list_cmd(json_out: JsonOption = False) -> None:
         t.add_row(p.name, p.description, p.network, str(p.epochs), str(p.batch_size),
                   f"{p.target:g} ({'test acc' if p.metric == 'accuracy' else 'test mse'})")
     con.print(t)
-    t = Table(title="optimizers: peers, then ocnopt's <backend>-<curvature>[-fb] "
-                    "(-fb = order 2 with feedback)")
+    t = Table(title="optimizers: peers, then ocnopt's <backend>-<curvature>[-fb[-nash]] "
+                    "(-fb = order 2 with feedback, -fb-nash = the same with game 'nash')")
     for col in ("optimizer", "default lr", "in sets", "description", "does not run on"):
         t.add_column(col)
     for s in specs:

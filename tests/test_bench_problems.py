@@ -3,7 +3,9 @@ the networks, and the optimizer registry."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import operator
 import random
 import socket
 
@@ -23,7 +25,11 @@ DOCUMENTED = {
     "mnist1d-mlp": ((40,), 10, (3200, 800, 1000)),
     "mnist1d-cnn": ((1, 40), 10, (3200, 800, 1000)),
     "quadratic": ((100,), None, (1120, 280, 600)),
+    "digits-resnet": ((1, 8, 8), 10, (1005, 252, 540)),
+    "digits-inception": ((1, 8, 8), 10, (1005, 252, 540)),
+    "mnist1d-resnet": ((1, 40), 10, (3200, 800, 1000)),
 }
+GRAPH = ("digits-resnet", "digits-inception", "mnist1d-resnet")
 
 
 @pytest.fixture
@@ -118,7 +124,8 @@ def test_every_name_parses_with_its_order() -> None:
         spec = registry.parse_optimizer(n)
         assert spec.name == n
         if spec.family == "ocnopt":
-            assert spec.order == (2 if n.endswith("-fb") else 1)
+            assert spec.order == (2 if "-fb" in n else 1)
+            assert spec.options.get("game") == ("nash" if n.endswith("-fb-nash") else None)
     ddp = registry.parse_optimizer("autograd-full-fb")
     assert ddp.exact and ddp.order == 2 and "vanilla DDP" in ddp.description
     assert registry.parse_optimizer("lowrank-kfac-fb").options == {"feedback": True}
@@ -126,7 +133,9 @@ def test_every_name_parses_with_its_order() -> None:
 
 
 @pytest.mark.parametrize("bad", ["adam", "autograd-newton", "gpu-adam", "autograd-adam-xx",
-                                 "lowrank-full", "torch-lbfgs", "autograd-adam-fb-fb"])
+                                 "lowrank-full", "torch-lbfgs", "autograd-adam-fb-fb",
+                                 "lowrank-kfac-nash", "lowrank-kfac-fb-coop",
+                                 "lowrank-kfac-fb-nash-fb"])
 def test_unknown_names_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="accepted|only backend 'autograd'"):
         registry.parse_optimizer(bad)
@@ -193,3 +202,196 @@ def test_curvlinops_peer_is_a_kfac_step() -> None:
     d = KFACInverseLinearOperator(K, damping=0.1) @ list(g)
     for q, r, di in zip(model.parameters(), params, d):
         torch.testing.assert_close(q, r.detach() - 0.1 * di)
+
+
+# ---- graph networks ------------------------------------------------------------------------------
+def _batch(name: str, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    if name.startswith("mnist1d"):
+        pytest.importorskip("mnist1d")
+    data = problems.load(name)
+    return data.X_fit[:n], data.y_fit[:n]
+
+
+# documented structure: parameters, and the layer types the docstrings name
+GRAPH_STRUCTURE = {
+    "digits-resnet": (38266, {"Conv2d": 8, "BatchNorm2d": 8, "Linear": 1}),
+    "digits-inception": (6490, {"Conv2d": 13, "BatchNorm2d": 1, "MaxPool2d": 2, "Linear": 1}),
+    "mnist1d-resnet": (19370, {"Conv1d": 7, "BatchNorm1d": 7, "Linear": 1}),
+}
+
+
+@pytest.mark.parametrize("name", GRAPH)
+def test_graph_network_structure(name: str) -> None:
+    model = problems.get_problem(name).model(0)
+    assert not isinstance(model, torch.nn.Sequential)
+    n_params, layers = GRAPH_STRUCTURE[name]
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    assert {k: counts.get(k, 0) for k in layers} == layers
+    if name == "digits-resnet":  # the projection block halves 8x8 to 4x4 and doubles the channels
+        x, _ = _batch(name, 4)
+        h = model.block1(torch.relu(model.bn(model.stem(x))))
+        assert tuple(model.block2(h).shape) == (4, 32, 4, 4)
+        assert isinstance(model.block2.shortcut[0], torch.nn.Conv2d)
+        assert model.block2.shortcut[0].stride == (2, 2) and model.block2.shortcut[0].kernel_size == (1, 1)
+    if name == "digits-inception":  # four branches of 8 channels, spatial size kept
+        x, _ = _batch(name, 4)
+        assert tuple(model.inc1(torch.relu(model.bn(model.stem(x)))).shape) == (4, 32, 8, 8)
+
+
+@pytest.mark.parametrize("name", GRAPH)
+def test_graph_network_traces_with_fx(name: str) -> None:
+    """torch.fx.symbolic_trace gives the module's function (float64, train and eval mode), and
+    the graph holds the residual adds / the concatenation."""
+    x, _ = _batch(name)
+    model = problems.get_problem(name).model(0).double()
+    traced = torch.fx.symbolic_trace(model)
+    targets = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    if "resnet" in name:
+        assert operator.add in targets
+    else:
+        assert torch.cat in targets
+    for train in (False, True):
+        model.train(train)
+        traced.train(train)
+        with torch.no_grad():
+            ref = model(x.double())
+            out = traced(x.double())
+        assert ref.dtype == torch.float64 and tuple(ref.shape) == (len(x), 10)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", GRAPH)
+def test_graph_network_deterministic_per_seed(name: str) -> None:
+    p = problems.get_problem(name)
+    a, b, c = p.model(0).state_dict(), p.model(0).state_dict(), p.model(1).state_dict()
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+# torch-adam, 20 steps over 4 minibatches of 16: (lr, bound on loss after / loss before)
+ADAM_BOUND = {"digits-resnet": (3e-3, 0.5), "digits-inception": (1e-2, 0.95),
+              "mnist1d-resnet": (3e-3, 0.75)}
+
+
+@pytest.mark.parametrize("name", GRAPH)
+def test_torch_adam_trains_graph_network(name: str) -> None:
+    p = problems.get_problem(name)
+    x, y = _batch(name, 64)
+    model = p.model(0)
+    lr, bound = ADAM_BOUND[name]
+    stepper = registry.parse_optimizer("torch-adam", p).make(model, p.loss, lr, 0)
+
+    def loss_all() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), y))
+
+    before = loss_all()
+    losses = [stepper.step(x[16 * (i % 4):16 * (i % 4 + 1)], y[16 * (i % 4):16 * (i % 4 + 1)])
+              for i in range(20)]
+    after = loss_all()
+    assert all(math.isfinite(v) for v in losses)
+    assert after < bound * before, (before, after)
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_curvlinops_peer_on_batchnorm_network() -> None:
+    """digits-resnet, update_every=1: Linear/Conv2d weights take -lr (K + damping)^-1 g of
+    curvlinops' K-FAC over those weights, BatchNorm weights -lr g; the BatchNorm running
+    statistics are those of the one training forward pass (restored after K is built)."""
+    pytest.importorskip("curvlinops")
+    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+    p = problems.get_problem("digits-resnet")
+    x, y = _batch("digits-resnet", 32)
+    model, ref = p.model(0), p.model(0)
+    step = registry.CurvlinopsKFACStepper(model, p.loss, lr=0.1, damping=0.1, fisher_type="mc",
+                                          update_every=1, seed=0)
+    kfac, other = registry.split_kfac_params(ref)
+    assert len(kfac) == 8 + 2 and len(other) == 2 * 8  # conv weights, Linear weight and bias
+    step.step(x, y)
+    K = KFACLinearOperator(ref, torch.nn.CrossEntropyLoss(), kfac, [(x, y)], fisher_type="mc",
+                           check_deterministic=False, seed=0)
+    K.compute_kronecker_factors()
+    ref.load_state_dict(p.model(0).state_dict())  # the running statistics before K was built
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x), y), kfac + other)
+    d = list(KFACInverseLinearOperator(K, damping=0.1) @ list(g[:len(kfac)])) + list(g[len(kfac):])
+    expected = {id(q): q.detach() - 0.1 * di for q, di in zip(kfac + other, d)}
+    for (name, q), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(q, expected[id(r)], msg=name)
+    for (name, b), r in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, r, msg=name)  # one BatchNorm update, not two
+
+
+def test_curvlinops_peer_refuses_conv1d() -> None:
+    pytest.importorskip("curvlinops")
+    p = problems.get_problem("mnist1d-resnet")
+    with pytest.raises(ValueError, match=r"layer 'stem' \(Conv1d\).*accepted: Linear and Conv2d"):
+        registry.CurvlinopsKFACStepper(p.model(0), p.loss, lr=0.1, damping=0.1, fisher_type="mc",
+                                       update_every=1, seed=0)
+    with pytest.raises(ValueError, match="does not run on mnist1d-resnet.*Conv2d"):
+        registry.select(p, ["curvlinops-kfac"])
+
+
+def test_ocnopt_refusal_reported_by_fits() -> None:
+    """fits() asks ocnopt.OCNOpt itself: a network it refuses gives the library's reason."""
+    bare = problems.Problem("bare", "no parameters", "ReLU", "cross_entropy",
+                            problems.load_wine, lambda: torch.nn.Sequential(torch.nn.ReLU()),
+                            epochs=1, batch_size=8, target=0.5)
+    spec = registry.parse_optimizer("lowrank-kfac-fb")
+    assert spec.fits(bare).startswith("ocnopt.OCNOpt refuses it: ")
+    assert "no trainable parameters" in spec.fits(bare)
+    assert registry.parse_optimizer("torch-adam").fits(bare) is None
+    with pytest.raises(ValueError, match="does not run on bare: ocnopt.OCNOpt refuses it"):
+        registry.select(bare, ["lowrank-kfac-fb"])
+
+
+def test_nash_names_build_game_option() -> None:
+    nash = registry.parse_optimizer("lowrank-kfac-fb-nash")
+    assert nash.order == 2 and nash.kwargs["game"] == "nash" and nash.kwargs["feedback"] is True
+    assert nash.options == {"feedback": True, "game": "nash"} and "game nash" in nash.description
+    assert "game" not in registry.parse_optimizer("lowrank-kfac-fb").kwargs  # library default
+    assert "game" not in registry.parse_optimizer("lowrank-kfac").kwargs
+    names = registry.all_names()
+    assert {"lowrank-adam-fb-nash", "lowrank-kfac-fb-nash", "autograd-full-fb-nash"} <= set(names)
+    assert "lowrank-full-fb-nash" not in names
+
+
+def _ocnopt_has_game() -> bool:
+    import ocnopt
+
+    return "game" in inspect.signature(ocnopt.OCNOpt).parameters
+
+
+@pytest.mark.xfail(not _ocnopt_has_game(), strict=True,
+                   reason="OCNOpt(game=...) arrives with the graph engine")
+@pytest.mark.parametrize(("name", "game"), [("lowrank-kfac-fb-nash", "nash"),
+                                            ("lowrank-adam-fb-nash", "nash"),
+                                            ("lowrank-kfac-fb", "cooperative")])
+def test_nash_names_construct_ocnopt_with_game(name: str, game: str) -> None:
+    p = problems.get_problem("wine-fcn")
+    data = problems.load(p)
+    stepper = registry.parse_optimizer(name, p).make(p.model(0), p.loss, 0.01, 0)
+    opt = stepper.opt
+    assert getattr(opt, "game", None) == game or opt.defaults.get("game") == game
+    assert math.isfinite(stepper.step(data.X_fit[:16], data.y_fit[:16]))
+
+
+@pytest.mark.xfail(not _ocnopt_has_game(), strict=True,
+                   reason="OCNOpt(game=...) arrives with the graph engine")
+def test_nash_equals_cooperative_on_a_chain() -> None:
+    """A chain has no simultaneous layers: lowrank-kfac-fb-nash takes the same steps as
+    lowrank-kfac-fb (float64, 3 steps on wine-fcn)."""
+    p = problems.get_problem("wine-fcn")
+    data = problems.load(p)
+    models = [p.model(0).double(), p.model(0).double()]
+    steppers = [registry.parse_optimizer(n, p).make(m, p.loss, 0.02, 0)
+                for n, m in zip(("lowrank-kfac-fb", "lowrank-kfac-fb-nash"), models)]
+    for i in range(3):
+        x, y = data.X_fit[16 * i:16 * (i + 1)].double(), data.y_fit[16 * i:16 * (i + 1)]
+        assert math.isclose(steppers[0].step(x, y), steppers[1].step(x, y), rel_tol=1e-12)
+    for q, r in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(q, r, rtol=1e-10, atol=1e-12)

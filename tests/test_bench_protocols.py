@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 from ocnopt.bench import optimizers as registry  # noqa: E402
@@ -179,3 +180,42 @@ def test_splice_keeps_other_sections(tmp_path: Path) -> None:
     doc.write_text(text + "\n## Later section\n\nkept\n")
     report.splice(doc, "third")
     assert doc.read_text().endswith(f"{report.BEGIN}\nthird\n{report.END}\n\n## Later section\n\nkept\n")
+
+
+def test_evaluate_in_eval_mode_leaves_batchnorm_alone() -> None:
+    """evaluate() uses BatchNorm's running statistics, does not update them and restores the
+    training mode."""
+    p = problems.get_problem("digits-resnet")
+    data = problems.load(p, subset=64)
+    model = p.model(0)
+    buffers = [b.clone() for b in model.buffers()]
+    loss, acc = protocols.evaluate(model, data.X_test, data.y_test, p.loss)
+    assert model.training
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    model.eval()
+    with torch.no_grad():
+        out = model(data.X_test)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(out, data.y_test)))
+    assert acc == pytest.approx(float((out.argmax(1) == data.y_test).float().mean()))
+
+
+def test_findings_compare_nash_with_cooperative_and_order_one() -> None:
+    """The findings put `-fb-nash` beside its cooperative `-fb` and every order-2 mode beside
+    the order-1 mode of its curvature (autograd's, else its own backend's)."""
+
+    def row(opt: str, order: int | None, loss: float, std: float, seconds: float,
+            family: str = "ocnopt") -> dict[str, Any]:
+        return {"problem": "p", "folder": "f", "lr_source": "default", "metric": "accuracy",
+                "optimizer": opt, "family": family, "order": order, "lr": 0.01,
+                "train_loss": loss, "train_loss_std": std, "test": 0.9, "test_std": 0.01,
+                "seconds": seconds, "time_ratio": seconds, "diverged": 0, "seeds": [0, 1]}
+
+    rows = [row("torch-sgd", None, 0.5, 0.01, 1.0, "torch"), row("lowrank-kfac", 1, 0.4, 0.01, 2.0),
+            row("lowrank-kfac-fb", 2, 0.3, 0.01, 4.0), row("lowrank-kfac-fb-nash", 2, 0.305, 0.01, 8.0)]
+    lines = report._findings(rows, [], [])
+    assert ("- train p: `lowrank-kfac-fb-nash` (order 2, game nash) vs `lowrank-kfac-fb` (order 2, "
+            "cooperative): final training loss 0.305 vs 0.3 (+2 %, within one std over seeds), "
+            "test 90.0 % vs 90.0 %, time 2.0x.") in lines
+    assert ("- train p: `lowrank-kfac-fb` (order 2) vs `lowrank-kfac` (order 1, same curvature): "
+            "final training loss 0.3 vs 0.4 (-25 %, lower), test 90.0 % vs 90.0 %, time 2.0x.") in lines
+    assert sum("`lowrank-kfac-fb-nash` (order 2) vs `lowrank-kfac`" in li for li in lines) == 1

@@ -35,13 +35,18 @@ def test_list(tmp_path: Path) -> None:
     res = invoke("bench", "list", "--json")
     assert res.exit_code == 0
     data = json.loads(res.stdout)
-    assert [p["name"] for p in data["problems"]] == ["wine-fcn", "digits-fcn", "digits-cnn",
-                                                     "mnist1d-mlp", "mnist1d-cnn", "quadratic"]
-    names = {o["name"] for o in data["optimizers"]}
+    assert [p["name"] for p in data["problems"]] == [
+        "wine-fcn", "digits-fcn", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn", "quadratic",
+        "digits-resnet", "digits-inception", "mnist1d-resnet"]
+    opts = {o["name"]: o for o in data["optimizers"]}
     assert {"torch-sgd", "curvlinops-kfac", "autograd-adam", "lowrank-kfac-fb",
-            "autograd-full-fb"} <= names
+            "autograd-full-fb", "lowrank-kfac-fb-nash", "lowrank-adam-fb-nash"} <= set(opts)
+    assert opts["lowrank-kfac-fb-nash"]["options"] == {"feedback": True, "game": "nash"}
+    assert "mnist1d-resnet" in opts["curvlinops-kfac"]["not_on"]
+    assert "digits-resnet" not in opts["curvlinops-kfac"]["not_on"]
     res = invoke("bench", "list")
     assert res.exit_code == 0 and "lowrank-kfac-fb" in res.stdout
+    assert "lowrank-kfac-fb-nash" in res.stdout and "digits-inception" in res.stdout
 
 
 def _file(tmp_path: Path) -> Path:

@@ -1,12 +1,16 @@
 """The optimizers a benchmark compares, by name, all driven through one ``Stepper`` interface.
 
-ocnopt's modes are named ``<backend>-<curvature>[-fb]``:
+ocnopt's modes are named ``<backend>-<curvature>[-fb[-nash]]``:
 
 * ``<backend>-<curvature>``: ``order=1`` (backpropagation + the base optimizer given by the
   curvature model), e.g. ``autograd-adam`` (= torch Adam), ``autograd-kfac``;
 * ``<backend>-<curvature>-fb``: ``order=2`` with the feedback policies du = k + K dx and the
   value correction, e.g. ``lowrank-kfac-fb``; ``autograd-full-fb`` is vanilla DDP (exact
-  value Hessians, full curvature), for small problems only.
+  value Hessians, full curvature), for small problems only; on graph networks the library's
+  default game (``game="cooperative"``, not passed);
+* ``<backend>-<curvature>-fb-nash``: the same with ``game="nash"`` (feedback Nash: a layer's
+  feedback ignores the parts of the state that depend on a simultaneous layer's output, e.g.
+  a parallel branch; on a chain there are no simultaneous layers and both games coincide).
 
 backend in autograd, lowrank, backpack; curvature in sgd, rmsprop, adam, adamw, kfac, ekfac,
 full (full only with autograd).
@@ -16,7 +20,9 @@ The peers, which nobody here wrote, run through the same loop:
 * ``torch-sgd`` (``torch.optim.SGD``, momentum 0.9), ``torch-rmsprop``, ``torch-adam``;
 * ``curvlinops-kfac``: p <- p - lr (K + damping)^-1 g with curvlinops'
   ``KFACInverseLinearOperator`` of a ``KFACLinearOperator`` (Monte-Carlo Fisher, one sample)
-  rebuilt on the current batch every ``update_every`` steps (10, as ocnopt's ``inv_every``).
+  rebuilt on the current batch every ``update_every`` steps (10, as ocnopt's ``inv_every``);
+  it covers Linear and Conv2d layers, normalisation layers (BatchNorm, ...) take the plain
+  gradient step, other layers with parameters (Conv1d) are refused.
 
 Hyper-parameters other than the learning rate are fixed per family (``HYPER``) and recorded in
 every result; the learning rate has a hand-set default (``DEFAULT_LR``, not tuned on any split)
@@ -88,9 +94,43 @@ class TorchStepper:
         return float(loss.detach())
 
 
+#: normalisation layers whose parameters the curvlinops peer steps by the plain gradient
+NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                                            nn.LayerNorm, nn.GroupNorm)
+
+
+def split_kfac_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters of Linear and Conv2d layers, which curvlinops' K-FAC covers; parameters of
+    normalisation layers, ``NORM_LAYERS``); ``ValueError`` naming any other layer that owns
+    trainable parameters (e.g. Conv1d, which curvlinops' K-FAC does not support)."""
+    kfac: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
+    for name, mod in model.named_modules():
+        own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            kfac += own
+        elif isinstance(mod, NORM_LAYERS):
+            other += own
+        else:
+            raise ValueError(
+                f"curvlinops-kfac: layer {name or 'model'!r} ({type(mod).__name__}) has parameters "
+                "that curvlinops' K-FAC does not cover; accepted: Linear and Conv2d (K-FAC), "
+                f"{', '.join(c.__name__ for c in NORM_LAYERS)} (plain gradient)")
+    return kfac, other
+
+
 class CurvlinopsKFACStepper:
-    """K-FAC from curvlinops: p <- p - lr (K + damping I)^-1 grad, K rebuilt every
-    ``update_every`` steps from the current batch (its inverse is cached in between)."""
+    """K-FAC from curvlinops: p <- p - lr (K + damping I)^-1 grad for the parameters of Linear
+    and Conv2d layers, K rebuilt every ``update_every`` steps from the current batch (its
+    inverse is cached in between).
+
+    The parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm: ``NORM_LAYERS``),
+    which curvlinops' K-FAC does not cover, take the plain gradient step p <- p - lr grad (no
+    preconditioner); any other layer with parameters (e.g. Conv1d) is refused with
+    ``ValueError``. Building K runs the model forward on the batch; the BatchNorm running
+    statistics are restored afterwards, so that only the training step itself updates them."""
 
     def __init__(self, model: nn.Module, loss: str, lr: float, damping: float,
                  fisher_type: str, update_every: int, seed: int):
@@ -98,7 +138,8 @@ class CurvlinopsKFACStepper:
 
         self._K, self._Kinv = KFACLinearOperator, KFACInverseLinearOperator
         self.model, self.loss_fn = model, torch_loss(loss)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.kfac_params, self.other_params = split_kfac_params(model)
+        self.params = self.kfac_params + self.other_params
         self.lr, self.damping, self.fisher_type = lr, damping, fisher_type
         self.update_every, self.seed = update_every, seed
         self.k = 0
@@ -107,17 +148,22 @@ class CurvlinopsKFACStepper:
 
     def step(self, inputs: Tensor, targets: Tensor) -> float:
         if self.k % self.update_every == 0:
+            buffers = [b.clone() for b in self.model.buffers()]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                K = self._K(self.model, self.loss_fn, self.params, [(inputs, targets)],
+                K = self._K(self.model, self.loss_fn, self.kfac_params, [(inputs, targets)],
                             fisher_type=self.fisher_type, check_deterministic=False,
                             seed=self.seed * 100_003 + self.k)
                 K.compute_kronecker_factors()
                 self.inverse = self._Kinv(K, damping=self.damping)
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
         self.k += 1
         loss = self.loss_fn(self.model(inputs), targets)
         grads = torch.autograd.grad(loss, self.params)
-        direction = self.inverse @ list(grads)
+        n = len(self.kfac_params)
+        direction = list(self.inverse @ list(grads[:n])) + list(grads[n:])
         with torch.no_grad():
             for p, d in zip(self.params, direction):
                 p.sub_(d, alpha=self.lr)
@@ -155,6 +201,9 @@ class OptimizerSpec:
     curvature: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
+    #: the keyword arguments of ``ocnopt.OCNOpt`` (all but lr and seed)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
     @property
     def exact(self) -> bool:
         """Runs the exact backend's full matrices (order 2 with autograd, or curvature full)."""
@@ -179,7 +228,34 @@ class OptimizerSpec:
         if self.exact and problem.exact == "no":
             return (f"{self.name} forms the exact backend's full per-sample matrices; "
                     f"{problem.name} is too large for them")
+        if self.family == "ocnopt":
+            return _ocnopt_refusal(problem, self)
         return None
+
+
+_REFUSALS: dict[tuple[Any, ...], str | None] = {}
+
+
+def _ocnopt_refusal(problem: Problem, spec: OptimizerSpec) -> str | None:
+    """Why ``ocnopt.OCNOpt`` refuses to be built on the problem's network with the spec's
+    options (its ``TypeError`` / ``ValueError`` / ``NotImplementedError``), None when it accepts
+    it: the library decides (e.g. layers or graph structure it does not handle yet, options it
+    does not know). Cached per problem and options."""
+    key = (problem.name, id(problem.build), problem.loss, spec.default_lr,
+           tuple(sorted((k, repr(v)) for k, v in spec.kwargs.items())))
+    if key not in _REFUSALS:
+        import ocnopt
+
+        reason = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ocnopt.OCNOpt(problem.model(0), loss=problem.loss, lr=spec.default_lr,
+                              **spec.kwargs)
+        except (TypeError, ValueError, NotImplementedError) as err:
+            reason = f"ocnopt.OCNOpt refuses it: {err}"
+        _REFUSALS[key] = reason
+    return _REFUSALS[key]
 
 
 def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
@@ -202,7 +278,7 @@ def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
         name, "curvlinops", lr, hp,
         f"curvlinops KFACInverseLinearOperator(KFACLinearOperator({hp['fisher_type']} Fisher), "
         f"damping {hp['damping']:g}) @ grad, rebuilt on the current batch every "
-        f"{hp['update_every']} steps",
+        f"{hp['update_every']} steps (Linear, Conv2d); normalisation layers: plain gradient",
         lambda m, loss, lr, seed: CurvlinopsKFACStepper(m, loss, lr, seed=seed, **hp))
 
 
@@ -216,13 +292,16 @@ def parse_optimizer(name: str, problem: Problem | None = None) -> OptimizerSpec:
     if name in PEERS:
         return _peer(name, dict(overrides.get(name, {})))
     parts = name.split("-")
-    feedback = len(parts) == 3 and parts[2] == "fb"
-    if len(parts) not in (2, 3) or (len(parts) == 3 and not feedback) \
+    feedback = len(parts) >= 3 and parts[2] == "fb"
+    nash = len(parts) == 4 and feedback and parts[3] == "nash"
+    if len(parts) not in (2, 3, 4) or (len(parts) == 3 and not feedback) \
+            or (len(parts) == 4 and not nash) \
             or parts[0] not in BACKENDS or parts[1] not in CURVATURES:
         raise ValueError(
-            f"unknown optimizer {name!r}: accepted {', '.join(PEERS)} or <backend>-<curvature>[-fb] "
-            f"with backend in {{{', '.join(BACKENDS)}}} and curvature in {{{', '.join(CURVATURES)}}}"
-            " ('-fb': order 2 with feedback)")
+            f"unknown optimizer {name!r}: accepted {', '.join(PEERS)} or "
+            f"<backend>-<curvature>[-fb[-nash]] with backend in {{{', '.join(BACKENDS)}}} and "
+            f"curvature in {{{', '.join(CURVATURES)}}} ('-fb': order 2 with feedback, cooperative "
+            "game; '-fb-nash': order 2, game 'nash')")
     backend, curvature = parts[0], parts[1]
     if curvature == "full" and backend != "autograd":
         raise ValueError(f"unknown optimizer {name!r}: curvature 'full' needs E[Q_uu] as a matrix, "
@@ -232,22 +311,26 @@ def parse_optimizer(name: str, problem: Problem | None = None) -> OptimizerSpec:
     lr = extra.pop("lr", DEFAULT_LR[curvature])
     hp = {**HYPER[curvature], **extra}
     kwargs = {"curvature": curvature, "backend": backend, "order": order, **hp}
+    options: dict[str, Any] = {}
     if feedback:
         kwargs["feedback"] = True
+        options["feedback"] = True
+    if nash:
+        kwargs["game"] = "nash"
+        options["game"] = "nash"
     what = "vanilla DDP (exact value Hessians, full curvature)" if name == "autograd-full-fb" else (
-        f"order {order}{' with feedback' if feedback else ''}, curvature {curvature}, "
-        f"backend {backend}")
+        f"order {order}{' with feedback' if feedback else ''}{', game nash' if nash else ''}, "
+        f"curvature {curvature}, backend {backend}")
     return OptimizerSpec(
         name, "ocnopt", lr, hp, f"ocnopt: {what}",
         lambda m, loss, lr, seed: OCNOptStepper(m, loss, lr=lr, seed=seed, **kwargs),
-        order=order, backend=backend, curvature=curvature,
-        options={"feedback": feedback} if feedback else {})
+        order=order, backend=backend, curvature=curvature, options=options, kwargs=kwargs)
 
 
 def all_names() -> list[str]:
     """Every optimizer name the registry accepts."""
     names = list(PEERS)
-    for fb in ("", "-fb"):
+    for fb in ("", "-fb", "-fb-nash"):
         for b in BACKENDS:
             for c in CURVATURES:
                 if c == "full" and b != "autograd":

@@ -16,7 +16,12 @@ fully-connected problems, one scalar for the images). mnist1d comes standardised
 
 Shapes (N = samples): wine-fcn (N, 13), 3 classes; digits-fcn (N, 64), 10 classes; digits-cnn
 (N, 1, 8, 8), 10 classes; mnist1d-mlp (N, 40), 10 classes; mnist1d-cnn (N, 1, 40), 10 classes;
-quadratic (N, 100) with targets (N, 1).
+quadratic (N, 100) with targets (N, 1); the graph networks digits-resnet and digits-inception
+(N, 1, 8, 8), mnist1d-resnet (N, 1, 40), 10 classes.
+
+The graph networks are plain ``nn.Module`` classes (residual adds, ``torch.cat`` of branches,
+BatchNorm) whose ``forward`` ``torch.fx.symbolic_trace`` traces; they are trained in train mode
+and evaluated in eval mode (BatchNorm's running statistics).
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ class Problem:
     network: str
     loss: str  # "cross_entropy" or "mse"
     load: Callable[[int], Dataset]
-    build: Callable[[], nn.Sequential]
+    build: Callable[[], nn.Module]
     epochs: int  # default epochs of the train protocol
     batch_size: int
     target: float  # time-to-target: test accuracy to reach (mse: test loss to go under)
@@ -87,7 +92,7 @@ class Problem:
     def metric(self) -> str:
         return "accuracy" if self.loss == "cross_entropy" else "mse"
 
-    def model(self, seed: int) -> nn.Sequential:
+    def model(self, seed: int) -> nn.Module:
         """The network with its initial weights drawn from ``seed`` (global RNG untouched)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -245,6 +250,120 @@ def mnist1d_cnn() -> nn.Sequential:
     return nn.Sequential(*mods, nn.Flatten(), nn.Linear(25 * 5, 10))
 
 
+# ---- graph networks (residual and multi-branch; plain modules that torch.fx traces) -------------
+class _Block2d(nn.Module):
+    """Residual block y = ReLU(BN(conv3x3(ReLU(BN(conv3x3(x))))) + s(x)), s the identity, or a
+    1x1 conv (stride ``stride``) + BN projection when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class DigitsResNet(nn.Module):
+    """digits-resnet on 1x8x8: stem conv3x3 (16 ch)-BN-ReLU; residual blocks 16 -> 16,
+    16 -> 32 (stride 2, 1x1 conv + BN projection shortcut: 8x8 -> 4x4), 32 -> 32; global
+    average pool; Linear 32-10. 38 k parameters."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.block1 = _Block2d(16, 16)
+        self.block2 = _Block2d(16, 32, stride=2)
+        self.block3 = _Block2d(32, 32)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        h = self.block3(self.block2(self.block1(h)))
+        return self.head(torch.mean(h, dim=(2, 3)))
+
+
+class _Inception(nn.Module):
+    """Four parallel branches concatenated on the channels: 1x1; 1x1 -> 3x3; 1x1 -> 5x5
+    (padding 2); maxpool 3x3 (stride 1, padding 1) -> 1x1; every conv followed by ReLU;
+    ``width`` channels per branch (output 4 ``width``), spatial size kept."""
+
+    def __init__(self, c_in: int, width: int = 8):
+        super().__init__()
+        self.b1 = nn.Conv2d(c_in, width, 1)
+        self.b3_reduce = nn.Conv2d(c_in, width, 1)
+        self.b3 = nn.Conv2d(width, width, 3, padding=1)
+        self.b5_reduce = nn.Conv2d(c_in, width, 1)
+        self.b5 = nn.Conv2d(width, width, 5, padding=2)
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+        self.bp = nn.Conv2d(c_in, width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y1 = torch.relu(self.b1(x))
+        y3 = torch.relu(self.b3(torch.relu(self.b3_reduce(x))))
+        y5 = torch.relu(self.b5(torch.relu(self.b5_reduce(x))))
+        yp = torch.relu(self.bp(self.pool(x)))
+        return torch.cat([y1, y3, y5, yp], dim=1)
+
+
+class DigitsInception(nn.Module):
+    """digits-inception on 1x8x8: stem conv3x3 (16 ch)-BN-ReLU; inception blocks 16 -> 32 and
+    32 -> 32 (4 branches of 8 channels); adaptive average pool; flatten; Linear 32-10. 6.5 k
+    parameters."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.inc1 = _Inception(16)
+        self.inc2 = _Inception(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        h = self.pool(self.inc2(self.inc1(h)))
+        return self.head(torch.flatten(h, 1))
+
+
+class _Block1d(nn.Module):
+    """Residual block y = ReLU(BN(conv1d k3(ReLU(BN(conv1d k3(x))))) + x), length kept."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.conv2 = nn.Conv1d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm1d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + x)
+
+
+class Mnist1dResNet(nn.Module):
+    """mnist1d-resnet on 1x40: stem conv1d k5 (32 ch, padding 2)-BN-ReLU; 3 residual blocks of
+    32 channels (conv1d k3-BN-ReLU-conv1d k3-BN + identity, ReLU after the add); global average
+    pool over the 40 positions; Linear 32-10. 19 k parameters."""
+
+    def __init__(self, channels: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv1d(1, channels, 5, padding=2, bias=False)
+        self.bn = nn.BatchNorm1d(channels)
+        self.blocks = nn.Sequential(*(_Block1d(channels) for _ in range(3)))
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.head(torch.mean(h, dim=2))
+
+
 # digits-cnn: the Linear head's input factor A is 2049 x 2049; ocnopt inverts it through a float64
 # eigen-decomposition (seconds on one core), so the inverses (and curvlinops' rebuilds) are
 # refreshed every 50 steps instead of 10 there. K-FAC's default lr 0.02 diverges on this network
@@ -277,6 +396,22 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in [
             "Linear 100-1 without bias", "mse", load_quadratic,
             lambda: nn.Sequential(nn.Linear(QUAD_DIM, 1, bias=False)), epochs=10, batch_size=32,
             target=0.02, exact="default"),
+    # graph networks: residual and multi-branch modules (not nn.Sequential), BatchNorm
+    Problem("digits-resnet", "scikit-learn digits as 1x8x8 images, 10 classes",
+            "ResNet: conv stem 16 ch, 3 residual blocks (conv-BN-ReLU-conv-BN + skip, one with a "
+            "1x1 conv + BN projection and stride 2), global average pool, Linear 32-10",
+            "cross_entropy", lambda seed: load_digits(seed, image=True), DigitsResNet,
+            epochs=10, batch_size=32, target=0.95, exact="no"),
+    Problem("digits-inception", "scikit-learn digits as 1x8x8 images, 10 classes",
+            "conv stem 16 ch-BN-ReLU, 2 inception blocks (1x1; 1x1-3x3; 1x1-5x5; maxpool-1x1; 8 ch "
+            "each, concatenated), adaptive average pool, Linear 32-10", "cross_entropy",
+            lambda seed: load_digits(seed, image=True), DigitsInception, epochs=20,
+            batch_size=32, target=0.95, exact="no"),
+    Problem("mnist1d-resnet", "mnist1d as 1x40 signals, 10 classes",
+            "Conv1d ResNet: stem k5 32 ch-BN-ReLU, 3 residual blocks (conv1d k3-BN-ReLU-conv1d k3-BN "
+            "+ skip), global average pool, Linear 32-10", "cross_entropy",
+            lambda seed: load_mnist1d(seed, channel=True), Mnist1dResNet, epochs=10, batch_size=64,
+            target=0.9, exact="no", unsupported={"curvlinops-kfac": _CONV1D}),
 ]}
 
 

@@ -182,16 +182,22 @@ class Manifest:
 # ---- one training run ---------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, X: Tensor, y: Tensor, loss: str) -> tuple[float, float | None]:
-    """(mean loss, accuracy or None for regression) over (X, y), in chunks."""
+    """(mean loss, accuracy or None for regression) over (X, y), in chunks; in eval mode
+    (BatchNorm uses its running statistics and leaves them alone), the mode restored after."""
     total, correct = 0.0, 0
-    for i in range(0, len(y), EVAL_CHUNK):
-        out = model(X[i:i + EVAL_CHUNK])
-        t = y[i:i + EVAL_CHUNK]
-        if loss == "cross_entropy":
-            total += float(nn.functional.cross_entropy(out, t, reduction="sum"))
-            correct += int((out.argmax(1) == t).sum())
-        else:
-            total += float(nn.functional.mse_loss(out, t, reduction="sum")) / t[0].numel()
+    training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(y), EVAL_CHUNK):
+            out = model(X[i:i + EVAL_CHUNK])
+            t = y[i:i + EVAL_CHUNK]
+            if loss == "cross_entropy":
+                total += float(nn.functional.cross_entropy(out, t, reduction="sum"))
+                correct += int((out.argmax(1) == t).sum())
+            else:
+                total += float(nn.functional.mse_loss(out, t, reduction="sum")) / t[0].numel()
+    finally:
+        model.train(training)
     n = max(len(y), 1)
     return total / n, (correct / n if loss == "cross_entropy" else None)
 

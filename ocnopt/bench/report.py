@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +370,30 @@ def _best(rows: list[dict[str, Any]], accuracy: bool) -> dict[str, Any] | None:
     return out
 
 
+
+def _versus(prob: str, r: dict[str, Any], r_what: str, other: dict[str, Any], other_what: str,
+            fmt: Callable[[float], str]) -> str | None:
+    """One line comparing two train-summary rows: final training loss (relative difference,
+    and whether it is within one std over seeds), test metric, ratio of training times; the
+    divergences when either diverged; None when a final training loss is missing."""
+    if r["diverged"] or other["diverged"]:
+        return (f"- train {prob}: `{r['optimizer']}` ({r_what}) diverged on {r['diverged']} of "
+                f"{len(r['seeds'])} seeds, `{other['optimizer']}` ({other_what}) on "
+                f"{other['diverged']} of {len(other['seeds'])}; test {fmt(r['test'])} vs "
+                f"{fmt(other['test'])}.")
+    if r["train_loss"] is None or other["train_loss"] is None:
+        return None
+    d_loss = r["train_loss"] - other["train_loss"]
+    noise = max(r["train_loss_std"] or 0, other["train_loss_std"] or 0)
+    verdict = ("within one std over seeds" if abs(d_loss) <= noise
+               else "lower" if d_loss < 0 else "higher")
+    return (f"- train {prob}: `{r['optimizer']}` ({r_what}) vs `{other['optimizer']}` "
+            f"({other_what}): final training loss {_f(r['train_loss'], '.4g')} vs "
+            f"{_f(other['train_loss'], '.4g')} ({100 * d_loss / other['train_loss']:+.0f} %, "
+            f"{verdict}), test {fmt(r['test'])} vs {fmt(other['test'])}, time "
+            f"{_f((r['seconds'] or 0) / (other['seconds'] or 1), '.1f')}x.")
+
+
 def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
               overhead: list[dict[str, Any]]) -> list[str]:
     """Plain statements computed from the tables (no judgement beyond the numbers)."""
@@ -408,28 +432,18 @@ def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
         for r in rows:
             if r["order"] != 2:
                 continue
-            first = by.get(f"autograd-{r['optimizer'].split('-')[1]}")
-            if first is None:
-                continue
-            if r["diverged"] or first["diverged"]:
-                lines.append(
-                    f"- train {prob}: `{r['optimizer']}` (order 2) diverged on {r['diverged']} of "
-                    f"{len(r['seeds'])} seeds, `{first['optimizer']}` (order 1, same curvature) on "
-                    f"{first['diverged']} of {len(first['seeds'])}; test {fmt(r['test'])} vs "
-                    f"{fmt(first['test'])}.")
-                continue
-            if r["train_loss"] is None or first["train_loss"] is None:
-                continue
-            d_loss = r["train_loss"] - first["train_loss"]
-            noise = max(r["train_loss_std"] or 0, first["train_loss_std"] or 0)
-            verdict = ("within one std over seeds" if abs(d_loss) <= noise
-                       else "lower" if d_loss < 0 else "higher")
-            lines.append(
-                f"- train {prob}: `{r['optimizer']}` (order 2) vs `{first['optimizer']}` (order 1, "
-                f"same curvature): final training loss {_f(r['train_loss'], '.4g')} vs "
-                f"{_f(first['train_loss'], '.4g')} ({100 * d_loss / first['train_loss']:+.0f} %, "
-                f"{verdict}), test {fmt(r['test'])} vs {fmt(first['test'])}, time "
-                f"{_f((r['seconds'] or 0) / (first['seconds'] or 1), '.1f')}x.")
+            backend, curvature = r["optimizer"].split("-")[:2]
+            pairs = []
+            if r["optimizer"].endswith("-fb-nash"):  # the Nash game against the cooperative one
+                pairs.append((by.get(r["optimizer"][:-len("-nash")]), "order 2, game nash",
+                              "order 2, cooperative"))
+            # the order-1 step of the same curvature (the same on every backend)
+            pairs.append((by.get(f"autograd-{curvature}") or by.get(f"{backend}-{curvature}"),
+                          "order 2", "order 1, same curvature"))
+            for other, r_what, other_what in pairs:
+                line = None if other is None else _versus(prob, r, r_what, other, other_what, fmt)
+                if line is not None:
+                    lines.append(line)
     for prob in dict.fromkeys(r["problem"] for r in sweep):
         rows = [r for r in sweep if r["problem"] == prob]
         peers = [r["tunability"] for r in rows if r["family"] != "ocnopt"]
