@@ -37,7 +37,10 @@ from .base import (
 
 
 def inverse_root(matrix: Tensor, power: float) -> Tensor:
-    """matrix^{-1/power} by SVD (pytorch-optimizer's ``compute_power_svd``)."""
+    """matrix^{-1/power} by SVD (pytorch-optimizer's ``compute_power_svd``); NaN where the
+    matrix is not finite (the optimizer then skips the step as non-finite)."""
+    if not bool(torch.isfinite(matrix).all()):
+        return torch.full_like(matrix, float("nan"))
     dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     u, s, vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
     s.pow_(-1.0 / power)

@@ -144,11 +144,15 @@ def accumulate(GG: list[Tensor | None], g: Tensor, layout: _Layout, beta: float,
 
 
 def eigenbases(GG: list[Tensor | None]) -> list[Tensor | None]:
-    """Eigenvectors of each factor (+ 1e-30 I), columns by decreasing eigenvalue."""
+    """Eigenvectors of each factor (+ 1e-30 I), columns by decreasing eigenvalue; NaN for a
+    factor that is not finite (the optimizer then skips the step as non-finite)."""
     out: list[Tensor | None] = []
     for m in GG:
         if m is None:
             out.append(None)
+            continue
+        if not bool(torch.isfinite(m).all()):
+            out.append(torch.full_like(m, float("nan")))
             continue
         try:
             _, q = torch.linalg.eigh(m + 1e-30 * torch.eye(m.shape[0], device=m.device, dtype=m.dtype))
@@ -173,6 +177,9 @@ def refresh_bases(GG: list[Tensor | None], Q: list[Tensor | None], exp_avg_sq: T
             out.append(None)
             continue
         product = m @ o
+        if not bool(torch.isfinite(product).all()):  # skipped as non-finite by the optimizer
+            out.append(torch.full_like(o, float("nan")))
+            continue
         est_eig = (o * product).sum(dim=0)
         order = torch.argsort(est_eig, descending=True)
         v = v.index_select(ind, order)
@@ -250,7 +257,9 @@ class SOAP(CurvatureModel):
                 GG = accumulate(init_factors(g, layout, hp), g, layout, sb, hp)
                 new_states.append({"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(g),
                                    "exp_avg_sq": torch.zeros_like(g), "GG": GG, "Q": eigenbases(GG)})
-                dirs.append(torch.zeros_like(g))
+                # no step; a non-finite gradient must still skip it (its factors would stay)
+                dirs.append(torch.zeros_like(g) if bool(torch.isfinite(g).all())
+                            else torch.full_like(g, float("nan")))
                 continue
             new: State = {"step": torch.tensor(float(st["step"]) + 1.0)}
             Q = st["Q"]
