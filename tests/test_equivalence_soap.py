@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import pytest
@@ -210,3 +211,163 @@ def test_harness_peer_equals_ocnopt(name: str) -> None:
     for p, q, q0 in zip(finals[1], finals[0], init):
         assert not torch.equal(q, q0.detach())
         assert_params_close(p, q, q0.detach(), HARNESS64, name)
+
+
+# ---- order 2: M^{-1}, M and the per-sample Gram matrices ------------------------------------------
+MODEL_CASES = {
+    "soap": {"lr": 0.01, "precondition_frequency": 2, "weight_decay": 0.0},
+    "soap-1d-small-axes": {"lr": 0.01, "precondition_frequency": 2, "precondition_1d": True,
+                           "max_precondition_dim": 4, "weight_decay": 0.0},
+    "shampoo": {"lr": 1e-3},
+    "shampoo-momentum": {"lr": 1e-3, "momentum": 0.5, "weight_decay": 0.1,
+                         "preconditioning_compute_steps": 2},
+}
+
+
+def _curvature(case: str) -> str:
+    return case.split("-")[0]
+
+
+def _trained(case: str, module: nn.Module, in_shape: tuple[int, ...], steps: int = 4
+             ) -> tuple[ocnopt.OCNOpt, torch.Generator]:
+    g = torch.Generator().manual_seed(2)
+    opt = ocnopt.OCNOpt(nn.Sequential(module), loss=lambda out, y: out.flatten(1).square().sum(1),
+                        curvature=_curvature(case), **MODEL_CASES[case])
+    for _ in range(steps):
+        opt.step(torch.randn(5, *in_shape, generator=g, dtype=torch.float64), torch.zeros(5))
+    return opt, g
+
+
+GRAM_CASES = {
+    "linear": (lambda: nn.Linear(3, 5), (3,)),
+    "linear-no-bias": (lambda: nn.Linear(6, 2, bias=False), (6,)),
+    "linear-positions": (lambda: nn.Linear(3, 4), (2, 3)),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3), (2, 5)),
+    "conv2d": (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_solve_inverts_apply_with_column_dims(case: str, layer: str) -> None:
+    """apply(solve(v)) = v and solve(apply(v)) = v for v with two leading column dims, and each
+    column solved alone gives the same as the batch."""
+    torch.manual_seed(0)
+    build, shape = GRAM_CASES[layer]
+    opt, g = _trained(case, build().double(), shape)
+    stage, hp = opt.stages[0], opt.param_groups[0]
+    states = [opt.state[p] for p in stage.params]
+    v = [torch.randn(2, 3, *p.shape, generator=g, dtype=torch.float64) for p in stage.params]
+    s = opt.model_.solve(stage, states, v, hp)
+    for x, y in zip(opt.model_.apply(stage, states, s, hp), v):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+    for x, y in zip(opt.model_.solve(stage, states, opt.model_.apply(stage, states, v, hp), hp), v):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+    one = opt.model_.solve(stage, states, [x[1, 2] for x in v], hp)
+    for x, y in zip(one, s):
+        torch.testing.assert_close(x, y[1, 2], rtol=1e-12, atol=1e-14)
+
+
+def test_soap_solve_is_the_documented_matrix_and_the_direction_solves_the_moment() -> None:
+    """For a Linear weight, M^{-1} = sqrt(bc2) (Q_1 (x) Q_2) diag(1 / (sqrt(v) + eps))
+    (Q_1 (x) Q_2)^T on the row-major vec, and a step without a basis refresh (and without
+    weight decay) returns M^{-1}(m / bc1) of its new state."""
+    torch.manual_seed(0)
+    opt, g = _trained("soap", nn.Linear(3, 4).double(), (3,))
+    stage, hp = opt.stages[0], opt.param_groups[0]
+    w = stage.params[0]
+    st = opt.state[w]
+    t = float(st["step"]) - 1
+    K = torch.kron(st["Q"][0], st["Q"][1])
+    Minv = math.sqrt(1 - 0.95**t) * (K / (st["exp_avg_sq"].sqrt() + hp["eps"]).reshape(1, -1)) @ K.T
+    V = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    got = opt.model_.solve(stage, [st, opt.state[stage.params[1]]], [V, torch.zeros(4, dtype=V.dtype)],
+                           hp)[0]
+    torch.testing.assert_close(got.reshape(-1), Minv @ V.reshape(-1), rtol=1e-12, atol=1e-14)
+    # the next step, with no basis refresh (it would change Q after the direction was taken)
+    hp = {**hp, "precondition_frequency": 100}
+    states = [opt.state[p] for p in stage.params]
+    grads = [torch.randn_like(p) for p in stage.params]
+    new, dirs = opt.model_.update(stage, states, grads, list(stage.params), None, hp, 5)
+    bc1 = 1 - 0.95 ** (float(new[0]["step"]) - 1)
+    for d, m in zip(dirs, opt.model_.solve(stage, new, [s["exp_avg"] / bc1 for s in new], hp)):
+        torch.testing.assert_close(d, m, rtol=1e-12, atol=1e-14)
+
+
+def test_shampoo_solve_is_the_kronecker_product_and_the_direction() -> None:
+    """M^{-1} vec(V) = (H_1 (x) H_2^T) vec(V) (row-major) for a Linear weight; without momentum
+    and weight decay the direction is M^{-1} g of the new state (``direction_is_solve``)."""
+    torch.manual_seed(0)
+    opt, g = _trained("shampoo", nn.Linear(3, 4).double(), (3,))
+    stage, hp = opt.stages[0], opt.param_groups[0]
+    assert opt.model_.direction_is_solve(hp)
+    st = opt.state[stage.params[0]]
+    H1, H2 = st["inv_pre_cond_0"], st["inv_pre_cond_1"]
+    torch.testing.assert_close(H2 @ H2 @ H2 @ H2, torch.linalg.inv(st["pre_cond_1"]), rtol=1e-8, atol=0)
+    V = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    got = opt.model_.solve(stage, [st, opt.state[stage.params[1]]], [V, torch.zeros(4, dtype=V.dtype)],
+                           hp)[0]
+    torch.testing.assert_close(got.reshape(-1), torch.kron(H1, H2.T.contiguous()) @ V.reshape(-1), rtol=1e-12,
+                               atol=1e-14)
+    states = [opt.state[p] for p in stage.params]
+    grads = [torch.randn_like(p) for p in stage.params]
+    new, dirs = opt.model_.update(stage, states, grads, list(stage.params), None, hp, 4)
+    for d, m in zip(dirs, opt.model_.solve(stage, new, grads, hp)):
+        torch.testing.assert_close(d, m, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+@pytest.mark.parametrize("r", [1, 3])
+@pytest.mark.parametrize("layer", sorted(GRAM_CASES))
+def test_per_sample_gram_equals_explicit_per_sample_gradients(case: str, r: int, layer: str) -> None:
+    """S[i, c, d] = w_ic^T M^{-1} w_id in closed form equals the same with w_ic the gradient of
+    <Z_ic, f(x_i, u)> (torch.func.vmap) and M^{-1} the model's ``solve``."""
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    build, shape = GRAM_CASES[layer]
+    module = build().double()
+    opt, g = _trained(case, module, shape)
+    stage, hp = opt.stages[0], opt.param_groups[0]
+    states = [opt.state[p] for p in stage.params]
+    B = 5
+    x = torch.randn(B, *shape, generator=g, dtype=torch.float64)
+    Z = torch.randn(B, r, *module(x).shape[1:], generator=g, dtype=torch.float64)
+    d = stage.derivatives
+    S = opt.model_.per_sample_gram(stage, states, hp, d.kfac_input(module, x), d.kfac_output(module, Z))
+    assert S is not None
+
+    params = tuple(p.detach() for p in stage.params)
+
+    def psi(ps, xi, zi):
+        return (stage.functional(dict(zip(stage.param_names, ps)), xi.unsqueeze(0))[0] * zi).sum()
+
+    w = vmap(vmap(grad(psi), in_dims=(None, None, 0)), in_dims=(None, 0, 0))(params, x, Z)
+    Mw = opt.model_.solve(stage, states, list(w), hp)
+    S_ref = sum(torch.einsum("bc...,bd...->bcd", wi, mi) for wi, mi in zip(w, Mw))
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["soap", "shampoo"])
+def test_order2_without_feedback_and_value_correction_is_order1(curvature: str) -> None:
+    """backend lowrank, order 2, feedback=False, value_correction=False: the order-1 steps, bit
+    for bit; with both on (lowrank-<model>-fb) the steps stay finite and differ."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g))
+               for _ in range(5)]
+    hp = MODEL_CASES["soap" if curvature == "soap" else "shampoo-momentum"]
+    runs = {}
+    for label, kw in [("order1", {}),
+                      ("order2", {"order": 2, "backend": "lowrank", "feedback": False,
+                                  "value_correction": False}),
+                      ("fb", {"order": 2, "backend": "lowrank"})]:
+        model = copy.deepcopy(base)
+        opt = ocnopt.OCNOpt(model, curvature=curvature, **hp, **kw)
+        for x, y in batches:
+            assert torch.isfinite(opt.step(x, y)) and not opt.last_step.skipped
+        runs[label] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(runs["order1"], runs["order2"]))
+    assert all(torch.isfinite(p).all() for p in runs["fb"])
+    assert not all(torch.equal(p, q) for p, q in zip(runs["order1"], runs["fb"]))

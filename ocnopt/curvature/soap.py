@@ -291,9 +291,13 @@ class SOAP(CurvatureModel):
             layout = _Layout(p.shape, hp)
             bc2_sqrt, _ = self._scale(st, hp)
             denom = st["exp_avg_sq"].sqrt().add(hp["eps"])
-            y = layout.project_columns(x, st["Q"])
-            y = y / denom * bc2_sqrt if inverse else y * denom / bc2_sqrt
-            out.append(layout.project_columns(y, st["Q"], backward=True))
+            if inverse:
+                y = layout.project_columns(x, st["Q"]) / denom * bc2_sqrt
+                out.append(layout.project_columns(y, st["Q"], backward=True))
+            else:  # the bases are orthogonal to float32 only (QR in float32): invert them
+                P = [None if q is None else torch.linalg.inv(q).T for q in st["Q"]]
+                y = layout.project_columns(x, P) * denom / bc2_sqrt
+                out.append(layout.project_columns(y, P, backward=True))
         return out
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
@@ -301,7 +305,9 @@ class SOAP(CurvatureModel):
         return self._scaled(stage, states, v, hp, inverse=True)
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        """M v = Q((sqrt(v) + eps) (Q^T v)) / sqrt(bc2) (infinite at the first step)."""
+        """M v = Q^{-T}((sqrt(v) + eps) (Q^{-1} v)) / sqrt(bc2), the exact inverse of ``solve``
+        (Q^{-1} = Q^T up to the float32 QR of the refreshes; diagnostics: O(d^3) per call;
+        infinite at the first step)."""
         return self._scaled(stage, states, v, hp, inverse=False)
 
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
