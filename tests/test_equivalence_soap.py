@@ -371,3 +371,24 @@ def test_order2_without_feedback_and_value_correction_is_order1(curvature: str) 
     assert all(torch.equal(p, q) for p, q in zip(runs["order1"], runs["order2"]))
     assert all(torch.isfinite(p).all() for p in runs["fb"])
     assert not all(torch.equal(p, q) for p, q in zip(runs["order1"], runs["fb"]))
+
+
+def test_registry_names() -> None:
+    """The models have every mode name, the peers are pytorch-optimizer's classes at their
+    defaults, and the 'all' set holds them with their order-2 lowrank modes."""
+    from ocnopt.bench import optimizers as registry
+
+    names = set(registry.all_names())
+    for c in ("soap", "shampoo"):
+        assert {c, f"autograd-{c}", f"lowrank-{c}", f"backpack-{c}", f"lowrank-{c}-fb",
+                f"autograd-{c}-fb"} <= names
+        assert {c, f"autograd-{c}", f"lowrank-{c}-fb"} <= set(registry.ALL_SET)
+        peer = registry.parse_optimizer(c)
+        assert peer.family == "pytorch-optimizer" and peer.hyper == {}
+        model = nn.Sequential(nn.Linear(2, 2))
+        stepper = peer.make(model, "cross_entropy", peer.default_lr, 0)
+        defaults = getattr(pytorch_optimizer, TWINS[c][0])(model.parameters()).defaults
+        assert stepper.opt.defaults == {**defaults, "lr": peer.default_lr}
+        assert peer.default_lr == defaults["lr"]
+        fb = registry.parse_optimizer(f"lowrank-{c}-fb")
+        assert (fb.order, fb.backend, fb.curvature) == (2, "lowrank", c)
