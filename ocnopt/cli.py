@@ -219,9 +219,10 @@ def _interrupted(records: list[dict[str, Any]], planned: int, out: Path) -> None
 OptOption = Annotated[list[str] | None, typer.Option(
     "--optimizers", "-o",
     help="Optimizers, comma-separated or repeated: peers torch-sgd, torch-rmsprop, torch-adam, "
-         "curvlinops-kfac; ocnopt modes `<backend>-<curvature>[-fb[-nash]]` (e.g. autograd-adam = "
-         "order 1, lowrank-kfac-fb = order 2 with feedback, lowrank-kfac-fb-nash = the same with "
-         "game 'nash', autograd-full-fb = vanilla DDP); 'default' or "
+         "curvlinops-kfac, soap, shampoo (pytorch-optimizer); ocnopt modes "
+         "`<backend>-<curvature>[-fb[-nash]]` (e.g. autograd-adam = order 1, lowrank-kfac-fb = "
+         "order 2 with feedback, lowrank-kfac-fb-nash = the same with game 'nash', "
+         "autograd-full-fb = vanilla DDP); 'default' or "
          "'all' (every one that fits the problem). See `ocnopt bench list`.")]
 OutOption = Annotated[Path, typer.Option(
     "--out", help="Folder for the JSON results (one file per run, written when it finishes).")]

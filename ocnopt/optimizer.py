@@ -49,7 +49,8 @@ class OCNOpt(torch.optim.Optimizer):
         lr: learning rate (scales open-loop and feedback parts); default per curvature model
             (sgd 1e-3, rmsprop 1e-2, adam/adamw 1e-3, kfac/ekfac 3e-2, full 1: ``DEFAULT_LR``).
         curvature: the model M of Q_uu: ``"sgd"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``,
-            ``"kfac"``, ``"ekfac"``, ``"full"`` (E[Q_uu] from the exact backend).
+            ``"kfac"``, ``"ekfac"``, ``"shampoo"``, ``"soap"`` (pytorch-optimizer's Shampoo and
+            SOAP), ``"full"`` (E[Q_uu] from the exact backend).
         backend: who computes the derivatives (every backend does orders 1 and 2):
             ``"autograd"`` (exact, full per-sample matrices: small networks, "vanilla DDP"),
             ``"lowrank"`` (Gauss-Newton factor V_xx = Z Z^T, scalable), ``"backpack"``
@@ -87,11 +88,15 @@ class OCNOpt(torch.optim.Optimizer):
             sgd: momentum, dampening, nesterov; rmsprop: alpha, eps, centered, momentum;
             adam/adamw: betas, eps, amsgrad; kfac/ekfac: damping (number or callable of the
             step), stat_every, inv_every, stat_decay, momentum, fisher_type
-            ("empirical", "type-2", "mc"); full: damping, eig_floor.
+            ("empirical", "type-2", "mc"); full: damping, eig_floor; soap: betas,
+            shampoo_beta, precondition_frequency, max_precondition_dim, merge_dims,
+            precondition_1d, correct_bias, normalize_gradient, data_format, eps, weight_decay
+            (decoupled, as SOAP); shampoo: momentum, weight_decouple, fixed_decay,
+            preconditioning_compute_steps, matrix_eps.
     """
 
     DEFAULT_LR = {"sgd": 1e-3, "rmsprop": 1e-2, "adam": 1e-3, "adamw": 1e-3,
-                  "kfac": 3e-2, "ekfac": 3e-2, "full": 1.0}
+                  "kfac": 3e-2, "ekfac": 3e-2, "full": 1.0, "soap": 3e-3, "shampoo": 1e-3}
 
     def __init__(
         self,

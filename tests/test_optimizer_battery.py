@@ -32,7 +32,22 @@ HYPER: dict[str, dict[str, Any]] = {
     "kfac": {"lr": 0.1, "damping": 0.1, "momentum": 0.5, "inv_every": 2},
     "ekfac": {"lr": 0.1, "damping": 0.1, "inv_every": 2},
     "full": {"lr": 0.5, "damping": 0.1},
+    "shampoo": {"lr": 1e-2, "momentum": 0.5, "weight_decay": 1e-2, "preconditioning_compute_steps": 2,
+                "matrix_eps": 1e-3},  # float32 agrees with float64 to 1e-5 (1e-6: to 1e-4)
+    # SOAP's decay multiplies the moved parameters, (u - lr d)(1 - lr wd): du is not -lr times
+    # a direction independent of lr, which the scheduler check needs; decay is checked against
+    # the twin in test_equivalence_soap.py
+    "soap": {"lr": 1e-2, "precondition_frequency": 2, "precondition_1d": True, "weight_decay": 0.0},
 }
+
+
+#: models whose first step does not move the parameters (SOAP's initialises the eigenbases; the
+#: Shampoo case's inverse roots are zero until its first compute step, step 2)
+FIRST_STEP_STILL = {"soap", "shampoo"}
+#: SOAP's eigenbases of rank-deficient factors are, inside the null space, whatever basis the
+#: rounding picks, and Adam's step is not invariant to it: float32 and float64 runs take
+#: different (equally valid) steps, so only their dtypes are compared
+BASIS_BY_ROUNDING = {"soap"}
 
 
 def _case(name: str, *more: Any, **extra: Any):
@@ -356,7 +371,7 @@ def test_step_returns_loss_before_and_tracks_loss_after(curvature, hp, loss, mak
     untracked_model = make_mlp()
     untracked = _opt(untracked_model, curvature, hp, loss=loss)
     g = torch.Generator().manual_seed(3)
-    for x, y in make_batches(3):
+    for k, (x, y) in enumerate(make_batches(3)):
         if loss == "mse":
             y = torch.randn(x.shape[0], 3, generator=g)
         expected_before = _mean_loss(model, x, y, loss)
@@ -366,7 +381,8 @@ def test_step_returns_loss_before_and_tracks_loss_after(curvature, hp, loss, mak
         assert float(opt.last_step.loss) == pytest.approx(expected_before, rel=1e-6, abs=1e-7)
         assert opt.last_step.loss_after == pytest.approx(_mean_loss(model, x, y, loss),
                                                          rel=1e-6, abs=1e-7)
-        assert opt.last_step.loss_after != pytest.approx(expected_before, rel=1e-9, abs=0)
+        if not (k == 0 and curvature in FIRST_STEP_STILL):
+            assert opt.last_step.loss_after != pytest.approx(expected_before, rel=1e-9, abs=0)
         assert float(untracked.step(x, y)) == float(before)
         if hp.get("order", 1) == 1:  # order 2 gets it for free from its update pass
             assert untracked.last_step.loss_after is None
@@ -398,5 +414,7 @@ def test_float32_and_float64_models(curvature, hp, make_mlp, make_batches):
         for key, v in floating.items():
             assert v.dtype == dtype, f"state {key} is {v.dtype} in a {dtype} model"
         final[dtype] = _params(model)
+    if curvature in BASIS_BY_ROUNDING:
+        return
     for p32, p64 in zip(final[torch.float32], final[torch.float64]):
         torch.testing.assert_close(p32.double(), p64, rtol=1e-5, atol=1e-5)

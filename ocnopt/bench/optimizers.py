@@ -13,7 +13,7 @@ ocnopt's modes are named ``<backend>-<curvature>[-fb[-nash]]``:
   a parallel branch; on a chain there are no simultaneous layers and both games coincide).
 
 backend in autograd, lowrank, backpack; curvature in sgd, rmsprop, adam, adamw, kfac, ekfac,
-full (full only with autograd).
+full (full only with autograd), shampoo, soap.
 
 The peers, which nobody here wrote, run through the same loop:
 
@@ -23,6 +23,8 @@ The peers, which nobody here wrote, run through the same loop:
   rebuilt on the current batch every ``update_every`` steps (10, as ocnopt's ``inv_every``);
   it covers Linear and Conv2d layers, normalisation layers (BatchNorm, ...) take the plain
   gradient step, other layers with parameters (Conv1d) are refused.
+* ``soap``, ``shampoo``: ``pytorch_optimizer.SOAP`` / ``Shampoo`` at their documented defaults
+  (ocnopt's ``autograd-soap`` / ``autograd-shampoo`` are the same steps).
 
 Hyper-parameters other than the learning rate are fixed per family (``HYPER``) and recorded in
 every result; the learning rate has a hand-set default (``DEFAULT_LR``, not tuned on any split)
@@ -43,12 +45,14 @@ from torch import Tensor, nn
 from .problems import Problem
 
 BACKENDS = ("autograd", "lowrank", "backpack")
-CURVATURES = ("sgd", "rmsprop", "adam", "adamw", "kfac", "ekfac", "full")
-PEERS = ("torch-sgd", "torch-rmsprop", "torch-adam", "curvlinops-kfac")
+CURVATURES = ("sgd", "rmsprop", "adam", "adamw", "kfac", "ekfac", "full", "shampoo", "soap")
+PEERS = ("torch-sgd", "torch-rmsprop", "torch-adam", "curvlinops-kfac", "soap", "shampoo")
 
 #: hand-set learning rates (not tuned on any split); the sweep grid is centred on them
 DEFAULT_LR = {"sgd": 0.05, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3, "kfac": 0.02,
-              "ekfac": 0.02, "full": 0.3}
+              "ekfac": 0.02, "full": 0.3,
+              # pytorch-optimizer's defaults (its SOAP and Shampoo are the peers)
+              "soap": 3e-3, "shampoo": 1e-3}
 #: the other hyper-parameters, fixed per family (torch's names)
 HYPER: dict[str, dict[str, Any]] = {
     "sgd": {"momentum": 0.9}, "rmsprop": {}, "adam": {}, "adamw": {},
@@ -57,6 +61,8 @@ HYPER: dict[str, dict[str, Any]] = {
     "kfac": {"damping": 0.1},
     "ekfac": {"damping": 0.1},
     "full": {"damping": 0.1},
+    # pytorch-optimizer's defaults (SOAP: weight decay 1e-2, decoupled), as the peers
+    "shampoo": {}, "soap": {},
 }
 CURVLINOPS_KFAC: dict[str, Any] = {"damping": 0.1, "fisher_type": "mc", "update_every": 10}
 
@@ -191,7 +197,7 @@ class OptimizerSpec:
     """A named optimizer: how to build its stepper, its fixed hyper-parameters, its default lr."""
 
     name: str
-    family: str  # "ocnopt", "torch" or "curvlinops"
+    family: str  # "ocnopt", "torch", "curvlinops" or "pytorch-optimizer"
     default_lr: float
     hyper: dict[str, Any]
     description: str
@@ -272,6 +278,8 @@ def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
         return OptimizerSpec(name, "torch", DEFAULT_LR["adam"], {}, "torch.optim.Adam",
                              lambda m, loss, lr, seed: TorchStepper(
                                  m, loss, torch.optim.Adam(m.parameters(), lr=lr)))
+    if name in ("soap", "shampoo"):
+        return _pytorch_optimizer_peer(name, overrides)
     lr = overrides.pop("lr", DEFAULT_LR["kfac"])
     hp: dict[str, Any] = {**CURVLINOPS_KFAC, **overrides}
     return OptimizerSpec(
@@ -280,6 +288,21 @@ def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
         f"damping {hp['damping']:g}) @ grad, rebuilt on the current batch every "
         f"{hp['update_every']} steps (Linear, Conv2d); normalisation layers: plain gradient",
         lambda m, loss, lr, seed: CurvlinopsKFACStepper(m, loss, lr, seed=seed, **hp))
+
+
+def _pytorch_optimizer_peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
+    """``pytorch_optimizer.SOAP`` / ``Shampoo`` at their defaults (overrides by the problem)."""
+    lr = overrides.pop("lr", DEFAULT_LR[name])
+    cls_name = {"soap": "SOAP", "shampoo": "Shampoo"}[name]
+
+    def make(m: nn.Module, loss: str, lr: float, seed: int) -> Stepper:
+        import pytorch_optimizer
+
+        return TorchStepper(m, loss, getattr(pytorch_optimizer, cls_name)(m.parameters(), lr=lr,
+                                                                            **overrides))
+
+    return OptimizerSpec(name, "pytorch-optimizer", lr, dict(overrides),
+                         f"pytorch_optimizer.{cls_name} at its defaults", make)
 
 
 def parse_optimizer(name: str, problem: Problem | None = None) -> OptimizerSpec:
@@ -343,6 +366,7 @@ def all_names() -> list[str]:
 #: the same order-1 step), every order-2 mode of the scalable backends, and the exact ones
 ALL_SET = (*PEERS, *(f"autograd-{c}" for c in CURVATURES),
            "lowrank-adam-fb", "lowrank-kfac-fb", "lowrank-ekfac-fb", "backpack-kfac-fb",
+           "lowrank-soap-fb", "lowrank-shampoo-fb",
            "autograd-adam-fb", "autograd-kfac-fb", "autograd-full-fb")
 
 

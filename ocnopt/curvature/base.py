@@ -249,29 +249,30 @@ def rows_gram(gL: Tensor, g: Tensor, M: Tensor) -> Tensor:
     return gL.reshape(B, r, P * d) @ Y.transpose(1, 2)
 
 
+def diagonal_weight_gram(a: Tensor, g: Tensor, D: Tensor) -> Tensor:
+    """sum_{o,i} W_co W_do / D_oi for the per-sample weight gradients W_c = sum_p g_cp a_p^T of
+    rows a (B, P, d_in) and g (B, r, P, d_out), D shaped like the weight (d_out, ...): (B, r, r).
+    Without weight sharing (P = 1) no per-sample gradient is formed:
+    sum_o g_co g_do t_o with t_o = sum_i a_i^2 / D_oi."""
+    Dinv = 1.0 / D.reshape(D.shape[0], -1)
+    if a.shape[1] == 1:
+        g0 = g[:, :, 0]
+        t = a[:, 0].square() @ Dinv.T
+        return (g0 * t.unsqueeze(1)) @ g0.transpose(1, 2)
+    B, r, _, d_out = g.shape
+    step = max(1, _GRAM_CHUNK // max(1, r * d_out * a.shape[-1]))
+    parts = []
+    for lo in range(0, B, step):
+        w = (g[lo:lo + step].transpose(2, 3) @ a[lo:lo + step].unsqueeze(1)).flatten(2)
+        parts.append((w * Dinv.reshape(1, 1, -1)) @ w.transpose(1, 2))
+    return torch.cat(parts)
+
+
 def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> Tensor:
     """sum_params w_c^T D^{-1} w_d for per-sample gradients given by rows (see
-    ``CurvatureModel.per_sample_gram``); without weight sharing (P = 1) no per-sample gradient
-    is formed: sum_{o,i} g_co g_do a_i^2 / D_oi."""
-
-    def weight(a: Tensor, g: Tensor) -> Tensor:
-        Dinv = 1.0 / D["weight"].reshape(D["weight"].shape[0], -1)
-        if a.shape[1] == 1:  # sum_o g_co g_do t_o with t_o = sum_i a_i^2 / D_oi
-            g0 = g[:, :, 0]
-            t = a[:, 0].square() @ Dinv.T
-            return (g0 * t.unsqueeze(1)) @ g0.transpose(1, 2)
-        B, r, _, d_out = g.shape
-        step = max(1, _GRAM_CHUNK // max(1, r * d_out * a.shape[-1]))
-        parts = []
-        for lo in range(0, B, step):
-            w = (g[lo:lo + step].transpose(2, 3) @ a[lo:lo + step].unsqueeze(1)).flatten(2)
-            parts.append((w * Dinv.reshape(1, 1, -1)) @ w.transpose(1, 2))
-        return torch.cat(parts)
-
-    def bias(gs: Tensor) -> Tensor:
-        return (gs / D["bias"]) @ gs.transpose(1, 2)
-
-    return weight_bias_gram(stage, a, g, weight, bias)
+    ``CurvatureModel.per_sample_gram``): ``diagonal_weight_gram`` plus the bias term."""
+    return weight_bias_gram(stage, a, g, lambda a, g: diagonal_weight_gram(a, g, D["weight"]),
+                            lambda gs: (gs / D["bias"]) @ gs.transpose(1, 2))
 
 
 def buffer_or_zeros(state: State, key: str, like: Tensor) -> Tensor:
