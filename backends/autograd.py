@@ -140,7 +140,7 @@ class GraphBackend(Backend):
             for stage in graph.stages:
                 leaves = tuple(states[j].detach().requires_grad_(True) if tracked[j] else states[j]
                                for j in stage.inputs)
-                out, ctx = stage.forward(stage.handler_input(leaves))
+                out, ctx = stage.forward(leaves if stage.is_function else leaves[0])
                 if not isinstance(out, Tensor):
                     raise TypeError(f"{stage} returned {type(out).__name__}: a step must return "
                                     "one tensor")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,26 +117,6 @@ class QExpansion:
     def Q_x(self) -> Tensor | None:
         """f_x^T V'_x of a one-input step (the chain's Q_x)."""
         return self.Q_args[0] if len(self.Q_args) == 1 else None
-
-
-class Deviation(Mapping[int, Tensor]):
-    """dX = Xhat - Xbar blockwise, each block formed when first read (the update pass)."""
-
-    def __init__(self, new: Mapping[int, Tensor], nominal: Sequence[Tensor]):
-        self.new, self.nominal = new, nominal
-        self._cache: dict[int, Tensor] = {}
-
-    def __getitem__(self, j: int) -> Tensor:
-        d = self._cache.get(j)
-        if d is None:
-            d = self._cache[j] = self.new[j] - self.nominal[j]
-        return d
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.new)
-
-    def __len__(self) -> int:
-        return len(self.new)
 
 
 class Feedback:
@@ -280,12 +260,10 @@ def weight_positions(stage: Stage, traj: Trajectory) -> int:
     return stage.derivatives.positions(stage.module, traj.states[stage.output][0].numel())
 
 
-def _gather_tied(stages: Sequence[Stage], views: Sequence[Stage],
-                 grads: Sequence[list[Tensor] | None]) -> list[list[Tensor] | None]:
+def _gather_tied(stages: Sequence[Stage], grads: Sequence[list[Tensor] | None]
+                 ) -> list[list[Tensor] | None]:
     """Qbar_u per control: a parameter used by several steps (weight tying) gets the sum of
     its gradients over the uses, in its first user's control (as autograd sums them)."""
-    if not any(st.shared for st in stages):
-        return list(grads)
     owner: dict[int, tuple[int, int]] = {}
     out: list[list[Tensor] | None] = []
     for st, g in zip(stages, grads):
@@ -359,6 +337,9 @@ class BellmanEngine:
         self.stages = graph.stages
         self.loss = loss
         self.backend: Backend = backend
+        #: per step, the control its curvature model sees (its own parameters)
+        self.controls = [st.control_view() if st.has_control else st for st in self.stages]
+        self._tied = any(st.shared for st in self.stages)
 
     # -- 1. nominal forward pass -----------------------------------------------------------------
     def nominal(self, inputs: Tensor, *, input_value: bool = False) -> Trajectory:
@@ -502,7 +483,7 @@ class BellmanEngine:
         stages = self.stages
         curv = controls.model
         hp, k = controls.hp, controls.step
-        views = [st.control_view() if st.has_control else st for st in stages]
+        views = self.controls
         need_stats = [st.has_control and any(st.owned)
                       and curv.wants_statistics(k, hp, controls.states(views[st.index]))
                       for st in stages]
@@ -566,7 +547,9 @@ class BellmanEngine:
             bounded = result.value_bounded
         else:
             expansions, _ = self.expand(traj, terminal, need_stats=need_stats, skip_u=skip_u)
-            grads = _gather_tied(stages, views, [e.Q_u for e in expansions])
+            grads = [e.Q_u for e in expansions]
+            if self._tied:
+                grads = _gather_tied(stages, grads)
             policies = []
             for st, exp, Q_u in zip(stages, expansions, grads):
                 view = views[st.index]
@@ -577,7 +560,7 @@ class BellmanEngine:
                     assert Q_u is not None
                     Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, view.params)]
                 k_t, _ = policy_fn(st, Q_u, exp.stats)
-                policies.append(Policy(k=k_t, params=list(view.params)))
+                policies.append(Policy(k=k_t, params=view.params))
         controlled = [(st, pol) for st, pol in zip(stages, policies) if pol is not None]
         with torch.no_grad():
             # squared norms without a parameter-sized temporary (d.square()) per tensor
@@ -629,13 +612,14 @@ class BellmanEngine:
         new controls; return the new tensors Xhat by value id, the loss at the output (None
         without targets) and the norm of each player's feedback part K_t dX_t (0 without
         feedback)."""
-        states = [traj.states[0]]
-        live: dict[int, Tensor] = {0: traj.states[0]}
+        nominal = traj.states
+        states = [nominal[0]]
+        live: dict[int, Tensor] = {0: nominal[0]}
         fb_norms: list[Tensor] = []
         for stage, policy in zip(self.stages, policies):
             if policy is not None:
                 if policy.feedback is not None:  # before u changes: it may use the kept graph
-                    fb = policy.feedback(Deviation(live, traj.states))
+                    fb = policy.feedback.fn({j: live[j] - nominal[j] for j in policy.feedback.blocks})
                     fb_norm = _norm(fb)
                     scale = torch.ones_like(fb_norm)
                     if trust is not None:
@@ -651,8 +635,10 @@ class BellmanEngine:
                     for p, k in zip(policy.params or stage.params, policy.k):
                         p.add_(k)
                     fb_norms.append(states[0].new_zeros(()))
-            xs = tuple(live[j] for j in stage.inputs)
-            z = stage.replay(stage.handler_input(xs), traj.contexts[stage.index])
+            if stage.is_function:
+                z = stage.replay(tuple(live[j] for j in stage.inputs), traj.contexts[stage.index])
+            else:
+                z = stage.replay(live[stage.inputs[0]], traj.contexts[stage.index])
             for j in stage.frees:
                 del live[j]
             live[stage.output] = z
@@ -674,5 +660,5 @@ class BellmanEngine:
 
 __all__ = ["BellmanEngine", "StepConfig", "Controls", "StepOutcome", "weight_positions",
            "Trajectory", "Terminal", "ValueFunction", "QExpansion", "Policy", "Feedback",
-           "Deviation", "SecondOrderPass", "StepResult", "StageDiagnostics", "bound_correction",
+           "SecondOrderPass", "StepResult", "StageDiagnostics", "bound_correction",
            "bound_correction_with_share", "bound_blocks"]

@@ -78,16 +78,14 @@ class Stage:
     shared: bool = False
 
     def __post_init__(self) -> None:
+        #: a function step (its handler takes the tuple of its inputs); else a module step
+        self.is_function = isinstance(self.derivatives, FunctionDerivatives)
         if self.output < 0:
             self.output = self.index + 1
         if not self.inputs:
             self.inputs = (self.index,)
         if not self.owned:
             self.owned = [True] * len(self.params)
-
-    @property
-    def is_function(self) -> bool:
-        return isinstance(self.derivatives, FunctionDerivatives)
 
     @property
     def has_control(self) -> bool:
