@@ -347,6 +347,12 @@ class LowRankBackend(GraphBackend):
             S = minv.gram(rows, g)
             if S is not None:
                 return S
+        closed = stage.derivatives.per_sample_param_grads(stage.module, stage.param_names, x,
+                                                          exp.ctx, Z)
+        if closed is not None:  # the layer's closed form (B, r, *shape) per parameter
+            W = stage.flatten(closed, lead=2)
+            MW = stage.flatten(minv(closed), lead=2)
+            return torch.einsum("bcm,bdm->bcd", W, MW)
         params = tuple(p.detach() for p in stage.params)
         names = stage.param_names
         cdim = 0 if isinstance(exp.ctx, Tensor) else None

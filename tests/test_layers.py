@@ -535,3 +535,37 @@ def test_positions_agree_with_the_optimizers_count_on_a_trajectory():
         got = handler_for(st.module).positions(st.module, n)
         expected = n // st.params[0].shape[0] if st.kronecker else 1  # out / d_out
         assert got == expected == weight_positions(st, traj), st
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_closed_forms_equal_torch_func(dims, train):
+    """BatchNorm's param_jvp and per-sample parameter gradients (closed forms used by the
+    low-rank backend) equal torch.func.jvp / vmap(grad) of ``functional``."""
+    from torch.func import grad, jvp, vmap
+
+    torch.manual_seed(0)
+    module = (nn.BatchNorm1d(3) if dims == 1 else nn.BatchNorm2d(3)).to(DT)
+    module.train(train)
+    x = torch.randn(5, 3, *([4] * dims), dtype=DT)
+    h = handler_for(module)
+    _, ctx = h.forward(module, x)
+    names = ["weight", "bias"]
+    params = {n: getattr(module, n).detach().clone() for n in names}
+    tangent = {n: torch.randn_like(p) for n, p in params.items()}
+    got = h.param_jvp(module, params, x, ctx, tangent)
+    ref = jvp(lambda w, b: h.functional(module, {"weight": w, "bias": b}, x, ctx),
+              tuple(params.values()), tuple(tangent.values()))[1]
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    cot = torch.randn(5, 2, *x.shape[1:], dtype=DT)
+    closed = h.per_sample_param_grads(module, names, x, ctx, cot)
+    cdim = 0 if isinstance(ctx, torch.Tensor) else None
+
+    def psi(ps, xi, ci, zi):
+        c = ci.unsqueeze(0) if cdim == 0 else ci
+        return (h.functional(module, dict(zip(names, ps)), xi.unsqueeze(0), c)[0] * zi).sum()
+
+    ref_w = vmap(vmap(grad(psi), in_dims=(None, None, None, 0)), in_dims=(None, 0, cdim, 0))(
+        tuple(params.values()), x, ctx, cot)
+    for g, r in zip(closed, ref_w):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)

@@ -81,6 +81,14 @@ class StageDerivatives:
 
         return torch.func.jvp(fn, tuple(params.values()), tuple(tangent[n] for n in names))[1]
 
+    def per_sample_param_grads(self, module: nn.Module, names: list[str], x: Tensor, ctx: Any,
+                               cot: Tensor) -> list[Tensor] | None:
+        """Per-sample, per-column parameter gradients f_u^(i)T cot_ic, one tensor
+        (B, r, *param.shape) per name in ``names``, from output cotangents ``cot``
+        (B, r, *out), where the layer has a closed form; None: the backend forms them by
+        ``torch.func.vmap`` over ``functional``."""
+        return None
+
     # ---- Kronecker closed forms (Linear / Conv only) ------------------------------------------
     def exact_rows(self, module: nn.Module) -> bool:
         """Whether ``kfac_input``/``kfac_output`` rows give the exact per-sample gradients

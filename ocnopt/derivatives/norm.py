@@ -56,6 +56,41 @@ class BatchNormDerivatives(StageDerivatives):
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
                             bn.eps)
 
+    @staticmethod
+    def normalized(module: nn.Module, x: Tensor, ctx: Any) -> Tensor:
+        """xhat = (x - mean) / sqrt(var + eps) with the statistics ``functional`` uses."""
+        if ctx is None:
+            mean, var = module.running_mean, module.running_var
+        else:
+            mean, var = ctx.reshape(-1, 2, ctx.shape[-1])[0]
+        assert isinstance(mean, Tensor) and isinstance(var, Tensor)
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        return (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + float(module.eps))  # type: ignore[arg-type]
+
+    def param_jvp(self, module, params, x, ctx, tangent):  # type: ignore[no-untyped-def]
+        """f_u k = xhat * k_w + k_b: affine in (w, b) with the statistics held (no primal pass)."""
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        out = None
+        if "weight" in tangent:
+            out = self.normalized(module, x, ctx) * tangent["weight"].reshape(shape)
+        if "bias" in tangent:
+            b = tangent["bias"].reshape(shape)
+            out = b.expand(x.shape) if out is None else out + b
+        return out
+
+    def per_sample_param_grads(self, module: nn.Module, names: list[str], x: Tensor, ctx: Any,
+                               cot: Tensor) -> list[Tensor] | None:
+        """w_ic = (sum_positions cot_ic * xhat_i, sum_positions cot_ic) for (weight, bias)."""
+        dims = tuple(range(3, cot.dim()))
+        out = []
+        for name in names:
+            if name == "weight":
+                xn = self.normalized(module, x, ctx).unsqueeze(1)
+                out.append((cot * xn).sum(dims) if dims else cot * xn)
+            else:
+                out.append(cot.sum(dims) if dims else cot)
+        return out
+
     def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
         """(x - mean) / sqrt(var + eps) * w + b with mean, var the nominal batch statistics
         (``ctx``, constants) or the running statistics (eval mode, ``ctx`` None)."""
