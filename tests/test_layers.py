@@ -211,10 +211,10 @@ def test_batchnorm_functional_freezes_the_nominal_statistics(shape):
     inv = 1.0 / torch.sqrt(var + bn.eps)
     params = {"weight": bn.weight.detach(), "bias": bn.bias.detach()}
 
-    def f(p, xi, ci):
-        return h.functional(bn, p, xi.unsqueeze(0), ci.unsqueeze(0)).squeeze(0)
+    def f(p, xi):
+        return h.functional(bn, p, xi.unsqueeze(0), ctx).squeeze(0)
 
-    J_p, J_x = vmap(jacrev(f, argnums=(0, 1)), in_dims=(None, 0, 0))(params, x, ctx)
+    J_p, J_x = vmap(jacrev(f, argnums=(0, 1)), in_dims=(None, 0))(params, x)
     n = x[0].numel()
     C = x.shape[1]
     spatial = n // C

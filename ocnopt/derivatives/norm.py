@@ -11,8 +11,8 @@ biased variance, which couples the samples of a batch (choices, docs/method.md "
   the running statistics untouched;
 - ``functional`` (per-sample second-order terms) treats the nominal batch statistics as
   constants, y = (x - mean) / sqrt(var + eps) * w + b, a per-sample map that ``vmap`` can
-  slice. The context is the (mean, biased var) pair broadcast to (B, 2, C) without copy (a
-  tensor context is per sample along dim 0).
+  slice. The context is a ``BatchStatistics`` of the nominal input: the (mean, biased var)
+  pair is computed when first asked for (order 1 never asks).
 
 In eval mode with running statistics the three use the running statistics.
 """
@@ -33,6 +33,22 @@ def _uses_batch_statistics(module: Any) -> bool:
     return bool(module.training or (module.running_mean is None and module.running_var is None))
 
 
+class BatchStatistics:
+    """The nominal batch's per-channel mean and biased variance, computed on first use."""
+
+    def __init__(self, x: Tensor):
+        self.x = x
+        self._mean_var: tuple[Tensor, Tensor] | None = None
+
+    def mean_var(self) -> tuple[Tensor, Tensor]:
+        if self._mean_var is None:
+            dims = [0, *range(2, self.x.dim())]
+            with torch.no_grad():
+                var, mean = torch.var_mean(self.x, dims, unbiased=False)
+            self._mean_var = (mean, var)
+        return self._mean_var
+
+
 class BatchNormDerivatives(StageDerivatives):
     """BatchNorm with batch statistics recorded by the nominal pass (see the module docstring)."""
 
@@ -40,13 +56,7 @@ class BatchNormDerivatives(StageDerivatives):
         out = module(x)  # the nominal pass: running statistics updated once, as torch does
         if not _uses_batch_statistics(module):
             return out, None
-        dims = [0, *range(2, x.dim())]
-        with torch.no_grad():
-            xd = x.detach()
-            mean = xd.mean(dims)
-            var = xd.var(dims, unbiased=False)
-        ctx = torch.stack([mean, var]).unsqueeze(0).expand(x.shape[0], 2, mean.shape[0])
-        return out, ctx
+        return out, BatchStatistics(x.detach())
 
     def replay(self, module: nn.Module, x: Tensor, ctx: Any) -> Tensor:
         bn: Any = module
@@ -59,10 +69,7 @@ class BatchNormDerivatives(StageDerivatives):
     @staticmethod
     def normalized(module: nn.Module, x: Tensor, ctx: Any) -> Tensor:
         """xhat = (x - mean) / sqrt(var + eps) with the statistics ``functional`` uses."""
-        if ctx is None:
-            mean, var = module.running_mean, module.running_var
-        else:
-            mean, var = ctx.reshape(-1, 2, ctx.shape[-1])[0]
+        mean, var = (module.running_mean, module.running_var) if ctx is None else ctx.mean_var()
         assert isinstance(mean, Tensor) and isinstance(var, Tensor)
         shape = (1, -1, *([1] * (x.dim() - 2)))
         return (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + float(module.eps))  # type: ignore[arg-type]
@@ -94,10 +101,7 @@ class BatchNormDerivatives(StageDerivatives):
     def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
         """(x - mean) / sqrt(var + eps) * w + b with mean, var the nominal batch statistics
         (``ctx``, constants) or the running statistics (eval mode, ``ctx`` None)."""
-        if ctx is None:
-            mean, var = module.running_mean, module.running_var
-        else:  # (B, 2, C), a sample's (1, 2, C) or (2, C): the same constants
-            mean, var = ctx.reshape(-1, 2, ctx.shape[-1])[0]
+        mean, var = (module.running_mean, module.running_var) if ctx is None else ctx.mean_var()
         assert isinstance(mean, Tensor) and isinstance(var, Tensor)
         shape = (1, -1, *([1] * (x.dim() - 2)))
         eps = float(module.eps)  # type: ignore[arg-type]
