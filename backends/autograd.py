@@ -23,7 +23,7 @@ bounds the first; a stage over budget is refused with its sizes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import hessian, jacfwd, jacrev, vmap
 
-from ocnopt.curvature.base import StageStatistics
+from ocnopt.curvature.base import Solver, StageStatistics
 from ocnopt.engine import (
     Feedback,
     QExpansion,
@@ -101,9 +101,6 @@ class ExactExpansion(QExpansion):
     next_value: ExactValue | None = None
     layout: tuple[int, ...] = ()  # blocks of X_t, in the order of the flattened matrices
     shapes: dict[int, torch.Size] = field(default_factory=dict)
-
-
-Solver = Callable[[list[Tensor]], list[Tensor]]
 
 
 def _cat_blocks(blocks: Sequence[Tensor]) -> Tensor:
@@ -207,7 +204,8 @@ class GraphBackend(Backend):
                         cols = torch.stack([torch.autograd.grad(out, x, Z[:, c], retain_graph=True,
                                                                 allow_unused=True)[0]
                                             for c in range(Z.shape[1])], 1)
-                        Zs[j] = cols if j not in Zs else Zs[j] + cols  # type: ignore[index]
+                        assert Zs is not None
+                        Zs[j] = cols if j not in Zs else Zs[j] + cols
             Q_args, Q_u = self.first_order(stage, traj.handles[t], V_z, B,
                                            control=not (skip_u and skip_u[t]))
             for j, q in zip(stage.inputs, Q_args):
@@ -281,11 +279,12 @@ class AutogradBackend(GraphBackend):
         T = len(traj.states) - 1
         return ExactValue({T: terminal.V_x}, V_xx, (T,))
 
-    def expand_stage(self, stage: Stage, traj: Trajectory, value: ExactValue, *,
+    def expand_stage(self, stage: Stage, traj: Trajectory, value: ValueFunction, *,
                      gauss_newton: bool, need_quu: bool, need_stats: bool, keep: bool = False,
                      stats_from_value: bool = True, skip_u: bool = False) -> ExactExpansion:
         """The exact expansion of step t on the augmented state (``skip_u`` is ignored:
         Qbar_u is always formed)."""
+        assert isinstance(value, ExactValue)
         t = stage.index
         piece = traj.handles[t]
         X1 = value.layout

@@ -86,7 +86,7 @@ class BackpackBackend(LowRankBackend):
         supported = supported_by_backpack(ext)
         names = ", ".join(c.__name__ for c in supported)
         for st in stages:
-            if st.module is not None and type(st.module) not in supported:
+            if not st.is_function and type(st.module) not in supported:
                 raise TypeError(
                     f"backend 'backpack': module {type(st.module).__name__} at stage position "
                     f"{st.index} (model.{st.name}) is not supported: BackPACK's "
@@ -102,7 +102,7 @@ class BackpackBackend(LowRankBackend):
                              f"loss extensions), got {loss.name!r}")
         if graph.chain:
             self._twin = extend(nn.Sequential(*[_share(st.module) for st in stages
-                                                if st.module is not None]))
+                                                if not st.is_function]))
             return
         twin = _share(graph.root)
         try:

@@ -12,18 +12,17 @@ alone: the engine reads no other attribute of a backend, its values or its expan
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ocnopt.curvature.base import Solver
 from ocnopt.engine import Feedback, QExpansion, Terminal, Trajectory, ValueFunction
 from ocnopt.graph import Graph
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
-
-Solver = Callable[[list[Tensor] | None], list[Tensor]]
 
 
 class Backend(abc.ABC):

@@ -90,9 +90,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    libs = {"before": None, "after": ocnopt}
     with tempfile.TemporaryDirectory() as tmp:
-        libs["before"] = export_baseline(args.baseline, Path(tmp))
+        libs: dict[str, Any] = {"before": export_baseline(args.baseline, Path(tmp)), "after": ocnopt}
         runners: dict[tuple[str, str, str], dict[str, Any]] = {}
         import copy
 

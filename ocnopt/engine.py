@@ -255,7 +255,7 @@ class StepOutcome:
 def weight_positions(stage: Stage, traj: Trajectory) -> int:
     """Weight-sharing positions P of a step's output per sample (1 for a Linear on vectors):
     the layer handler's count."""
-    if stage.module is None:
+    if stage.is_function:
         return 1
     return stage.derivatives.positions(stage.module, traj.states[stage.output][0].numel())
 
@@ -270,7 +270,7 @@ def _gather_tied(stages: Sequence[Stage], grads: Sequence[list[Tensor] | None]
         if g is None or not st.has_control:
             out.append(g)
             continue
-        mine = []
+        mine: list[Tensor] = []
         for i, (p, gi) in enumerate(zip(st.params, g)):
             if st.owned[i]:
                 owner[id(p)] = (st.index, len(mine))
@@ -426,7 +426,7 @@ class BellmanEngine:
         Vxx_list: list[Tensor | None] = [None] * (T + 1)
         if keep:
             Vx_list[T], Vxx_list[T] = value.V[T], value.hessian_block(T)
-        predicted = terminal.V_x.new_zeros(())
+        predicted: Tensor = terminal.V_x.new_zeros(())
         bounded: list[Tensor | None] = [None] * T
         for t in reversed(range(T)):
             stage = self.stages[t]
@@ -451,11 +451,13 @@ class BellmanEngine:
                 quad = backend.quadratic(stage, exp, k)
                 if weight_decay:
                     quad = quad + weight_decay * sum(kk.square().sum() for kk in k)
+                kQ: Tensor
                 if exp.Q_u is None:
+                    assert exp.kQ is not None, "a backend that skips Qbar_u gives k . Qbar_u"
                     kQ = exp.kQ
-                    assert kQ is not None, "a backend that skips Qbar_u gives k . Qbar_u"
                 else:
-                    kQ = sum(torch.vdot(kk.flatten(), g.flatten()) for kk, g in zip(k, exp.Q_u))
+                    kQ = torch.stack([torch.vdot(kk.flatten(), g.flatten())
+                                      for kk, g in zip(k, exp.Q_u)]).sum()
                 predicted = predicted + kQ + 0.5 * quad
                 ignore = graph.nash_ignored[t] if game == "nash" else frozenset()
                 policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .derivatives import DERIVATIVES, GENERIC, StageDerivatives, refusal_of, supported_modules
-from .stages import FunctionDerivatives, Stage, module_params
+from .stages import FunctionDerivatives, FunctionStep, Stage, module_params
 
 #: in-place operators and their out-of-place twins (each step's inputs are its own tensors)
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
@@ -391,7 +391,7 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
             return _expr(dict(zip(_inputs, xs)))
 
         t = len(stages)
-        stages.append(Stage(t, node.name, None, FunctionDerivatives(call, label),
+        stages.append(Stage(t, node.name, FunctionStep(call, label), FunctionDerivatives(call, label),
                             inputs=inputs, output=t + 1))
         kind[node], value[node] = "step", _Ref(t + 1)
     assert output_node is not None

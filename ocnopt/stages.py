@@ -29,6 +29,20 @@ from .derivatives.base import param_dict
 StepInput = Any
 
 
+class FunctionStep(nn.Module):
+    """The module of a function step: ``forward`` evaluates the traced call (no parameters)."""
+
+    def __init__(self, call: Callable[[tuple[Tensor, ...], Any], Tensor], label: str):
+        super().__init__()
+        self.call, self.label = call, label
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.call(xs, None)
+
+    def extra_repr(self) -> str:
+        return self.label
+
+
 class FunctionDerivatives(StageDerivatives):
     """Derivatives of a control-free function step ``z = fn(*args, **kwargs)``: the generic
     ``torch.func`` forms on a call whose tensor arguments are the step's inputs (a tuple, in
@@ -66,10 +80,10 @@ class Stage:
 
     index: int
     name: str
-    module: nn.Module | None
+    module: nn.Module  # a FunctionStep for a function step
     derivatives: StageDerivatives
     param_names: list[str] = field(default_factory=list)
-    params: list[nn.Parameter] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
     inputs: tuple[int, ...] = ()
     output: int = -1
     frees: tuple[int, ...] = ()
@@ -137,16 +151,16 @@ class Stage:
                      self.inputs, self.output, self.frees, shared=True)
 
     def __repr__(self) -> str:
-        kind = type(self.module).__name__ if self.module is not None else \
-            getattr(self.derivatives, "label", "function")
+        kind = self.module.label if isinstance(self.module, FunctionStep) else \
+            type(self.module).__name__
         return f"Stage({self.index}, {self.name!r}, {kind})"
 
 
-def module_params(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+def module_params(module: nn.Module) -> tuple[list[str], list[Tensor]]:
     """The trainable parameters of ``module`` (its control u), by local name."""
     params = param_dict(module)
     names = [n for n, p in params.items() if isinstance(p, nn.Parameter)]
-    return names, [params[n] for n in names]  # type: ignore[misc]
+    return names, [params[n] for n in names]
 
 
 def build_stages(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -> list[Stage]:
