@@ -250,6 +250,11 @@ class AutogradBackend(GraphBackend):
     def check_second_order(self, graph: Graph, traj: Trajectory, *, need_quu: bool) -> None:
         """Refuse, before any work, a step whose full matrices exceed the memory budget."""
         for stage in graph.stages:
+            if stage.is_function and stage.derivatives.random and traj.tracked[stage.output]:
+                raise ValueError(
+                    f"backend 'autograd' at order 2: {stage} draws random numbers on the value's "
+                    "path (dropout, ...), which its per-sample Jacobians (torch.func.vmap) cannot "
+                    "replay; use backend 'lowrank', or nn.Dropout modules (their mask is recorded)")
             X0, X1 = self._layouts(graph, traj, stage)
             n = sum(traj.states[j][0].numel() for j in X0)
             n1 = sum(traj.states[j][0].numel() for j in X1)
@@ -289,6 +294,10 @@ class AutogradBackend(GraphBackend):
         piece = traj.handles[t]
         X1 = value.layout
         z = stage.output
+        if z not in value.V:  # an output without a value block (a random mask): transparent
+            return ExactExpansion(Q_args=[None] * len(stage.inputs), Q_u=None, Q_X=dict(value.V),
+                                  Q_xx=value.V_xx, next_value=value, layout=value.layout,
+                                  shapes={j: traj.states[j].shape[1:] for j in value.layout})
         X0 = tuple(sorted({j for j in X1 if j != z}
                           | {j for j in stage.inputs if traj.tracked[j]}))
         shapes = {j: traj.states[j].shape[1:] for j in set(X0) | set(X1)}

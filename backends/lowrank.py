@@ -197,6 +197,10 @@ class LowRankBackend(GraphBackend):
         leaves, out = piece
         z = stage.output
         B = out.shape[0]
+        if z not in value.V:  # an output without a value block (a random mask): transparent
+            return LowRankExpansion(Q_args=[None] * len(leaves), Q_u=None, Q_X=dict(value.V),
+                                    a_blocks=dict(value.Zb), next_value=value, piece=piece,
+                                    rho=value.rho)
         V_z, Z = value.V[z], value.Zb[z]
         stats = None
         if need_stats:

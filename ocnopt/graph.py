@@ -41,6 +41,17 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
                  operator.imul: operator.mul, operator.itruediv: operator.truediv,
                  operator.ifloordiv: operator.floordiv, operator.ipow: operator.pow,
                  operator.imatmul: operator.matmul}
+#: calls that draw random numbers (replayed from the recorded generator state)
+_RANDOM_FUNCTIONS = {
+    torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint,
+    torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial, torch.normal,
+    torch.poisson, torch.nn.functional.dropout, torch.nn.functional.dropout1d,
+    torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
+    torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
+    torch.nn.functional.rrelu, torch.nn.functional.gumbel_softmax, torch.dropout,
+}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
+                   "geometric_", "log_normal_", "cauchy_", "multinomial"}
 _STATIC_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "type",
                    "is_contiguous", "element_size"}
 _STATIC_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
@@ -280,6 +291,12 @@ def _target(node: torch.fx.Node) -> Callable[..., Any]:
     return method
 
 
+def _is_random(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in _RANDOM_METHODS
+    return node.op == "call_function" and node.target in _RANDOM_FUNCTIONS
+
+
 def _is_static(node: torch.fx.Node) -> bool:
     if node.op == "call_method" and node.target in _STATIC_METHODS:
         return True
@@ -325,6 +342,7 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
                    for a in node.all_input_nodes)
 
     dependent: dict[torch.fx.Node, bool] = {}
+    random: dict[torch.fx.Node, bool] = {}  # the node, or an inline node it evaluates, draws
     output_node: torch.fx.Node | None = None
     for node in nodes:
         if node.op == "placeholder":
@@ -380,6 +398,8 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
         tuple_producer = bool(users[node]) and all(
             u.op == "call_function" and u.target is operator.getitem for u in users[node])
         dependent[node] = inputs_dependent(node)
+        random[node] = _is_random(node) or any(
+            random.get(a, False) for a in node.all_input_nodes if kind[a] == "inline")
         if _is_static(node) or not dependent[node] or tuple_producer:
             kind[node], value[node] = "inline", expr
             continue
@@ -391,7 +411,8 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
             return _expr(dict(zip(_inputs, xs)))
 
         t = len(stages)
-        stages.append(Stage(t, node.name, FunctionStep(call, label), FunctionDerivatives(call, label),
+        stages.append(Stage(t, node.name, FunctionStep(call, label),
+                            FunctionDerivatives(call, label, random=random[node]),
                             inputs=inputs, output=t + 1))
         kind[node], value[node] = "step", _Ref(t + 1)
     assert output_node is not None

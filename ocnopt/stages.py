@@ -47,20 +47,40 @@ class FunctionDerivatives(StageDerivatives):
     """Derivatives of a control-free function step ``z = fn(*args, **kwargs)``: the generic
     ``torch.func`` forms on a call whose tensor arguments are the step's inputs (a tuple, in
     the order of ``Stage.inputs``) and whose other arguments are constants of the trace
-    (numbers, shapes recorded in the nominal pass, buffers)."""
+    (numbers, shapes recorded in the nominal pass, buffers).
 
-    def __init__(self, call: Callable[[tuple[Tensor, ...], Any], Tensor], label: str):
+    ``random``: the call draws random numbers (``F.dropout``, ``torch.rand_like``, a stochastic
+    depth mask, ...). The nominal pass then records the random generator's state as its
+    context and every later evaluation (the update pass) runs from that state, so it draws the
+    same numbers (the shapes are the same); the global stream advances once per step."""
+
+    def __init__(self, call: Callable[[tuple[Tensor, ...], Any], Tensor], label: str,
+                 random: bool = False):
         self.call = call
         self.label = label
+        self.random = random
 
     def forward(self, module: Any, x: StepInput) -> tuple[Tensor, Any]:
-        return self.call(x, None), None
+        if not self.random:
+            return self.call(x, None), None
+        device = x[0].device if x else torch.device("cpu")
+        state = (torch.get_rng_state(),
+                 torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        return self.call(x, None), state
 
     def replay(self, module: Any, x: StepInput, ctx: Any) -> Tensor:
-        return self.call(x, ctx)
+        if ctx is None:
+            return self.call(x, ctx)
+        cpu, cuda = ctx
+        device = x[0].device
+        with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, device)
+            return self.call(x, None)
 
     def functional(self, module: Any, params: dict[str, Tensor], x: StepInput, ctx: Any) -> Tensor:
-        return self.call(x, ctx)
+        return self.replay(module, x, ctx)
 
     def __repr__(self) -> str:
         return f"FunctionDerivatives({self.label})"

@@ -467,3 +467,67 @@ def test_per_player_diagnostics_name_every_player():
     assert all(d.k_norm > 0 for d in diags) and diags[0].feedback_norm == 0.0
     assert all(0 < d.feedback_scale <= 1 for d in diags)
     assert all(d.feedback_norm <= 0.5 * d.k_norm * (1 + 1e-9) for d in diags)  # trust 0.5
+
+
+class Stochastic(nn.Module):
+    """Functional dropout and a stochastic-depth-like mask drawn from a constant shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.dropout(torch.tanh(self.a(x)), p=0.5, training=True)
+        keep = x.new_empty((x.size(0), 1)).bernoulli_(0.5)  # a stochastic-depth mask
+        return self.head(h + keep * self.b(h))
+
+
+def test_exact_backend_refuses_random_steps_at_order_two():
+    torch.manual_seed(0)
+    opt = ocnopt.OCNOpt(Stochastic().double(), curvature="sgd", order=2, backend="autograd")
+    with pytest.raises(ValueError, match="backend 'autograd' at order 2: .*dropout.* draws random"):
+        opt.step(*batch(4, 3, 6))
+
+
+@pytest.mark.parametrize("backend", ["autograd", "lowrank"])
+def test_random_function_steps_replay_their_draws(backend):
+    """The update pass replays each random function step from the generator state of the
+    nominal pass: at lr = 0 it reproduces the nominal states exactly, and the global stream
+    advances once per step (as one torch forward would); order 1 equals torch.optim with the
+    same draws."""
+    torch.manual_seed(0)
+    model = Stochastic().double()
+    opt = ocnopt.OCNOpt(model, curvature="sgd", lr=0.0, order=2, backend="lowrank")
+    g = build_graph(model)
+    assert sum(st.derivatives.random for st in g.stages if st.is_function) == 2
+    x, y = batch(4, 3, 6)
+    eng = opt.engine
+    traj = eng.nominal(x)
+    term = eng.terminal(traj, y, hessian=True)
+    policy = lambda st, q, s: ([torch.zeros_like(g) for g in q], None)  # noqa: E731
+    res = eng.second_order(traj, term, policy, lr=0.0, feedback=False, value_correction=False,
+                           need_stats=[False] * len(eng.stages), targets=y)
+    before = torch.get_rng_state()
+    states, loss_after, _ = eng.update_pass(traj, res.policies, y)
+    assert torch.equal(torch.get_rng_state(), before)
+    garbage = {st.output for st in eng.stages if "new_empty" in repr(st)}  # uninitialised
+    for j, (a, b) in enumerate(zip(states, traj.states)):
+        assert j in garbage or torch.equal(a, b)
+    assert loss_after == float(term.loss)
+    # order 1 against torch.optim with the same draws: one forward per step
+    torch.manual_seed(1)
+    ours, ref = Stochastic().double(), Stochastic().double()
+    ref.load_state_dict(ours.state_dict())
+    o = ocnopt.OCNOpt(ours, curvature="sgd", lr=0.1, backend=backend, track_loss_after=True)
+    r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for s in range(2):
+        torch.manual_seed(10 + s)
+        o.step(x, y)
+        torch.manual_seed(10 + s)
+        r.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        r.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **REL)

@@ -26,6 +26,8 @@ class StageDerivatives:
     """
 
     kronecker: bool = False
+    #: the stage draws random numbers; its context makes later evaluations draw the same
+    random: bool = False
 
     # ---- checks ------------------------------------------------------------------------------
     def refusal(self, module: nn.Module) -> str | None:
