@@ -366,8 +366,16 @@ class LowRankBackend(GraphBackend):
             y = stage.functional(dict(zip(names, ps)), xi.unsqueeze(0), c)
             return (y.squeeze(0) * zi).sum()
 
-        per_sample = vmap(vmap(grad(psi), in_dims=(None, None, None, 0)),
-                          in_dims=(None, 0, cdim, 0))(params, x, exp.ctx, Z)  # (B, r, *shape)
+        try:
+            per_sample = vmap(vmap(grad(psi), in_dims=(None, None, None, 0)),
+                              in_dims=(None, 0, cdim, 0))(params, x, exp.ctx, Z)  # (B, r, *shape)
+        except RuntimeError as err:
+            if "random" not in str(err):
+                raise
+            raise ValueError(
+                f"{stage} draws random numbers in training mode (dropout or stochastic depth "
+                "inside the block), which its per-sample gradients at order 2 (torch.func.vmap) "
+                "cannot replay: put that block in eval mode, or train at order 1") from err
         W = stage.flatten(list(per_sample), lead=2)
         MW = stage.flatten(minv(list(per_sample)), lead=2)
         return torch.einsum("bcm,bdm->bcd", W, MW)

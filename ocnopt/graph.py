@@ -50,6 +50,12 @@ _RANDOM_FUNCTIONS = {
     torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
     torch.nn.functional.rrelu, torch.nn.functional.gumbel_softmax, torch.dropout,
 }
+try:  # torchvision's stochastic depth is an fx leaf function (torch.fx.wrap)
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+
+    _RANDOM_FUNCTIONS.add(_stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
                    "geometric_", "log_normal_", "cauchy_", "multinomial"}
 _STATIC_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "type",
@@ -343,6 +349,7 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
 
     dependent: dict[torch.fx.Node, bool] = {}
     random: dict[torch.fx.Node, bool] = {}  # the node, or an inline node it evaluates, draws
+    static: dict[torch.fx.Node, bool] = {}  # shape arithmetic (evaluated inside its users)
     output_node: torch.fx.Node | None = None
     for node in nodes:
         if node.op == "placeholder":
@@ -391,7 +398,7 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
             continue
         # call_function / call_method
         fn = _target(node)
-        args, kwargs = arg_of(node.args), arg_of(dict(node.kwargs))
+        args, kwargs = arg_of(node.args), dict(arg_of(dict(node.kwargs)))
         if kwargs.get("inplace") is True:
             kwargs["inplace"] = False
         expr = _Expr(fn, args, kwargs)
@@ -400,7 +407,10 @@ def _trace(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...]) -> Graph
         dependent[node] = inputs_dependent(node)
         random[node] = _is_random(node) or any(
             random.get(a, False) for a in node.all_input_nodes if kind[a] == "inline")
-        if _is_static(node) or not dependent[node] or tuple_producer:
+        # shape arithmetic: a static node, or a call on static nodes and constants only
+        static[node] = _is_static(node) or (bool(node.all_input_nodes) and not random[node] and all(
+            kind[a] == "const" or static.get(a, False) for a in node.all_input_nodes))
+        if static[node] or not dependent[node] or tuple_producer:
             kind[node], value[node] = "inline", expr
             continue
         inputs = tuple(_refs((args, kwargs), []))
