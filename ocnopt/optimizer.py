@@ -145,7 +145,8 @@ class OCNOpt(torch.optim.Optimizer):
             ("empirical", "type-2", "mc"; default by loss: "type-2" for "mse", exact and as
             cheap as the empirical Fisher there, "empirical" otherwise, docs/method.md section
             4), kfac_max_dim (None: no limit; layers whose factor side d_in or d_out exceeds it
-            use the diagonal fallback, listed in ``last_step.diagonal_fallback``); full: damping,
+            use the diagonal fallback, listed in ``last_step.diagonal_fallback``; backend
+            "backpack" still has BackPACK compute every layer's factors); full: damping,
             eig_floor; soap: betas,
             shampoo_beta, precondition_frequency, max_precondition_dim, merge_dims,
             precondition_1d, correct_bias, normalize_gradient, data_format, eps, weight_decay
