@@ -284,7 +284,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed))
         self._meta_set({"step": 0, "skipped_steps": 0})
-        self._buffers = [b for b in model.buffers()]
+        self._module = model  # its buffers are read at every step (model.to() replaces them)
         self._warned_nonfinite = False
         self.last_step: StepResult | None = None
 
@@ -415,7 +415,7 @@ class OCNOpt(torch.optim.Optimizer):
         try:
             outcome = self.engine.step(inputs, targets, config, _OptimizerControls(self, hp))
             if outcome.skipped is not None:
-                return self._skip(outcome.loss, outcome.skipped, snapshot["buffers"])
+                return self._skip(outcome.loss, outcome.skipped, snapshot)
             self._commit(outcome)
         except BaseException:
             self._rollback(snapshot)
@@ -433,9 +433,10 @@ class OCNOpt(torch.optim.Optimizer):
         moves them (``Controls.backup``)."""
         params = self.param_groups[0]["params"]
         self._backup_taken = False
+        live = list(self._module.buffers())
         with torch.no_grad():
-            buffers = [b.clone() for b in self._buffers]
-        return {"buffers": buffers, "grads": [p.grad for p in params],
+            buffers = [b.clone() for b in live]
+        return {"live": live, "buffers": buffers, "grads": [p.grad for p in params],
                 "state": {p: self.state[p] for p in params if p in self.state},
                 "meta": dict(self._meta), "generator": self.generator.get_state(),
                 "last_step": self.last_step}
@@ -446,7 +447,7 @@ class OCNOpt(torch.optim.Optimizer):
             if self._backup_taken:
                 for p, b in zip(params, self._backup):
                     p.copy_(b)
-            for b, old in zip(self._buffers, snap["buffers"]):
+            for b, old in zip(snap["live"], snap["buffers"]):
                 b.copy_(old)
         for p, g in zip(params, snap["grads"]):
             p.grad = g
@@ -487,10 +488,10 @@ class OCNOpt(torch.optim.Optimizer):
         self._backup_taken = True
         return buf
 
-    def _skip(self, loss: Tensor, what: str, buffers: list[Tensor]) -> Tensor:
+    def _skip(self, loss: Tensor, what: str, snap: dict[str, Any]) -> Tensor:
         self.generator.set_state(self._generator_state)  # a skipped step draws no labels
         with torch.no_grad():  # a skipped step leaves the buffers as they were, too
-            for b, old in zip(self._buffers, buffers):
+            for b, old in zip(snap["live"], snap["buffers"]):
                 b.copy_(old)
         self._meta["skipped_steps"] += 1
         if not self._warned_nonfinite:
