@@ -385,10 +385,11 @@ class OCNOpt(torch.optim.Optimizer):
             raise RuntimeError("OCNOpt.step was called under torch.inference_mode(): the step "
                                "differentiates the model and updates the parameters, which "
                                "inference mode forbids; call it outside the inference_mode block")
-        if self.order == 2 and torch.is_autocast_enabled(inputs.device.type):
+        autocast = _autocast_dtype(inputs.device.type) if self.order == 2 else None
+        if autocast is not None:
             raise RuntimeError(
                 f"OCNOpt.step at order 2 was called under torch.autocast "
-                f"({torch.get_autocast_dtype(inputs.device.type)}): the second-order terms would "
+                f"({autocast}): the second-order terms would "
                 "mix reduced and full precision; autocast is supported at order 1 (wrap step in "
                 "it there), at order 2 call step outside the autocast block")
         if inputs.is_meta or targets.is_meta:
@@ -541,6 +542,23 @@ def _refuse_tied(stages: list[Stage], order: int, curvature: str) -> None:
                 f"parameters are supported at order 1 only (their gradient summed over the uses); "
                 f"order={order} with curvature={curvature!r} treats each step's parameters as "
                 "its own control. Untie them (copy.deepcopy) or use order=1")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of an enabled ``torch.autocast`` on ``device_type``, else None (torch >= 2.4
+    API, with the per-device functions of earlier versions as fallback)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
+                   else torch.is_autocast_enabled())
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return (torch.get_autocast_cpu_dtype() if device_type == "cpu"
+                else torch.get_autocast_gpu_dtype())
 
 
 def _refuse_meta(model: nn.Module) -> None:
