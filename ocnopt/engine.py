@@ -260,7 +260,7 @@ class StepOutcome:
     new_states: dict[int, tuple[list[Tensor], list[dict[str, Any]]]] = field(default_factory=dict)
     result: StepResult | None = None
     #: per player: its parameters and Qbar_u (clipped, without weight decay), when formed
-    grads: dict[int, tuple[list[Tensor], list[Tensor]]] = field(default_factory=dict)
+    grads: dict[int, tuple[Sequence[Tensor], list[Tensor]]] = field(default_factory=dict)
 
 
 def weight_positions(stage: Stage, traj: Trajectory) -> int:
@@ -303,10 +303,8 @@ def _norm(ts: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t) for t in ts]).square().sum().sqrt()
 
 
-def clip_factor(norm: Tensor, max_norm: float | None) -> Tensor | None:
-    """min(1, max_norm / (norm + 1e-6)) (torch's ``clip_grad_norm_``), None without a clip."""
-    if max_norm is None:
-        return None
+def clip_factor(norm: Tensor, max_norm: float) -> Tensor:
+    """min(1, max_norm / (norm + 1e-6)), as torch's ``clip_grad_norm_``."""
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
@@ -536,7 +534,7 @@ class BellmanEngine:
                   for t, st in enumerate(stages)]
         lr, wd = config.lr, config.weight_decay
         new_states: dict[int, list[dict[str, Any]]] = {}
-        grads_out: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        grads_out: dict[int, tuple[Sequence[Tensor], list[Tensor]]] = {}
         player_norms: list[Tensor] = []
 
         def gradient(stage: Stage, Q_u: list[Tensor]) -> list[Tensor]:

@@ -467,8 +467,8 @@ class OCNOpt(torch.optim.Optimizer):
             for p, s in zip(params, states):
                 self.state[p] = s
         if self.set_grad:
-            for params, grads in outcome.grads.values():
-                for p, g in zip(params, grads):
+            for owners, grads in outcome.grads.values():
+                for p, g in zip(owners, grads):
                     _set_grad(p, g)
         meta = dict(self._meta)
         meta["step"] = int(meta["step"]) + 1
