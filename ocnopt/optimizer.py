@@ -59,7 +59,9 @@ def integer_targets(targets: Tensor) -> Tensor:
 
 def _set_grad(p: Tensor, g: Tensor | None) -> None:
     """p.grad = g (cast to p's dtype), the commit of ``OCNOpt.step``'s gradients."""
-    p.grad = None if g is None else g.detach().to(p.dtype)
+    if g is not None and (g.requires_grad or g.dtype != p.dtype):
+        g = g.detach().to(p.dtype)
+    p.grad = g
 
 
 class OCNOpt(torch.optim.Optimizer):
