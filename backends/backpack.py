@@ -114,8 +114,10 @@ class BackpackBackend(LowRankBackend):
                             f"{type(graph.root).__name__}: {type(err).__name__}: {err}. Use backend "
                             "'lowrank' or 'autograd' for this model") from err
 
-    def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool) -> None:
-        super().check_options(gauss_newton=gauss_newton, mu=mu, needs_full=needs_full)
+    def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool,
+                      psd_clip: bool = True) -> None:
+        super().check_options(gauss_newton=gauss_newton, mu=mu, needs_full=needs_full,
+                              psd_clip=psd_clip)
 
     def follow_fisher(self, fisher_type: str, *, given: Mapping[str, object]) -> None:
         """The extension chooses the statistics (``check_fisher`` refuses fisher_type)."""

@@ -37,7 +37,8 @@ class Backend(abc.ABC):
         """Called once by ``OCNOpt`` with the graph and the loss: refuse what the backend
         cannot handle, build what it needs."""
 
-    def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool) -> None:  # noqa: B027 (optional hook)
+    def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool,  # noqa: B027 (optional hook)
+                      psd_clip: bool = True) -> None:
         """Refuse optimizer options the backend cannot honour (named, with what it accepts)."""
 
     def follow_fisher(self, fisher_type: str, *, given: Mapping[str, object]) -> None:  # noqa: B027 (optional hook)

@@ -136,10 +136,19 @@ class LowRankBackend(GraphBackend):
         self.terminal = terminal
         self.mc_samples = mc_samples
 
-    def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool) -> None:
+    def check_options(self, *, gauss_newton: bool, mu: float, needs_full: bool,
+                      psd_clip: bool = True) -> None:
+        """Refuses gauss_newton=False, mu > 0, curvature 'full' and psd_clip=False: V_xx is
+        kept as the factor Z Z^T, PSD by construction (C C^T is always clipped), so the
+        unclipped recursion is not representable; backend 'autograd' honours each of them."""
         if not gauss_newton:
-            raise ValueError("backend 'lowrank' is Gauss-Newton by construction: "
+            raise ValueError(f"backend {self.name!r} is Gauss-Newton by construction: "
                              "gauss_newton=False is accepted only by backend 'autograd'")
+        if not psd_clip:
+            raise ValueError(f"invalid psd_clip=False for backend {self.name!r}: its V_xx = Z Z^T "
+                             "is a factor, PSD by construction (C C^T is always clipped), so an "
+                             "unclipped V_xx cannot be represented; accepted psd_clip=True (or "
+                             "backend 'autograd', which honours psd_clip=False)")
         if mu:
             raise ValueError(f"invalid mu={mu!r} for backend 'lowrank': mu*I is not a low-rank "
                              "term; accepted mu=0 (use backend 'autograd' for mu > 0)")
@@ -168,7 +177,7 @@ class LowRankBackend(GraphBackend):
     # -- second-order interface --------------------------------------------------------------
     def check_second_order(self, graph: Graph, traj: Trajectory, *, need_quu: bool) -> None:
         if need_quu:
-            self.check_options(gauss_newton=True, mu=0.0, needs_full=True)
+            self.check_options(gauss_newton=True, mu=0.0, needs_full=True, psd_clip=True)
 
     def terminal_value(self, loss: Loss, traj: Trajectory, terminal: Terminal, *,
                        targets: Tensor | None = None, generator: Any = None) -> LowRankValue:

@@ -194,6 +194,11 @@ class StepResult:
     skipped: bool = False
     predicted_change: float | None = None
     stages: list[StageDiagnostics] = field(default_factory=list)
+    #: |Qbar_u| before the ``max_grad_norm`` clip (order 1: global; order 2: over the players'
+    #: norms, each clipped on its own); None where Qbar_u was not formed everywhere
+    grad_norm: float | None = None
+    #: the steps with Kronecker factors that ran on the diagonal fallback (``kfac_max_dim``)
+    diagonal_fallback: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -215,6 +220,10 @@ class StepConfig:
     game: str = "cooperative"
     fisher_type: str | None = None
     track_loss_after: bool = False
+    #: form Qbar_u for every player and return it (``StepOutcome.grads``), for ``.grad``
+    set_grad: bool = False
+    #: clip Qbar_u's norm before the curvature model (order 1 global, order 2 per player)
+    max_grad_norm: float | None = None
 
 
 class Controls(abc.ABC):
@@ -250,6 +259,8 @@ class StepOutcome:
     skipped: str | None = None
     new_states: dict[int, tuple[list[Tensor], list[dict[str, Any]]]] = field(default_factory=dict)
     result: StepResult | None = None
+    #: per player: its parameters and Qbar_u (clipped, without weight decay), when formed
+    grads: dict[int, tuple[Sequence[Tensor], list[Tensor]]] = field(default_factory=dict)
 
 
 def weight_positions(stage: Stage, traj: Trajectory) -> int:
@@ -290,6 +301,11 @@ def _gather_tied(stages: Sequence[Stage], grads: Sequence[list[Tensor] | None]
 
 def _norm(ts: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t) for t in ts]).square().sum().sqrt()
+
+
+def clip_factor(norm: Tensor, max_norm: float) -> Tensor:
+    """min(1, max_norm / (norm + 1e-6)), as torch's ``clip_grad_norm_``."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
 def bound_correction(Q_x: Tensor, V_x: Tensor, trust: float) -> Tensor:
@@ -398,6 +414,7 @@ class BellmanEngine:
         skip_u: Sequence[bool] | None = None,
         game: str = "cooperative",
         controls: Sequence[bool] | None = None,
+        gradient: Callable[[Stage, list[Tensor]], list[Tensor]] | None = None,
     ) -> SecondOrderPass:
         """Second-order backward value recursion (docs/method.md sections 2-4, 7) with the
         policy of every player.
@@ -412,6 +429,8 @@ class BellmanEngine:
         Kronecker statistics come from the propagated value Hessian V'_xx (its per-sample
         square-root factor) when ``stats_from_value``, else from V'_x (empirical Fisher).
         ``controls[t]`` False: step t has parameters but no policy of its own (tied weights).
+        ``gradient(stage, Qbar_u)`` (when given) sees each player's Qbar_u before the weight
+        decay is added and returns the Qbar_u to use (the ``max_grad_norm`` clip).
         """
         backend = self.backend
         graph = self.graph
@@ -443,6 +462,8 @@ class BellmanEngine:
                 exp.stats.Q_uu = exp.Q_uu
             minv = None
             if player:
+                if gradient is not None and exp.Q_u is not None:
+                    exp.Q_u = gradient(stage, exp.Q_u)
                 if weight_decay:  # Qbar_u is formed whenever weight decay is in it
                     assert exp.Q_u is not None
                     exp.Q_u = [g.add(p.detach(), alpha=weight_decay)
@@ -486,7 +507,7 @@ class BellmanEngine:
         curv = controls.model
         hp, k = controls.hp, controls.step
         views = self.controls
-        need_stats = [st.has_control and any(st.owned)
+        need_stats = [st.has_control and any(st.owned) and curv.uses_statistics(st, hp)
                       and curv.wants_statistics(k, hp, controls.states(views[st.index]))
                       for st in stages]
         fisher = config.fisher_type if any(need_stats) else None
@@ -507,13 +528,27 @@ class BellmanEngine:
         # that solve, i.e. without momentum)
         gradient_rows = config.fisher_type in (None, "empirical")
         B = inputs.shape[0]
-        may_skip = config.order == 1 or curv.direction_is_solve(hp)
+        may_skip = (not config.set_grad and config.max_grad_norm is None
+                    and (config.order == 1 or curv.direction_is_solve(hp)))
         skip_u = [may_skip and need_stats[t] and st.kronecker
                   and curv.gradient_unused(st, hp, B, weight_positions(st, traj),
                                            gradient_rows=gradient_rows)
                   for t, st in enumerate(stages)]
         lr, wd = config.lr, config.weight_decay
         new_states: dict[int, list[dict[str, Any]]] = {}
+        grads_out: dict[int, tuple[Sequence[Tensor], list[Tensor]]] = {}
+        player_norms: list[Tensor] = []
+
+        def gradient(stage: Stage, Q_u: list[Tensor]) -> list[Tensor]:
+            """Order 2: one player's Qbar_u, clipped by its own norm, recorded for ``.grad``."""
+            if config.max_grad_norm is not None:
+                norm = _norm(Q_u)
+                player_norms.append(norm)
+                c = clip_factor(norm, config.max_grad_norm)
+                Q_u = [g * c for g in Q_u]
+            if config.set_grad:
+                grads_out[stage.index] = (views[stage.index].params, Q_u)
+            return Q_u
 
         def policy_fn(stage: Stage, Q_u: list[Tensor] | None, stats: Any) -> tuple[list[Tensor], Any]:
             view = views[stage.index]
@@ -542,7 +577,9 @@ class BellmanEngine:
                         generator=controls.generator,
                         stats_from_value=not gradient_rows,
                         trust=config.trust if config.order == 2 else None, skip_u=skip_u,
-                        game=config.game)
+                        game=config.game,
+                        gradient=gradient if config.set_grad or config.max_grad_norm is not None
+                        else None)
                 except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
                     return StepOutcome(terminal.loss, skipped="value expansion")
             policies, predicted = result.policies, result.predicted_change
@@ -552,12 +589,22 @@ class BellmanEngine:
             grads = [e.Q_u for e in expansions]
             if self._tied:
                 grads = _gather_tied(stages, grads)
+            players = [g for st, g in zip(stages, grads)
+                       if st.has_control and views[st.index].params and g is not None]
+            if config.max_grad_norm is not None and players:  # the global norm, as torch's clip
+                with torch.no_grad():
+                    norm = _norm([t for g in players for t in g])
+                    player_norms.append(norm)
+                    c = clip_factor(norm, config.max_grad_norm)
+                    grads = [None if g is None else [t * c for t in g] for g in grads]
             policies = []
             for st, exp, Q_u in zip(stages, expansions, grads):
                 view = views[st.index]
                 if not st.has_control or not view.params:  # no control, no curvature state
                     policies.append(None)
                     continue
+                if config.set_grad and Q_u is not None:
+                    grads_out[st.index] = (view.params, Q_u)
                 if wd:  # gradient_unused is False with weight decay: Q_u was formed
                     assert Q_u is not None
                     Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, view.params)]
@@ -584,6 +631,7 @@ class BellmanEngine:
                 controls.restore(backup)
                 return StepOutcome(terminal.loss, skipped="update")
         else:
+            controls.backup()  # an exception while moving the parameters restores them
             self.apply_open_loop(policies)
         n = len(controlled)
         scales, cut = [1.0] * n, [0.0] * n
@@ -603,7 +651,10 @@ class BellmanEngine:
                                                                  new_states[st.index])
                                                       for st, _ in controlled},
                            result=StepResult(loss=terminal.loss, loss_after=loss_after,
-                                             predicted_change=predicted, stages=diagnostics))
+                                             predicted_change=predicted, stages=diagnostics,
+                                             grad_norm=float(_norm(player_norms))
+                                             if player_norms else None),
+                           grads=grads_out)
 
     # -- 3. forward update pass ---------------------------------------------------------------
     @torch.no_grad()

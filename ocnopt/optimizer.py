@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .backends import make_backend
+from .backends.autograd import DEFAULT_MEMORY_BUDGET
 from .curvature import CURVATURES, CurvatureModel
 from .curvature.base import check_nonneg
-from .engine import BellmanEngine, Controls, StepConfig, StepResult
+from .engine import BellmanEngine, Controls, StepConfig, StepOutcome, StepResult
 from .graph import build_graph
 from .losses import Loss, make_loss
 from .stages import Stage
@@ -33,7 +34,34 @@ class NonFiniteStepWarning(RuntimeWarning):
 
 _COMMON = {"lr", "weight_decay"}
 _STRUCTURAL = ("order", "backend", "curvature", "loss", "feedback", "value_correction",
-               "gauss_newton", "track_loss_after", "seed", "game", "leaf_modules")
+               "gauss_newton", "track_loss_after", "seed", "game", "leaf_modules", "set_grad")
+#: curvature models whose eps underflows in float16 (their steps would all be skipped)
+_HALF_UNSAFE = ("adam", "adamw", "rmsprop")
+
+
+def default_backend(order: int, *, needs_full: bool, gauss_newton: bool, mu: float) -> str:
+    """The backend ``OCNOpt(backend=None)`` resolves to: order 1 "autograd" (backpropagation);
+    order 2 (or curvature "full") "lowrank", the scalable one, except where only "autograd"
+    can: curvature "full" (E[Q_uu] as a matrix), ``gauss_newton=False`` or ``mu > 0``."""
+    if order == 1 and not needs_full:
+        return "autograd"
+    if needs_full or not gauss_newton or mu:
+        return "autograd"
+    return "lowrank"
+
+
+def integer_targets(targets: Tensor) -> Tensor:
+    """Class indices of any integer dtype as int64 (the dtype every backend indexes with)."""
+    if targets.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        return targets.long()
+    return targets
+
+
+def _set_grad(p: Tensor, g: Tensor | None) -> None:
+    """p.grad = g (cast to p's dtype), the commit of ``OCNOpt.step``'s gradients."""
+    if g is not None and (g.requires_grad or g.dtype != p.dtype):
+        g = g.detach().to(p.dtype)
+    p.grad = g
 
 
 class OCNOpt(torch.optim.Optimizer):
@@ -55,7 +83,9 @@ class OCNOpt(torch.optim.Optimizer):
             ``"autograd"`` (exact, full per-sample matrices: small networks, "vanilla DDP"),
             ``"lowrank"`` (Gauss-Newton factor V_xx = Z Z^T, scalable), ``"backpack"``
             (Kronecker factors from BackPACK, rank-1 value-gradient feedback), or a
-            ``Backend`` instance.
+            ``Backend`` instance. ``None`` (default) resolves by ``default_backend``: order 1
+            "autograd"; order 2 "lowrank", except "autograd" where only it can (curvature
+            "full", ``gauss_newton=False``, ``mu > 0``); ``self.backend_name`` says which.
         order: 1 (backpropagation: the first-order truncation of the Bellman equation) or 2
             (DDP: V_xx propagated, affine feedback policies du = k + K dx applied in the update
             pass).
@@ -69,13 +99,22 @@ class OCNOpt(torch.optim.Optimizer):
         value_correction: order 2: subtract the policy terms from V_x and V_xx (SPEC 4).
         gauss_newton: drop the contraction terms V'_x . f_ab (Gauss-Newton) or keep them.
         psd_clip: clip V_xx to the PSD cone after each stage (eigenvalues < 0 set to 0).
+            ``psd_clip=False`` is honoured by backend "autograd" only: "lowrank" and "backpack"
+            keep V_xx = Z Z^T as a factor, PSD by construction (their C C^T is always clipped),
+            so they refuse it (ValueError) rather than ignore it.
         mu: value regularisation V_xx + mu I (a hyper-parameter in ``param_groups``).
         trust: order 2: trust bound of the second-order corrections (a hyper-parameter in
             ``param_groups``, default 0.5): in the update pass the feedback part K dx of a stage
             is scaled down to at most ``trust`` times the norm of its open-loop step k, and the
             value correction of each sample's V_x to at most ``trust`` times the norm of its
             Q_x. ``None`` turns the bound off (the plain recursion of SPEC 3-4).
-        memory_budget: bytes the exact backend may use per stage for full matrices.
+        memory_budget: bytes one layer may hold (default 2 GiB, the autograd backend's
+            ``DEFAULT_MEMORY_BUDGET``): the exact backend's full matrices of one step (backend
+            "autograd"), and the curvature state of one layer for kfac/ekfac (its Kronecker
+            factors A (d_in, d_in) and G (d_out, d_out), their inverses or eigenbases, and the
+            float64 workspace of the inversion), checked before anything is allocated: a layer
+            over it raises ``MemoryBudgetError`` naming the layer, the factor shapes and the
+            bytes (use ``kfac_max_dim`` to put such layers on the diagonal fallback).
         backend_options: keyword arguments of the backend given by name, e.g.
             ``{"terminal": "exact"}`` for ``backend="lowrank"`` (terminal factor "empirical",
             "exact" or "mc", and ``mc_samples``).
@@ -84,15 +123,48 @@ class OCNOpt(torch.optim.Optimizer):
         track_loss_after: also compute the loss after the step with an extra forward pass
             (``last_step.loss_after``); at order 1 this costs one forward pass.
         seed: seed of the generator used to sample labels (``fisher_type="mc"``).
+        set_grad: after every step that is not skipped, each parameter's ``.grad`` holds
+            Qbar_u, the batch-mean gradient of the objective without the weight-decay term
+            (torch's convention), clipped by ``max_grad_norm`` when set; a tied parameter gets
+            the sum over its uses. Skipped steps and failed steps leave ``.grad`` unchanged.
+            ``False`` keeps ``.grad`` untouched and lets kfac skip forming Qbar_u where its
+            direction comes from the statistics' rows (faster on wide layers, small batches).
+        max_grad_norm: a hyper-parameter in ``param_groups`` (default None: no clip): Qbar_u
+            is scaled by min(1, max_grad_norm / (|Qbar_u| + 1e-6)) inside the step, before the
+            curvature model sees it (as ``clip_grad_norm_`` before ``optimizer.step()``), weight
+            decay added after the clip. Order 1: |Qbar_u| is the global norm over every
+            parameter. Order 2: Qbar_u of a step is formed in the backward recursion after the
+            later steps' policies, so the global norm is not known when the curvature model
+            needs it: each player's Qbar_u is clipped by its own norm. The clip scales the
+            open-loop term k = -lr M^{-1} Qbar_u and the value correction that uses it; the
+            feedback K dX = -lr M^{-1} Q_uX dX is not clipped (its trust bound caps it at
+            ``trust`` |k|, so it shrinks with k). ``last_step.grad_norm``: the norm before the
+            clip.
         **hyperparameters: the curvature model's hyper-parameters, with torch's names:
             sgd: momentum, dampening, nesterov; rmsprop: alpha, eps, centered, momentum;
             adam/adamw: betas, eps, amsgrad; kfac/ekfac: damping (number or callable of the
             step), stat_every, inv_every, stat_decay, momentum, fisher_type
-            ("empirical", "type-2", "mc"); full: damping, eig_floor; soap: betas,
+            ("empirical", "type-2", "mc"; default by loss: "type-2" for "mse", exact and as
+            cheap as the empirical Fisher there, "empirical" otherwise, docs/method.md section
+            4), kfac_max_dim (None: no limit; layers whose factor side d_in or d_out exceeds it
+            use the diagonal fallback, listed in ``last_step.diagonal_fallback``; backend
+            "backpack" still has BackPACK compute every layer's factors); full: damping,
+            eig_floor; soap: betas,
             shampoo_beta, precondition_frequency, max_precondition_dim, merge_dims,
             precondition_1d, correct_bias, normalize_gradient, data_format, eps, weight_decay
             (decoupled, as SOAP); shampoo: momentum, weight_decouple, fixed_decay,
             preconditioning_compute_steps, matrix_eps.
+
+    Precision: float16 parameters are refused with adam, adamw and rmsprop (their eps
+    underflows in float16 and every step would be skipped): keep the model in float32 (or
+    bfloat16) and run the forward in reduced precision with ``torch.autocast`` around
+    ``step`` (``with torch.autocast("cpu", dtype=torch.bfloat16): opt.step(x, y)``), which is
+    supported at order 1 (the forward runs in reduced precision, Qbar_u, the curvature state
+    and the update stay in the parameters' dtype); order 2 refuses autocast (RuntimeError).
+
+    A step is atomic: an exception raised inside ``step`` leaves the parameters, the model's
+    buffers (BatchNorm running statistics), ``.grad``, the optimizer state and the sampling
+    generator as they were before the call.
     """
 
     DEFAULT_LR = {"sgd": 1e-3, "rmsprop": 1e-2, "adam": 1e-3, "adamw": 1e-3,
@@ -104,7 +176,7 @@ class OCNOpt(torch.optim.Optimizer):
         loss: str | Loss | nn.Module | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
         lr: float | None = None,
         curvature: str = "adam",
-        backend: str = "autograd",
+        backend: str | Any | None = None,
         order: int = 1,
         weight_decay: float | None = None,
         feedback: bool = True,
@@ -119,6 +191,7 @@ class OCNOpt(torch.optim.Optimizer):
         seed: int = 0,
         game: str = "cooperative",
         leaf_modules: tuple[type[nn.Module], ...] = (),
+        set_grad: bool = True,
         **hyperparameters: Any,
     ):
         if not isinstance(curvature, str) or curvature not in CURVATURES:
@@ -130,13 +203,26 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError(f"invalid game={game!r}: accepted {GAMES}")
         for name, flag in (("feedback", feedback), ("value_correction", value_correction),
                            ("gauss_newton", gauss_newton), ("psd_clip", psd_clip),
-                           ("track_loss_after", track_loss_after)):
+                           ("track_loss_after", track_loss_after), ("set_grad", set_grad)):
             if not isinstance(flag, bool):
                 raise TypeError(f"invalid {name}={flag!r}: accepted True or False")
         self.curvature_name = curvature
         self.model_: CurvatureModel = CURVATURES[curvature]()
+        if backend is None:
+            backend = default_backend(order, needs_full=self.model_.needs_full,
+                                      gauss_newton=gauss_newton, mu=mu)
+        self.backend_name = backend if isinstance(backend, str) else type(backend).__name__
+        if isinstance(model, nn.Module):  # else build_graph names what it accepts
+            _refuse_meta(model)
+            _refuse_half(model, curvature)
         options = dict(backend_options or {})
-        if memory_budget is not None:
+        if memory_budget is not None and not (isinstance(memory_budget, int)
+                                              and not isinstance(memory_budget, bool)
+                                              and memory_budget > 0):
+            raise ValueError(f"invalid memory_budget={memory_budget!r}: accepted a positive "
+                             "integer number of bytes or None")
+        self.memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+        if memory_budget is not None and backend == "autograd":
             options["memory_budget"] = memory_budget
         if options and not isinstance(backend, str):
             raise ValueError("memory_budget / backend_options apply to a backend given by name; "
@@ -146,18 +232,29 @@ class OCNOpt(torch.optim.Optimizer):
         except TypeError as err:
             raise TypeError(f"invalid backend option for backend={backend!r}: {err}") from err
         self.backend.check_options(gauss_newton=gauss_newton, mu=mu,
-                                   needs_full=self.model_.needs_full)
+                                   needs_full=self.model_.needs_full, psd_clip=psd_clip)
         if (order == 2 or self.model_.needs_full) and not self.backend.second_order_capable:
             raise ValueError(f"order={order} with curvature={curvature!r} needs a backend with "
-                             f"second-order terms; backend={backend!r} has none (use 'autograd')")
+                             f"second-order terms; backend={backend!r} has none (use backend "
+                             "'lowrank' or 'autograd')")
         self._fisher_given = "fisher_type" in hyperparameters
-        if order == 2 and self._fisher_given and isinstance(backend, str):
+        self.loss_fn = make_loss(loss)
+        if not self._fisher_given and "fisher_type" in self.model_.defaults \
+                and self.loss_fn.name == "mse":  # type-2 where the backend honours it
+            hyperparameters = {**hyperparameters, "fisher_type": "type-2"}
+            try:
+                if order == 2 and isinstance(backend, str):
+                    self.backend.follow_fisher("type-2", given=options)
+                self.backend.check_fisher("type-2", order=order, explicit=False)
+            except ValueError:  # e.g. backpack (its extension chooses), or a fixed terminal
+                hyperparameters["fisher_type"] = "empirical"
+        elif order == 2 and self._fisher_given and isinstance(backend, str):
             self.backend.follow_fisher(hyperparameters["fisher_type"], given=options)
         self.feedback = feedback
         self.value_correction = value_correction
         self.gauss_newton = gauss_newton
         self.psd_clip = psd_clip
-        self.loss_fn = make_loss(loss)
+        self.set_grad = set_grad
         self.order = order
         self.track_loss_after = bool(track_loss_after)
         self.game = game
@@ -168,7 +265,8 @@ class OCNOpt(torch.optim.Optimizer):
         self.backend.prepare(self.graph, self.loss_fn)
         self.engine = BellmanEngine(self.graph, self.loss_fn, self.backend)
 
-        accepted = {"weight_decay": 0.0, "mu": 0.0, "trust": 0.5, **self.model_.defaults}
+        accepted = {"weight_decay": 0.0, "mu": 0.0, "trust": 0.5, "max_grad_norm": None,
+                    **self.model_.defaults}
         unknown = sorted(set(hyperparameters) - set(accepted))
         if unknown:
             raise TypeError(
@@ -188,6 +286,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed))
         self._meta_set({"step": 0, "skipped_steps": 0})
+        self._module = model  # its buffers are read at every step (model.to() replaces them)
         self._warned_nonfinite = False
         self.last_step: StepResult | None = None
 
@@ -203,7 +302,13 @@ class OCNOpt(torch.optim.Optimizer):
                                       and math.isfinite(trust) and trust > 0):
             raise ValueError(f"invalid trust={trust!r}: accepted a finite number > 0 or None "
                              "(no bound on the second-order corrections)")
+        clip = hp.get("max_grad_norm")
+        if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool)
+                                     and math.isfinite(clip) and clip > 0):
+            raise ValueError(f"invalid max_grad_norm={clip!r}: accepted a finite number > 0 or "
+                             "None (no clip)")
         self.model_.check(hp)
+        self.model_.check_memory(self.stages, hp, self.memory_budget)
         if "fisher_type" in hp:  # honoured by the backend or refused, never ignored
             self.backend.check_fisher(hp["fisher_type"], order=self.order,
                                       explicit=self._fisher_given)
@@ -275,9 +380,30 @@ class OCNOpt(torch.optim.Optimizer):
         if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs and targets must share the batch dimension, got shapes "
                              f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+        if inputs.shape[0] == 0:
+            raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)}; step needs at "
+                             "least one sample (the objective is the batch mean)")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("OCNOpt.step was called under torch.inference_mode(): the step "
+                               "differentiates the model and updates the parameters, which "
+                               "inference mode forbids; call it outside the inference_mode block")
+        autocast = _autocast_dtype(inputs.device.type) if self.order == 2 else None
+        if autocast is not None:
+            raise RuntimeError(
+                f"OCNOpt.step at order 2 was called under torch.autocast "
+                f"({autocast}): the second-order terms would "
+                "mix reduced and full precision; autocast is supported at order 1 (wrap step in "
+                "it there), at order 2 call step outside the autocast block")
+        if inputs.is_meta or targets.is_meta:
+            raise ValueError("inputs/targets are on the meta device (no data): pass tensors on "
+                             "the model's device")
+        if inputs.is_inference():  # made under inference_mode: a normal tensor with its values
+            inputs = inputs.clone()
+        if targets.is_inference():
+            targets = targets.clone()
+        targets = integer_targets(targets)
         hp = self.param_groups[0]
         self._check(hp)
-        meta = self._meta
         model = self.model_
         config = StepConfig(
             order=self.order, lr=float(hp["lr"]),
@@ -285,17 +411,70 @@ class OCNOpt(torch.optim.Optimizer):
             feedback=self.feedback, value_correction=self.value_correction,
             gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)), clip=self.psd_clip,
             trust=hp.get("trust"), game=self.game, fisher_type=hp.get("fisher_type"),
-            track_loss_after=self.track_loss_after)
+            track_loss_after=self.track_loss_after, set_grad=self.set_grad,
+            max_grad_norm=hp.get("max_grad_norm"))
         self._generator_state = self.generator.get_state()
-        outcome = self.engine.step(inputs, targets, config, _OptimizerControls(self, hp))
-        if outcome.skipped is not None:
-            return self._skip(outcome.loss, outcome.skipped)
+        snapshot = self._snapshot()
+        try:
+            outcome = self.engine.step(inputs, targets, config, _OptimizerControls(self, hp))
+            if outcome.skipped is not None:
+                return self._skip(outcome.loss, outcome.skipped, snapshot)
+            self._commit(outcome)
+        except BaseException:
+            self._rollback(snapshot)
+            raise
+        assert outcome.result is not None
+        outcome.result.diagonal_fallback = model.fallback_stages(self.stages, hp)
+        self.last_step = outcome.result
+        return outcome.loss
+
+    # -- atomic steps -------------------------------------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        """What ``_rollback`` restores: buffers (copies: BatchNorm statistics are small), the
+        ``.grad`` and state entries (references: a step replaces them, never mutates them),
+        the counters and the generator. The parameters are copied by the engine before it
+        moves them (``Controls.backup``)."""
+        params = self.param_groups[0]["params"]
+        self._backup_taken = False
+        live = list(self._module.buffers())
+        with torch.no_grad():
+            buffers = [b.clone() for b in live]
+        return {"live": live, "buffers": buffers, "grads": [p.grad for p in params],
+                "state": {p: self.state[p] for p in params if p in self.state},
+                "meta": dict(self._meta), "generator": self.generator.get_state(),
+                "last_step": self.last_step}
+
+    def _rollback(self, snap: dict[str, Any]) -> None:
+        params = self.param_groups[0]["params"]
+        with torch.no_grad():
+            if self._backup_taken:
+                for p, b in zip(params, self._backup):
+                    p.copy_(b)
+            for b, old in zip(snap["live"], snap["buffers"]):
+                b.copy_(old)
+        for p, g in zip(params, snap["grads"]):
+            p.grad = g
+        for p in params:
+            if p in snap["state"]:
+                self.state[p] = snap["state"][p]
+            else:
+                self.state.pop(p, None)
+        self._meta_set(snap["meta"])
+        self.generator.set_state(snap["generator"])
+        self.last_step = snap["last_step"]
+
+    def _commit(self, outcome: StepOutcome) -> None:
+        """The new curvature states, ``.grad`` (Qbar_u) and the step counter."""
         for params, states in outcome.new_states.values():
             for p, s in zip(params, states):
                 self.state[p] = s
+        if self.set_grad:
+            for owners, grads in outcome.grads.values():
+                for p, g in zip(owners, grads):
+                    _set_grad(p, g)
+        meta = dict(self._meta)
         meta["step"] = int(meta["step"]) + 1
-        self.last_step = outcome.result
-        return outcome.loss
+        self._meta_set(meta)
 
     def _backup_params(self) -> list[Tensor]:
         """A copy of the parameters before the update pass (restored if it ends non-finite),
@@ -309,10 +488,14 @@ class OCNOpt(torch.optim.Optimizer):
         with torch.no_grad():
             for b, p in zip(buf, params):
                 b.copy_(p)
+        self._backup_taken = True
         return buf
 
-    def _skip(self, loss: Tensor, what: str) -> Tensor:
+    def _skip(self, loss: Tensor, what: str, snap: dict[str, Any]) -> Tensor:
         self.generator.set_state(self._generator_state)  # a skipped step draws no labels
+        with torch.no_grad():  # a skipped step leaves the buffers as they were, too
+            for b, old in zip(snap["live"], snap["buffers"]):
+                b.copy_(old)
         self._meta["skipped_steps"] += 1
         if not self._warned_nonfinite:
             warnings.warn(
@@ -361,3 +544,43 @@ def _refuse_tied(stages: list[Stage], order: int, curvature: str) -> None:
                 f"parameters are supported at order 1 only (their gradient summed over the uses); "
                 f"order={order} with curvature={curvature!r} treats each step's parameters as "
                 "its own control. Untie them (copy.deepcopy) or use order=1")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of an enabled ``torch.autocast`` on ``device_type``, else None (torch >= 2.4
+    API, with the per-device functions of earlier versions as fallback)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
+                   else torch.is_autocast_enabled())
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return (torch.get_autocast_cpu_dtype() if device_type == "cpu"
+                else torch.get_autocast_gpu_dtype())
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model on the meta device has no values to optimize."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ValueError(f"model.{name} is on the meta device (shape only, no data): "
+                             "materialize the model first, e.g. model.to_empty(device='cpu') and "
+                             "initialise its parameters (or load a state_dict)")
+
+
+def _refuse_half(model: nn.Module, curvature: str) -> None:
+    """float16 parameters with a model whose eps underflows in float16."""
+    if curvature not in _HALF_UNSAFE:
+        return
+    for name, p in model.named_parameters():
+        if p.dtype == torch.float16:
+            raise ValueError(
+                f"model.{name} is float16, which curvature={curvature!r} does not support: its "
+                "eps (1e-8) underflows in float16 and every step would be skipped as "
+                "non-finite. Keep the parameters in float32 (model.float()) and run the forward "
+                "in reduced precision with `with torch.autocast(device_type, "
+                "dtype=torch.bfloat16): opt.step(x, y)`, or use bfloat16 parameters")

@@ -86,7 +86,7 @@ def test_kfac_with_feedback_trains_and_leaves_grad_alone():
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
     opt = ocnopt.OCNOpt(model, curvature="kfac", backend="backpack", order=2, lr=0.2,
-                        damping=0.1)
+                        damping=0.1, set_grad=False)  # set_grad=True would write Qbar_u there
     x, y = data(B=32)
     first = float(opt.step(x, y))
     for _ in range(20):

@@ -251,7 +251,8 @@ def test_skipping_the_unused_dense_gradient_changes_no_step(order, backend, mome
             if not skip:
                 mp.setattr(kfac.KFAC, "gradient_unused", lambda self, *a, **k: False)
             opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1, damping=0.3, order=order,
-                                backend=backend, momentum=momentum, track_loss_after=True)
+                                backend=backend, momentum=momentum, track_loss_after=True,
+                                set_grad=False)  # set_grad=True forms Qbar_u for .grad
             losses = []
             for _ in range(3):
                 opt.step(x, y)
@@ -266,9 +267,11 @@ def test_skipping_the_unused_dense_gradient_changes_no_step(order, backend, mome
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_the_dense_gradient_is_not_formed_where_the_rows_give_the_direction(monkeypatch):
+@pytest.mark.parametrize("set_grad", [False, True])
+def test_the_dense_gradient_is_not_formed_where_the_rows_give_the_direction(set_grad, monkeypatch):
+    """Only with set_grad=False: .grad needs Qbar_u formed."""
     model, x, y = _wide("linear")
-    opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1)
+    opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1, set_grad=set_grad)
     seen = []
     original = opt.backend.first_order
 
@@ -280,4 +283,5 @@ def test_the_dense_gradient_is_not_formed_where_the_rows_give_the_direction(monk
 
     monkeypatch.setattr(opt.backend, "first_order", spy)
     opt.step(x, y)
-    assert seen == [True, True]  # B = 2 against 20 x 16 and 16 x 3 layers: rows at both
+    # B = 2 against 20 x 16 and 16 x 3 layers: rows at both (when .grad is not wanted)
+    assert seen == [not set_grad, not set_grad]

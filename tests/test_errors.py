@@ -9,10 +9,10 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from ocnopt.backends import BACKENDS
 from torch import nn
 
 from ocnopt import OCNOpt
+from ocnopt.backends import BACKENDS
 
 SUPPORTED = r"[Ss]upported layers: .*Linear"
 
@@ -390,8 +390,9 @@ def test_backpack_refuses_fisher_type_and_names_its_extension_option(fisher, mak
 def test_exact_backend_at_order_two_refuses_mc_fisher(make_mlp):
     with pytest.raises(ValueError, match=r"fisher_type='mc' for backend 'autograd' at order 2.*"
                                          r"accepted 'type-2' or 'empirical'"):
-        OCNOpt(make_mlp(), curvature="kfac", order=2, fisher_type="mc")
-    OCNOpt(make_mlp(), curvature="kfac", order=2, fisher_type="type-2")  # honoured
+        OCNOpt(make_mlp(), curvature="kfac", order=2, backend="autograd", fisher_type="mc")
+    OCNOpt(make_mlp(), curvature="kfac", order=2, backend="autograd",
+           fisher_type="type-2")  # honoured
     OCNOpt(make_mlp(), curvature="kfac", order=1, fisher_type="mc")  # order 1: terminal
 
 

@@ -72,6 +72,19 @@ class CurvatureModel:
         """Whether this step must deliver ``StageStatistics`` to ``update``."""
         return False
 
+    def uses_statistics(self, stage: Stage, hp: dict[str, Any]) -> bool:
+        """Whether ``stage`` ever reads statistics (False: none asked for, whatever
+        ``wants_statistics`` says; e.g. a Kronecker model's layer on its diagonal fallback)."""
+        return True
+
+    def check_memory(self, stages: Sequence[Stage], hp: dict[str, Any], budget: int) -> None:
+        """Refuse, before anything is allocated, a stage whose curvature state would exceed
+        ``budget`` bytes (``MemoryBudgetError`` naming the layer, the shapes and the bytes)."""
+
+    def fallback_stages(self, stages: Sequence[Stage], hp: dict[str, Any]) -> list[str]:
+        """Names of the stages this model runs on a fallback instead of its own form."""
+        return []
+
     def update(
         self,
         stage: Stage,

@@ -114,14 +114,14 @@ class EKFAC(KFAC):
                         g: Tensor, cache: dict[str, Any] | None = None) -> Tensor | None:
         """The diagonal closed form in the Kronecker eigenbasis (rows rotated by Q_A, Q_G);
         ``cache`` is unused (``caches_rows`` is False)."""
-        if not (stage.kronecker and stage.derivatives.exact_rows(stage.module)):
+        if not (self.kronecker(stage, hp) and stage.derivatives.exact_rows(stage.module)):
             return None
         st = states[0]
         D = {"weight": st["scale"] + st["damping"], "bias": st["scale_bias"] + st["damping"]}
         return diagonal_gram(stage, a @ st["QA"], g @ st["QG"], D)
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        if not stage.kronecker:
+        if not self.kronecker(stage, hp):
             return DiagonalFallback.apply(states, v)
         return self._scaled(stage, states[0], v, 1.0)
 

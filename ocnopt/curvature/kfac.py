@@ -15,7 +15,14 @@ curvlinops multiplies the mean-reduced ``MSELoss`` by sqrt(C) before taking grad
 G for the type-2 Fisher or the empirical cross-entropy Fisher, equal curvlinops' factors.
 Stages with a control but no Kronecker factors (norm affine parameters, embeddings, PReLU,
 ...) use the diagonal fallback of ``curvature/fallback.py``: M = diag(D) + damping with D a
-running average of Qbar_u^2 (kfac and ekfac alike).
+running average of Qbar_u^2 (kfac and ekfac alike), and so do Kronecker stages whose factor
+side d_in or d_out exceeds the hyper-parameter ``kfac_max_dim`` (None: no limit), the usual
+K-FAC practice for huge layers (a 25088-input Linear's A alone is 2.5 GB in float32).
+
+Memory guard: before any factor is allocated, ``check_memory`` estimates per Kronecker stage
+(d_in^2 + d_out^2) entries for the factors, as many for their inverses (eigenbases for
+ekfac), in the parameter's dtype, plus the float64 workspace of the larger side's inversion
+(2 d^2 entries of 8 bytes), and raises ``MemoryBudgetError`` over ``memory_budget``.
 """
 
 from __future__ import annotations
@@ -94,11 +101,56 @@ def damped_inverse(M: Tensor, damping: float) -> Tensor | None:
     return inv.to(M.dtype)
 
 
+def factor_sides(stage: Stage) -> tuple[int, int]:
+    """(d_in, d_out) of a Kronecker stage's weight (d_out, ...): the sides of A and G."""
+    w = stage.params[stage.param_names.index("weight")]
+    return w.numel() // w.shape[0], w.shape[0]
+
+
+def factor_bytes(stage: Stage) -> int:
+    """The estimate of the module docstring: factors, inverses, float64 inversion workspace."""
+    d_in, d_out = factor_sides(stage)
+    size = stage.params[0].element_size()
+    return 2 * (d_in * d_in + d_out * d_out) * size + 2 * max(d_in, d_out) ** 2 * 8
+
+
 class KFAC(CurvatureModel):
     name = "kfac"
     needs_kronecker = True
     defaults = {"damping": 1e-1, "stat_every": 1, "inv_every": 10, "stat_decay": 0.95,
-                "momentum": 0.0, "fisher_type": "empirical"}
+                "momentum": 0.0, "fisher_type": "empirical", "kfac_max_dim": None}
+
+    @staticmethod
+    def kronecker(stage: Stage, hp: dict[str, Any]) -> bool:
+        """Whether ``stage`` uses the Kronecker factors: it has them, and their sides are
+        within ``kfac_max_dim``."""
+        if not stage.kronecker or "weight" not in stage.param_names:
+            return stage.kronecker
+        limit = hp.get("kfac_max_dim")
+        return limit is None or max(factor_sides(stage)) <= limit
+
+    def uses_statistics(self, stage: Stage, hp: dict[str, Any]) -> bool:
+        return self.kronecker(stage, hp)
+
+    def fallback_stages(self, stages: Sequence[Stage], hp: dict[str, Any]) -> list[str]:
+        return [st.name for st in stages if st.kronecker and not self.kronecker(st, hp)]
+
+    def check_memory(self, stages: Sequence[Stage], hp: dict[str, Any], budget: int) -> None:
+        from ..backends.autograd import MemoryBudgetError
+
+        for st in stages:
+            if not (st.has_control and self.kronecker(st, hp) and "weight" in st.param_names):
+                continue
+            need = factor_bytes(st)
+            if need > budget:
+                d_in, d_out = factor_sides(st)
+                raise MemoryBudgetError(
+                    f"curvature {self.name!r}: layer model.{st.name} ({st}) needs about "
+                    f"{need / 2**20:.1f} MiB ({need} bytes) for its Kronecker factors A "
+                    f"({d_in}, {d_in}) and G ({d_out}, {d_out}), their inverses and the float64 "
+                    f"inversion workspace, over memory_budget={budget / 2**20:.1f} MiB; set "
+                    f"kfac_max_dim < {max(d_in, d_out)} (the layer then uses the diagonal "
+                    "fallback), raise OCNOpt(memory_budget=...), or use curvature 'adam'")
 
     def check(self, hp: dict[str, Any]) -> None:
         check_damping(hp)
@@ -108,6 +160,10 @@ class KFAC(CurvatureModel):
         check_unit(hp, "momentum")
         require(hp["fisher_type"] in FISHER_TYPES, "fisher_type", hp["fisher_type"],
                 f"one of {FISHER_TYPES}")
+        limit = hp.get("kfac_max_dim")
+        require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool)
+                                  and limit >= 1),
+                "kfac_max_dim", limit, "an integer >= 1 or None (no limit)")
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
         return step % hp["stat_every"] == 0 or "A" not in states[0]
@@ -152,7 +208,7 @@ class KFAC(CurvatureModel):
     def update(self, stage: Stage, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
-        if not stage.kronecker:
+        if not self.kronecker(stage, hp):
             return DiagonalFallback.update(stage, states, grads, hp, step)
         head = self._refresh(stage, states[0], stats, hp, step)
         dirs = self._direction_from_rows(stage, head, stats, hp)
@@ -168,7 +224,7 @@ class KFAC(CurvatureModel):
         return new_states, dirs
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        if not stage.kronecker:
+        if not self.kronecker(stage, hp):
             return DiagonalFallback.solve(states, v)
         return self.precondition(stage, states[0], v)
 
@@ -187,7 +243,7 @@ class KFAC(CurvatureModel):
     def gradient_unused(self, stage: Stage, hp: dict[str, Any], B: int, P: int, *,
                         gradient_rows: bool) -> bool:
         # the diagonal fallback (no Kronecker factors) reads Qbar_u
-        return stage.kronecker and gradient_rows and self._rows_cheaper(stage, hp, B, P)
+        return self.kronecker(stage, hp) and gradient_rows and self._rows_cheaper(stage, hp, B, P)
 
     @classmethod
     def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
@@ -231,7 +287,7 @@ class KFAC(CurvatureModel):
 
         The bias adds (sum_p g_c)^T G^-1 (sum_p g_d). ``cache`` (a dict) receives what the
         feedback of the same step reuses (``cached_feedback``)."""
-        if not (stage.kronecker and stage.derivatives.exact_rows(stage.module)):
+        if not (self.kronecker(stage, hp) and stage.derivatives.exact_rows(stage.module)):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
         B, r, P, d_out = g.shape
@@ -301,7 +357,7 @@ class KFAC(CurvatureModel):
                    g: Tensor) -> list[Tensor] | None:
         """G^-1 (sum g a^T) A^-1 = (g G^-1)^T (a A^-1): rank <= B P, cheaper than the
         two d^3-sized products when B P < d_in."""
-        if not (stage.kronecker and stage.derivatives.exact_rows(stage.module)):
+        if not (self.kronecker(stage, hp) and stage.derivatives.exact_rows(stage.module)):
             return None
         A_inv, G_inv = states[0]["A_inv"], states[0]["G_inv"]
         gG = _rows_times(g, G_inv).flatten(0, 1)
@@ -314,7 +370,7 @@ class KFAC(CurvatureModel):
         return out
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        if not stage.kronecker:
+        if not self.kronecker(stage, hp):
             return DiagonalFallback.apply(states, v)
         # the damped factors whose inverses are in use (diagnostics only: O(d^3))
         G, A = torch.linalg.inv(states[0]["G_inv"]), torch.linalg.inv(states[0]["A_inv"])
