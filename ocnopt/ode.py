@@ -1,0 +1,262 @@
+"""Neural ODE blocks (docs/method.md, section 12).
+
+``ODEBlock(func, t0, t1, ...)`` is an ``nn.Module`` mapping x(t0) to x(t1) with
+dx/dt = func(t, x), solved by torchdiffeq's ``odeint_adjoint`` (``pip install -e ".[ode]"``):
+backpropagation through it is the adjoint method, at memory O(1) in the number of solver steps.
+It is usable in any model, with ``torch.optim`` or with ``ocnopt.OCNOpt``, where it is one step
+of the graph with control theta = the parameters of ``func``.
+
+The second-order expansion of the block (Gauss-Newton, running cost 0) comes from one backward
+solve from t1 to t0 of the state together with the adjoint and the factor columns
+(``ODEBlock.backward_expansion``):
+
+    dx/dt   = F(t, x)                 x(t1) = the nominal output
+    da/dt   = -F_x^T a                a(t1) = V'_x            (Q_x = a(t0))
+    dg/dt   = -F_theta^T a            g(t1) = 0               (Qbar_u = mean_i g^(i)(t0))
+    dq_r/dt = -F_x^T q_r              q_r(t1) = Z'_r          (a_r = q_r(t0))
+    dp_r/dt = -F_theta^T q_r          p_r(t1) = 0             (W_r = p_r(t0), per sample)
+
+With the empirical rank-1 factor Z' = rho V'_x the columns are q = rho a and p = rho g (g per
+sample; no extra columns). The forward sensitivity dd/dt = F_x d + F_theta k, d(t0) = 0,
+solved alongside the state gives f_u k = d(t1) (``ODEBlock.param_jvp``).
+
+Function evaluations are counted per block: ``nfe_forward`` (forward solves) and
+``nfe_backward`` (adjoint and expansion solves) since the last ``reset_nfe()``;
+``solver_statistics(model)`` sums them over a model's blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+from .derivatives import DERIVATIVES
+from .derivatives.ode import AdjointColumns, ODEDerivatives
+
+try:  # optional dependency: pip install -e ".[ode]"
+    import torchdiffeq
+except ImportError:  # pragma: no cover
+    torchdiffeq = None
+
+
+def _solvers() -> tuple[str, ...]:
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    return tuple(sorted(SOLVERS))
+
+
+@dataclass
+class SolverStatistics:
+    """Function evaluations of the ODE blocks of a model since their last ``reset_nfe``."""
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+
+
+class ODEBlock(nn.Module):
+    """x(t1) from x(t0) = the input, dx/dt = func(t, x), by torchdiffeq's ``odeint_adjoint``.
+
+    ``func``: an ``nn.Module`` called as ``func(t, x)`` on a batch (B, *n) -> (B, *n), acting on
+    each sample alone (no batch coupling: the expansion of order 2 takes per-sample products);
+    ``method``, ``rtol``, ``atol``, ``options``: torchdiffeq's (fixed-step solvers take
+    ``options={"step_size": h}`` or ``{"grid_constructor": ...}``), used for the forward and
+    every backward solve. ``learn_t1``: t1 is a control of the optimizer (docs/method.md section
+    12); t0 and t1 are buffers, in ``state_dict``.
+    """
+
+    def __init__(self, func: nn.Module, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
+                 rtol: float = 1e-3, atol: float = 1e-3, options: Mapping[str, Any] | None = None,
+                 learn_t1: bool = False):
+        super().__init__()
+        if torchdiffeq is None:  # pragma: no cover
+            raise ImportError("ODEBlock needs torchdiffeq: pip install -e \".[ode]\"")
+        if not isinstance(func, nn.Module):
+            raise TypeError(f"func must be a torch.nn.Module called as func(t, x), got "
+                            f"{type(func).__name__}")
+        if method not in _solvers():
+            raise ValueError(f"invalid method={method!r}: accepted torchdiffeq's {_solvers()}")
+        if not (float(t1) > float(t0)):
+            raise ValueError(f"invalid t1={t1!r} with t0={t0!r}: accepted t1 > t0")
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(tol, (int, float)) and tol > 0):
+                raise ValueError(f"invalid {name}={tol!r}: accepted a positive number")
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"options must be a mapping (torchdiffeq's solver options) or None, "
+                            f"got {type(options).__name__}")
+        self.func = func
+        self.method, self.rtol, self.atol = method, float(rtol), float(atol)
+        self.options = dict(options) if options is not None else None
+        self.learn_t1 = bool(learn_t1)
+        self.register_buffer("t0", torch.tensor(float(t0), dtype=torch.float64))
+        self.register_buffer("t1", torch.tensor(float(t1), dtype=torch.float64))
+        self.nfe_forward = 0
+        self.nfe_backward = 0
+        self._forward_solve = False
+
+    # -- counters ---------------------------------------------------------------------------------
+    def reset_nfe(self) -> None:
+        """Set both function-evaluation counters to 0."""
+        self.nfe_forward = 0
+        self.nfe_backward = 0
+
+    def _count(self, n: int = 1) -> None:
+        if self._forward_solve:
+            self.nfe_forward += n
+        else:
+            self.nfe_backward += n
+
+    def _times(self, like: Tensor, backward: bool = False) -> Tensor:
+        t = torch.stack([self.t0, self.t1]).to(like.dtype)
+        return t.flip(0) if backward else t
+
+    def _params(self) -> tuple[Tensor, ...]:
+        return tuple(p for p in self.func.parameters() if p.requires_grad)
+
+    def _solver_kwargs(self) -> dict[str, Any]:
+        return {"rtol": self.rtol, "atol": self.atol, "method": self.method,
+                "options": dict(self.options) if self.options is not None else None}
+
+    # -- the forward solve ------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """x(t1); backpropagation runs torchdiffeq's adjoint solve."""
+        def field(t: Tensor, y: Tensor) -> Tensor:
+            self._count()
+            return self.func(t, y)
+
+        self._forward_solve = True
+        try:
+            if torch.is_grad_enabled():
+                out = torchdiffeq.odeint_adjoint(field, x, self._times(x),
+                                                 adjoint_params=self._params(),
+                                                 **self._solver_kwargs())
+            else:
+                out = torchdiffeq.odeint(field, x, self._times(x), **self._solver_kwargs())
+        finally:
+            self._forward_solve = False
+        return out[-1]
+
+    # -- derivatives for ocnopt's engine ---------------------------------------------------------
+    def _named(self, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """``func``'s parameters by its own names, from names relative to the block."""
+        if params is None:
+            return {n: p.detach() for n, p in self.func.named_parameters() if p.requires_grad}
+        return {n.removeprefix("func."): p for n, p in params.items()}
+
+    def param_jvp(self, params: Mapping[str, Tensor] | None, x: Tensor,
+                  tangent: Mapping[str, Tensor]) -> Tensor:
+        """f_u k = d(t1): the forward sensitivity dd/dt = F_x d + F_theta k, d(t0) = 0, solved
+        alongside the state from x(t0) = ``x`` (``tangent``: k by parameter name, relative to
+        the block or to ``func``)."""
+        ps = self._named(params)
+        k = self._named(dict(tangent))
+        names = list(ps)
+
+        def aug(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            y, d = state
+            self._count()
+
+            def f(pv: tuple[Tensor, ...], yy: Tensor) -> Tensor:
+                return functional_call(self.func, dict(zip(names, pv)), (t, yy))
+
+            out, dout = jvp(f, (tuple(ps[n] for n in names), y),
+                            (tuple(k[n] for n in names), d))
+            return out, dout
+
+        with torch.no_grad():
+            x = x.detach()
+            sol = torchdiffeq.odeint(aug, (x, torch.zeros_like(x)), self._times(x),
+                                     **self._solver_kwargs())
+        return sol[1][-1]
+
+    def backward_expansion(self, x_out: Tensor, V: Tensor, Z: Tensor | None,
+                           rho: Tensor | None) -> AdjointColumns:
+        """One backward solve from t1 to t0 of the state, the adjoint and the factor columns
+        (module docstring): Q_x = a(t0) (B, *n), Qbar_u = mean_i g^(i)(t0) (per parameter),
+        the columns a = q(t0) (B, r, *n) and W = p(t0) (B, r, m) with m the flattened
+        parameters of ``func`` in ``named_parameters`` order.
+
+        ``x_out``: the nominal x(t1); ``V``: V'_x at x(t1) per sample (not divided by B);
+        ``Z``: the factor Z' (B, r, *n), or None with ``rho`` (B,): Z' = rho V' (r = 1, the
+        columns are rho a and rho g: g is solved per sample and no q, p columns are added)."""
+        ps = self._named(None)
+        names = list(ps)
+        pv = tuple(ps[n] for n in names)
+        B = x_out.shape[0]
+        per_sample_g = Z is None
+        if Z is None and rho is None:
+            raise ValueError("backward_expansion needs the factor Z or the ratio rho")
+
+        def f1(pvals: tuple[Tensor, ...], t: Tensor, xi: Tensor) -> Tensor:
+            return functional_call(self.func, dict(zip(names, pvals)), (t, xi.unsqueeze(0)))[0]
+
+        def sample(t: Tensor, xi: Tensor, ci: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+            # ci: (c, *n) columns of one sample -> F, F_x^T ci, F_theta^T ci (c, *shape)
+            out, pull = vjp(lambda pp, xx: f1(pp, t, xx), pv, xi)
+            gp, gx = vmap(pull)(ci)
+            return out, gx, gp
+
+        def flat(gp: tuple[Tensor, ...], lead: int) -> Tensor:
+            return torch.cat([g.reshape(*g.shape[:lead], -1) for g in gp], dim=-1)
+
+        def aug(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            y, cols = state[0], state[1]  # cols: (B, c, *n), column 0 the adjoint a
+            self._count()
+            out, gx, gp = vmap(sample, in_dims=(None, 0, 0))(t, y, cols)
+            gflat = flat(gp, 2)  # (B, c, m)
+            if per_sample_g:
+                return out, -gx, -gflat[:, 0]
+            return out, -gx, -gflat[:, 0].sum(0), -gflat[:, 1:]
+
+        with torch.no_grad():
+            cols = V.unsqueeze(1) if Z is None else torch.cat([V.unsqueeze(1), Z], 1)
+            m = sum(p.numel() for p in pv)
+            zeros_g = x_out.new_zeros(B, m) if per_sample_g else x_out.new_zeros(m)
+            state: tuple[Tensor, ...] = (x_out.detach(), cols.detach(), zeros_g)
+            if not per_sample_g:
+                assert Z is not None
+                state = state + (x_out.new_zeros(B, Z.shape[1], m),)
+            sol = torchdiffeq.odeint(aug, state, self._times(x_out, backward=True),
+                                     **self._solver_kwargs())
+            end = [s[-1] for s in sol]
+        cols_0 = end[1]
+        Q_x = cols_0[:, 0]
+        if per_sample_g:
+            assert rho is not None
+            g = end[2]  # (B, m)
+            Q_u_flat = g.mean(0)
+            view = (-1, *[1] * (Q_x.dim() - 1))
+            a = (Q_x * rho.reshape(view)).unsqueeze(1)
+            W = (g * rho.unsqueeze(1)).unsqueeze(1)
+        else:
+            Q_u_flat = end[2] / B
+            a, W = cols_0[:, 1:], end[3]
+        Q_u = [c.reshape(p.shape) for c, p in zip(Q_u_flat.split([p.numel() for p in pv]), pv)]
+        return AdjointColumns(Q_x=Q_x, Q_u=Q_u, a=a, W=W)
+
+
+def solver_statistics(model: nn.Module) -> SolverStatistics:
+    """Function evaluations of every ``ODEBlock`` in ``model`` since their last ``reset_nfe``:
+    forward solves and backward (adjoint, expansion) solves."""
+    stats = SolverStatistics()
+    for m in model.modules():
+        if isinstance(m, ODEBlock):
+            stats.nfe_forward += m.nfe_forward
+            stats.nfe_backward += m.nfe_backward
+    return stats
+
+
+def reset_solver_statistics(model: nn.Module) -> None:
+    """``reset_nfe`` on every ``ODEBlock`` of ``model``."""
+    for m in model.modules():
+        if isinstance(m, ODEBlock):
+            m.reset_nfe()
+
+
+DERIVATIVES[ODEBlock] = ODEDerivatives()
+
+__all__ = ["ODEBlock", "SolverStatistics", "solver_statistics", "reset_solver_statistics"]
