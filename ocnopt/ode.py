@@ -51,6 +51,18 @@ def _solvers() -> tuple[str, ...]:
 
 
 @dataclass
+class T1Update:
+    """One update of the integration time (docs/method.md section 12): s = dJ/dt1, Q_T, Q_TT,
+    the step dt1 and t1 after it."""
+
+    s: float
+    Q_T: float
+    Q_TT: float
+    dt1: float
+    t1: float
+
+
+@dataclass
 class SolverStatistics:
     """Function evaluations of the ODE blocks of a model since their last ``reset_nfe``."""
 
@@ -65,13 +77,18 @@ class ODEBlock(nn.Module):
     each sample alone (no batch coupling: the expansion of order 2 takes per-sample products);
     ``method``, ``rtol``, ``atol``, ``options``: torchdiffeq's (fixed-step solvers take
     ``options={"step_size": h}`` or ``{"grid_constructor": ...}``), used for the forward and
-    every backward solve. ``learn_t1``: t1 is a control of the optimizer (docs/method.md section
-    12); t0 and t1 are buffers, in ``state_dict``.
+    every backward solve. t0 and t1 are buffers, in ``state_dict``.
+
+    ``learn_t1``: t1 is a control with its own update (``update_t1``, docs/method.md section 12):
+    step size ``t1_lr``, regulariser (c/2) t1^2 with c = ``t1_reg``, every ``t1_every`` calls,
+    t1 kept >= ``t1_min`` (default t0 + (t1 - t0)/100), ``t1_feedback`` the second-order update
+    with feedback on the parameters' move (False: the open-loop first-order one).
     """
 
     def __init__(self, func: nn.Module, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
                  rtol: float = 1e-3, atol: float = 1e-3, options: Mapping[str, Any] | None = None,
-                 learn_t1: bool = False):
+                 learn_t1: bool = False, t1_lr: float = 0.1, t1_reg: float = 0.0,
+                 t1_every: int = 1, t1_min: float | None = None, t1_feedback: bool = True):
         super().__init__()
         if torchdiffeq is None:  # pragma: no cover
             raise ImportError("ODEBlock needs torchdiffeq: pip install -e \".[ode]\"")
@@ -92,6 +109,21 @@ class ODEBlock(nn.Module):
         self.method, self.rtol, self.atol = method, float(rtol), float(atol)
         self.options = dict(options) if options is not None else None
         self.learn_t1 = bool(learn_t1)
+        if not (isinstance(t1_lr, (int, float)) and t1_lr > 0):
+            raise ValueError(f"invalid t1_lr={t1_lr!r}: accepted a positive number")
+        if not (isinstance(t1_reg, (int, float)) and t1_reg >= 0):
+            raise ValueError(f"invalid t1_reg={t1_reg!r}: accepted a number >= 0")
+        if not (isinstance(t1_every, int) and t1_every >= 1):
+            raise ValueError(f"invalid t1_every={t1_every!r}: accepted an integer >= 1")
+        t1_min = float(t0) + (float(t1) - float(t0)) / 100 if t1_min is None else t1_min
+        if not (float(t1_min) > float(t0)):
+            raise ValueError(f"invalid t1_min={t1_min!r} with t0={t0!r}: accepted t1_min > t0")
+        self.t1_lr, self.t1_reg, self.t1_every = float(t1_lr), float(t1_reg), t1_every
+        self.t1_min, self.t1_feedback = float(t1_min), bool(t1_feedback)
+        #: s = dJ/dt1 of the last backward expansion (learn_t1), and the updates made so far
+        self.t1_grad: Tensor | None = None
+        self.t1_history: list[T1Update] = []
+        self._t1_calls = 0
         self.register_buffer("t0", torch.tensor(float(t0), dtype=torch.float64))
         self.register_buffer("t1", torch.tensor(float(t1), dtype=torch.float64))
         self.nfe_forward = 0
@@ -139,6 +171,54 @@ class ODEBlock(nn.Module):
         finally:
             self._forward_solve = False
         return out[-1]
+
+    # -- the integration time as a control ------------------------------------------------------
+    def t1_gradient(self, x_out: Tensor, V: Tensor) -> Tensor:
+        """s = E_batch[<F(t1, x(t1)), V'_x>] = dJ/dt1 (``V``: V'_x at x(t1) per sample, not
+        divided by B, so the batch mean is the derivative of the mean loss)."""
+        with torch.no_grad():
+            self._count()
+            F = self.func(self.t1.to(x_out.dtype), x_out)
+            return (F * V).reshape(V.shape[0], -1).sum(1).mean()
+
+    def update_t1(self, s: Tensor | float | None = None, Q_theta: list[Tensor] | None = None,
+                  dtheta: list[Tensor] | None = None) -> T1Update | None:
+        """The update of t1 with L = J + (c/2) t1^2 (docs/method.md section 12):
+
+            Q_T = c t1 + s,  Q_TT = c + s^2,
+            dt1 = -t1_lr (Q_T + s <Qbar_theta, dtheta>) / Q_TT,   t1 <- max(t1_min, t1 + dt1)
+
+        with ``dtheta`` the parameter change applied in this step (the feedback on the
+        parameters' move; ``t1_feedback=False`` or ``dtheta`` None: the open loop, Q_TT = 1 and
+        no feedback term). ``s`` defaults to ``t1_grad`` of the last backward expansion. Runs
+        every ``t1_every`` calls (None otherwise); the update is appended to ``t1_history``."""
+        if not self.learn_t1:
+            raise ValueError("update_t1 needs ODEBlock(..., learn_t1=True)")
+        self._t1_calls += 1
+        if (self._t1_calls - 1) % self.t1_every:
+            return None
+        if s is None:
+            if self.t1_grad is None:
+                raise ValueError("update_t1: no s = dJ/dt1 given and no backward expansion ran")
+            s = self.t1_grad
+        s = float(s)
+        t1, c = float(self.t1), self.t1_reg
+        Q_T = c * t1 + s
+        closed = self.t1_feedback and dtheta is not None and Q_theta is not None
+        if closed:
+            assert Q_theta is not None and dtheta is not None
+            fb = float(sum(torch.vdot(q.flatten(), d.flatten()) for q, d in zip(Q_theta, dtheta)))
+            Q_TT = c + s * s
+            dt1 = -self.t1_lr * (Q_T + s * fb) / Q_TT if Q_TT > 0 else 0.0
+        else:
+            Q_TT = 1.0
+            dt1 = -self.t1_lr * Q_T
+        new = max(self.t1_min, t1 + dt1)
+        with torch.no_grad():
+            self.t1.fill_(new)
+        upd = T1Update(s, Q_T, Q_TT, dt1, new)
+        self.t1_history.append(upd)
+        return upd
 
     # -- derivatives for ocnopt's engine ---------------------------------------------------------
     def _named(self, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
@@ -212,6 +292,8 @@ class ODEBlock(nn.Module):
                 return out, -gx, -gflat[:, 0]
             return out, -gx, -gflat[:, 0].sum(0), -gflat[:, 1:]
 
+        if self.learn_t1:
+            self.t1_grad = self.t1_gradient(x_out, V)
         with torch.no_grad():
             cols = V.unsqueeze(1) if Z is None else torch.cat([V.unsqueeze(1), Z], 1)
             m = sum(p.numel() for p in pv)
@@ -259,4 +341,4 @@ def reset_solver_statistics(model: nn.Module) -> None:
 
 DERIVATIVES[ODEBlock] = ODEDerivatives()
 
-__all__ = ["ODEBlock", "SolverStatistics", "solver_statistics", "reset_solver_statistics"]
+__all__ = ["ODEBlock", "SolverStatistics", "T1Update", "solver_statistics", "reset_solver_statistics"]
