@@ -253,8 +253,90 @@ class ODEBlock(nn.Module):
                                      **self._solver_kwargs())
         return sol[1][-1]
 
+    # -- Kronecker statistics on the time grid ---------------------------------------------------
+    def kronecker_layers(self) -> dict[str, nn.Module]:
+        """The layers inside ``func`` with Kronecker factors (Linear, Conv: their handler's
+        ``kronecker``) and a trainable weight, by name in ``func``."""
+        out = {}
+        for name, m in self.func.named_modules():
+            d = DERIVATIVES.get(type(m))
+            w = getattr(m, "weight", None)
+            if d is not None and d.kronecker and isinstance(w, Tensor) and w.requires_grad:
+                out[name] = m
+        return out
+
+    def factors_at(self, t: Tensor, x: Tensor, cot: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """K-FAC factors of every Kronecker layer inside ``func`` at time t: A = sum a a^T /
+        (B P) over the layer's input rows at state ``x`` (B, *n), G = sum g g^T / B over the
+        rows of the output cotangents of <cot_c, F(t, x)> per sample and column (``cot``:
+        (B, r, *n), e.g. the adjoint a(t) as one column)."""
+        layers = self.kronecker_layers()
+        seen: dict[str, tuple[Tensor, Tensor]] = {}
+        hooks = [m.register_forward_hook(
+            lambda mod, inp, out, n=n: seen.__setitem__(n, (inp[0].detach(), out)))
+            for n, m in layers.items()]
+        try:
+            with torch.enable_grad():
+                xx = x.detach()
+                F = self.func(t, xx)
+                self._count()
+                outs = [seen[n][1] for n in layers]
+                cols = [torch.autograd.grad(F, outs, cot[:, c], retain_graph=True, allow_unused=True)
+                        for c in range(cot.shape[1])]
+        finally:
+            for h in hooks:
+                h.remove()
+        B = x.shape[0]
+        result = {}
+        for i, (n, m) in enumerate(layers.items()):
+            d = DERIVATIVES[type(m)]
+            a = d.kfac_input(m, seen[n][0])  # (B, P, d_in)
+            gs = [torch.zeros_like(seen[n][1]) if c[i] is None else c[i] for c in cols]
+            g = d.kfac_output(m, torch.stack(gs, 1))  # (B, r, P, d_out)
+            A = torch.einsum("bpi,bpj->ij", a, a) / (B * a.shape[1])
+            G = torch.einsum("brpi,brpj->ij", g, g) / B
+            result[n] = (A, G)
+        return result
+
+    def grid_times(self, grid_step: float, like: Tensor) -> Tensor:
+        """t_j = t1 - j grid_step for j = 0, 1, ... while t_j >= t0 (decreasing)."""
+        if not (isinstance(grid_step, (int, float)) and grid_step > 0):
+            raise ValueError(f"invalid grid_step={grid_step!r}: accepted a positive number")
+        t0, t1 = float(self.t0), float(self.t1)
+        J = int((t1 - t0) / grid_step + 1e-9)
+        return torch.tensor([t1 - j * grid_step for j in range(J + 1)], dtype=like.dtype)
+
+    def grid_statistics(self, x_out: Tensor, V: Tensor, grid_step: float = 0.01
+                        ) -> dict[str, tuple[Tensor, Tensor]]:
+        """The K-FAC factors of the Kronecker layers inside ``func`` averaged over the time grid
+        t_j = t1 - j grid_step (``grid_times``): A = mean_j A(t_j), G = mean_j G(t_j), with the
+        rows at x(t_j) and the output cotangents from the adjoint a(t_j) (``factors_at``), both
+        from one backward solve from x(t1) = ``x_out``, a(t1) = ``V`` (per sample)."""
+        times = self.grid_times(grid_step, x_out)
+
+        def aug(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            y, adj = state
+            self._count()
+            with torch.enable_grad():
+                yy = y.detach().requires_grad_(True)
+                F = self.func(t, yy)
+                (gx,) = torch.autograd.grad(F, yy, adj)
+            return F.detach(), -gx
+
+        with torch.no_grad():
+            if len(times) > 1:
+                xs, adjs = torchdiffeq.odeint(aug, (x_out.detach(), V.detach()), times,
+                                              **self._solver_kwargs())
+            else:
+                xs, adjs = x_out.detach().unsqueeze(0), V.detach().unsqueeze(0)
+        total: dict[str, tuple[Tensor, Tensor]] = {}
+        for j, t in enumerate(times):
+            for n, (A, G) in self.factors_at(t, xs[j], adjs[j].unsqueeze(1)).items():
+                total[n] = (A, G) if n not in total else (total[n][0] + A, total[n][1] + G)
+        return {n: (A / len(times), G / len(times)) for n, (A, G) in total.items()}
+
     def backward_expansion(self, x_out: Tensor, V: Tensor, Z: Tensor | None,
-                           rho: Tensor | None) -> AdjointColumns:
+                           rho: Tensor | None, grid_step: float | None = None) -> AdjointColumns:
         """One backward solve from t1 to t0 of the state, the adjoint and the factor columns
         (module docstring): Q_x = a(t0) (B, *n), Qbar_u = mean_i g^(i)(t0) (per parameter),
         the columns a = q(t0) (B, r, *n) and W = p(t0) (B, r, m) with m the flattened
@@ -262,7 +344,9 @@ class ODEBlock(nn.Module):
 
         ``x_out``: the nominal x(t1); ``V``: V'_x at x(t1) per sample (not divided by B);
         ``Z``: the factor Z' (B, r, *n), or None with ``rho`` (B,): Z' = rho V' (r = 1, the
-        columns are rho a and rho g: g is solved per sample and no q, p columns are added)."""
+        columns are rho a and rho g: g is solved per sample and no q, p columns are added).
+        ``grid_step``: also the grid statistics of ``grid_statistics`` (``AdjointColumns.grid``),
+        from the same solve (its solution at the grid times)."""
         ps = self._named(None)
         names = list(ps)
         pv = tuple(ps[n] for n in names)
@@ -302,9 +386,22 @@ class ODEBlock(nn.Module):
             if not per_sample_g:
                 assert Z is not None
                 state = state + (x_out.new_zeros(B, Z.shape[1], m),)
-            sol = torchdiffeq.odeint(aug, state, self._times(x_out, backward=True),
-                                     **self._solver_kwargs())
+            times = self._times(x_out, backward=True)
+            if grid_step is not None:
+                grid = self.grid_times(grid_step, x_out)
+                times = grid if float(grid[-1]) <= float(self.t0) + 1e-12 * max(1.0, abs(
+                    float(self.t0))) else torch.cat([grid, times[-1:]])
+            sol = torchdiffeq.odeint(aug, state, times, **self._solver_kwargs())
             end = [s[-1] for s in sol]
+        grid_factors = None
+        if grid_step is not None:
+            J = len(self.grid_times(grid_step, x_out))
+            grid_factors = {}
+            for j in range(J):
+                for n, (A, G) in self.factors_at(times[j], sol[0][j], sol[1][j][:, :1]).items():
+                    grid_factors[n] = (A, G) if n not in grid_factors else \
+                        (grid_factors[n][0] + A, grid_factors[n][1] + G)
+            grid_factors = {n: (A / J, G / J) for n, (A, G) in grid_factors.items()}
         cols_0 = end[1]
         Q_x = cols_0[:, 0]
         if per_sample_g:
@@ -318,7 +415,7 @@ class ODEBlock(nn.Module):
             Q_u_flat = end[2] / B
             a, W = cols_0[:, 1:], end[3]
         Q_u = [c.reshape(p.shape) for c, p in zip(Q_u_flat.split([p.numel() for p in pv]), pv)]
-        return AdjointColumns(Q_x=Q_x, Q_u=Q_u, a=a, W=W)
+        return AdjointColumns(Q_x=Q_x, Q_u=Q_u, a=a, W=W, grid=grid_factors)
 
 
 def solver_statistics(model: nn.Module) -> SolverStatistics:

@@ -29,16 +29,19 @@ class AdjointColumns:
     Q_u: list[Tensor]
     a: Tensor
     W: Tensor
+    #: K-FAC factors (A, G) of the Kronecker layers inside the stage averaged over a time grid,
+    #: by layer name (ODE blocks, when asked for with ``grid_step``)
+    grid: dict[str, tuple[Tensor, Tensor]] | None = None
 
 
 class AdjointDerivatives(StageDerivatives):
     """A stage whose derivatives are solves of adjoint equations (declared interface)."""
 
     def backward_expansion(self, module: nn.Module, out: Tensor, V: Tensor, Z: Tensor | None,
-                           rho: Tensor | None) -> AdjointColumns:
+                           rho: Tensor | None, grid_step: float | None = None) -> AdjointColumns:
         """From the nominal output ``out``, V'_x (B, *n) and the factor Z' (B, r, *n) at the
         output, or ``rho`` (B,) with Z' = rho V'_x (then Z is None): Q_x, Qbar_u, a and W in
-        one backward solve."""
+        one backward solve (``grid_step``: and the Kronecker statistics on the time grid)."""
         raise NotImplementedError(f"{type(module).__name__} has no backward expansion")
 
     def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
@@ -64,8 +67,8 @@ class ODEDerivatives(AdjointDerivatives):
         return module.param_jvp(params, x, tangent)  # type: ignore[operator]
 
     def backward_expansion(self, module: nn.Module, out: Tensor, V: Tensor, Z: Tensor | None,
-                           rho: Tensor | None) -> AdjointColumns:
-        return module.backward_expansion(out, V, Z, rho)  # type: ignore[operator]
+                           rho: Tensor | None, grid_step: float | None = None) -> AdjointColumns:
+        return module.backward_expansion(out, V, Z, rho, grid_step)  # type: ignore[operator]
 
 
 __all__ = ["AdjointColumns", "AdjointDerivatives", "ODEDerivatives"]
