@@ -350,3 +350,49 @@ def test_t0_t1_in_state_dict():
     blk = ODEBlock(Field(), t0=0.5, t1=2.0)
     sd = blk.state_dict()
     assert float(sd["t0"]) == 0.5 and float(sd["t1"]) == 2.0
+
+
+def test_order2_without_feedback_and_correction_is_order1():
+    """Identity 2 with an ODE block: the expansion's own backward solve gives the adjoint's
+    Qbar_u (same fixed-step solver), so order 2 with both additions off is order 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3).to(D), block("rk4", 4), nn.Linear(3, 3).to(D))
+    ref = copy.deepcopy(model)
+    kw = {"loss": "cross_entropy", "lr": 0.05, "curvature": "adam", "backend": "lowrank"}
+    opt2 = ocnopt.OCNOpt(model, order=2, feedback=False, value_correction=False, **kw)
+    opt1 = ocnopt.OCNOpt(ref, order=1, **kw)
+    for s in range(3):
+        x, y = batch(seed=20 + s)
+        opt2.step(x, y)
+        opt1.step(x, y)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-12)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.ode, self.out = nn.Linear(4, 3), block("rk4", 4), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.ode(h) + h)
+
+
+def test_traced_graph_with_ode_block_matches_torch_optim():
+    """An ODE block inside a traced model is one step; order 1 equals torch.optim."""
+    torch.manual_seed(0)
+    model = Residual().to(D)
+    ref = copy.deepcopy(model)
+    opt = ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.05, curvature="sgd", backend="lowrank")
+    assert [type(st.module).__name__ for st in opt.stages] == ["Linear", "ODEBlock", "NoneType",
+                                                               "Linear"]
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for s in range(3):
+        x, y = batch(seed=30 + s)
+        opt.step(x, y)
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
