@@ -122,6 +122,8 @@ class ODEBlock(nn.Module):
         self.t1_min, self.t1_feedback = float(t1_min), bool(t1_feedback)
         #: s = dJ/dt1 of the last backward expansion (learn_t1), and the updates made so far
         self.t1_grad: Tensor | None = None
+        #: Qbar_theta and the parameters at the last backward expansion (learn_t1)
+        self._t1_ref: tuple[list[Tensor], list[Tensor]] | None = None
         self.t1_history: list[T1Update] = []
         self._t1_calls = 0
         self.register_buffer("t0", torch.tensor(float(t0), dtype=torch.float64))
@@ -189,9 +191,11 @@ class ODEBlock(nn.Module):
             dt1 = -t1_lr (Q_T + s <Qbar_theta, dtheta>) / Q_TT,   t1 <- max(t1_min, t1 + dt1)
 
         with ``dtheta`` the parameter change applied in this step (the feedback on the
-        parameters' move; ``t1_feedback=False`` or ``dtheta`` None: the open loop, Q_TT = 1 and
-        no feedback term). ``s`` defaults to ``t1_grad`` of the last backward expansion. Runs
-        every ``t1_every`` calls (None otherwise); the update is appended to ``t1_history``."""
+        parameters' move; ``t1_feedback=False``: the open loop, Q_TT = 1 and no feedback term).
+        ``s``, ``Q_theta`` and ``dtheta`` default to what the last backward expansion recorded:
+        its s, its Qbar_theta and the parameters' change since it (so after an order-2 step,
+        ``update_t1()`` needs no argument). Runs every ``t1_every`` calls (None otherwise); the
+        update is appended to ``t1_history``."""
         if not self.learn_t1:
             raise ValueError("update_t1 needs ODEBlock(..., learn_t1=True)")
         self._t1_calls += 1
@@ -201,6 +205,9 @@ class ODEBlock(nn.Module):
             if self.t1_grad is None:
                 raise ValueError("update_t1: no s = dJ/dt1 given and no backward expansion ran")
             s = self.t1_grad
+        if self._t1_ref is not None and Q_theta is None and dtheta is None:
+            Q_theta = self._t1_ref[0]
+            dtheta = [p.detach() - p0 for p, p0 in zip(self._params(), self._t1_ref[1])]
         s = float(s)
         t1, c = float(self.t1), self.t1_reg
         Q_T = c * t1 + s
@@ -415,6 +422,8 @@ class ODEBlock(nn.Module):
             Q_u_flat = end[2] / B
             a, W = cols_0[:, 1:], end[3]
         Q_u = [c.reshape(p.shape) for c, p in zip(Q_u_flat.split([p.numel() for p in pv]), pv)]
+        if self.learn_t1:
+            self._t1_ref = (Q_u, [p.detach().clone() for p in pv])
         return AdjointColumns(Q_x=Q_x, Q_u=Q_u, a=a, W=W, grid=grid_factors)
 
 

@@ -98,3 +98,37 @@ def test_invalid_t1_options():
         ODEBlock(Field(), learn_t1=True, t1_every=0)
     with pytest.raises(ValueError, match="update_t1 needs ODEBlock"):
         ODEBlock(Field()).update_t1(s=1.0)
+
+
+def test_update_after_an_order2_step_uses_the_recorded_expansion():
+    """After an OCNOpt order-2 step, ``update_t1()`` takes s, Qbar_theta from the block's
+    backward expansion and dtheta = the parameters' change in the step."""
+    import copy
+
+    import ocnopt
+
+    blk, head, x, y = setup(t1_lr=0.2, t1_reg=0.1)
+    blk.rtol, blk.atol = 1e-8, 1e-10
+    probe, head0 = copy.deepcopy(blk), copy.deepcopy(head)
+    before = [p.detach().clone() for p in blk.parameters()]
+    opt = ocnopt.OCNOpt(nn.Sequential(blk, head), loss="cross_entropy", lr=0.05, curvature="sgd",
+                        backend="lowrank", order=2, value_correction=False)
+    opt.step(x, y)
+    s = float(blk.t1_grad)
+    # s of the nominal pass: V' = B times the gradient of the mean loss at x(t1), before the step
+    with torch.no_grad():
+        out = probe(x)
+    h = out.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(nn.functional.cross_entropy(head0(h), y), h)
+    assert s == pytest.approx(float(probe.t1_gradient(out, x.shape[0] * g)), rel=1e-10)
+    Q_theta = blk._t1_ref[0]
+    loss = nn.functional.cross_entropy(head0(probe(x)), y)  # Qbar_theta: the adjoint gradient
+    for q, r in zip(Q_theta, torch.autograd.grad(loss, list(probe.parameters()))):
+        torch.testing.assert_close(q, r, rtol=1e-6, atol=1e-8)
+    dtheta = [p.detach() - b for p, b in zip(blk.parameters(), before)]
+    assert all(float(d.abs().max()) > 0 for d in dtheta)
+    fb = sum(float((q * d).sum()) for q, d in zip(Q_theta, dtheta))
+    upd = blk.update_t1()
+    Q_T = 0.1 * 0.8 + s
+    assert upd is not None
+    assert upd.dt1 == pytest.approx(-0.2 * (Q_T + s * fb) / (0.1 + s * s), rel=1e-10)
