@@ -293,8 +293,8 @@ class LowRankBackend(GraphBackend):
                 s = term if s is None else s + term
             assert s is not None
             if exp.W is not None:  # sum_i W^(i) s^(i) from the handler's W
-                g = stage.unflatten(torch.einsum("brm,br->m", exp.W, s))
-                return [v.mul(-lr) for v in minv([x / B for x in g])]
+                Ws = stage.unflatten(torch.einsum("brm,br->m", exp.W, s))
+                return [v.mul(-lr) for v in minv([w / B for w in Ws])]
             solved = minv.cached_feedback(s) if rows else None
             if solved is not None:  # from the Gram matrices' products (value_update)
                 return [v.mul(-lr / B) for v in solved]

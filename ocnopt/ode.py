@@ -85,6 +85,9 @@ class ODEBlock(nn.Module):
     with feedback on the parameters' move (False: the open-loop first-order one).
     """
 
+    t0: Tensor
+    t1: Tensor
+
     def __init__(self, func: nn.Module, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
                  rtol: float = 1e-3, atol: float = 1e-3, options: Mapping[str, Any] | None = None,
                  learn_t1: bool = False, t1_lr: float = 0.1, t1_reg: float = 0.0,
@@ -250,9 +253,8 @@ class ODEBlock(nn.Module):
             def f(pv: tuple[Tensor, ...], yy: Tensor) -> Tensor:
                 return functional_call(self.func, dict(zip(names, pv)), (t, yy))
 
-            out, dout = jvp(f, (tuple(ps[n] for n in names), y),
-                            (tuple(k[n] for n in names), d))
-            return out, dout
+            res = jvp(f, (tuple(ps[n] for n in names), y), (tuple(k[n] for n in names), d))
+            return res[0], res[1]
 
         with torch.no_grad():
             x = x.detach()
@@ -367,9 +369,9 @@ class ODEBlock(nn.Module):
 
         def sample(t: Tensor, xi: Tensor, ci: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
             # ci: (c, *n) columns of one sample -> F, F_x^T ci, F_theta^T ci (c, *shape)
-            out, pull = vjp(lambda pp, xx: f1(pp, t, xx), pv, xi)
-            gp, gx = vmap(pull)(ci)
-            return out, gx, gp
+            res = vjp(lambda pp, xx: f1(pp, t, xx), pv, xi)
+            pulled = vmap(res[1])(ci)
+            return res[0], pulled[1], pulled[0]
 
         def flat(gp: tuple[Tensor, ...], lead: int) -> Tensor:
             return torch.cat([g.reshape(*g.shape[:lead], -1) for g in gp], dim=-1)
@@ -400,15 +402,14 @@ class ODEBlock(nn.Module):
                     float(self.t0))) else torch.cat([grid, times[-1:]])
             sol = torchdiffeq.odeint(aug, state, times, **self._solver_kwargs())
             end = [s[-1] for s in sol]
-        grid_factors = None
+        grid_factors: dict[str, tuple[Tensor, Tensor]] | None = None
         if grid_step is not None:
             J = len(self.grid_times(grid_step, x_out))
-            grid_factors = {}
+            total: dict[str, tuple[Tensor, Tensor]] = {}
             for j in range(J):
                 for n, (A, G) in self.factors_at(times[j], sol[0][j], sol[1][j][:, :1]).items():
-                    grid_factors[n] = (A, G) if n not in grid_factors else \
-                        (grid_factors[n][0] + A, grid_factors[n][1] + G)
-            grid_factors = {n: (A / J, G / J) for n, (A, G) in grid_factors.items()}
+                    total[n] = (A, G) if n not in total else (total[n][0] + A, total[n][1] + G)
+            grid_factors = {n: (A / J, G / J) for n, (A, G) in total.items()}
         cols_0 = end[1]
         Q_x = cols_0[:, 0]
         if per_sample_g:
