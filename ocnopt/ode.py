@@ -135,6 +135,12 @@ class ODEBlock(nn.Module):
         self.nfe_backward = 0
         self._forward_solve = False
 
+    def extra_repr(self) -> str:
+        return (f"t0={float(self.t0):g}, t1={float(self.t1):g}, method={self.method!r}, "
+                f"rtol={self.rtol:g}, atol={self.atol:g}"
+                + (f", options={self.options}" if self.options else "")
+                + (", learn_t1=True" if self.learn_t1 else ""))
+
     # -- counters ---------------------------------------------------------------------------------
     def reset_nfe(self) -> None:
         """Set both function-evaluation counters to 0."""

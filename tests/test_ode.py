@@ -7,7 +7,8 @@
   V_x at the block input and Qbar_u equal the adjoint gradients (times B).
 * identity 13 (order 2, lowrank): with euler/rk4 of N steps, the block's q(t0), p(t0), Q_x and
   Qbar_u from its one backward solve equal those of the same solver unrolled as a chain of N
-  step modules run through the lowrank backend, with an error that falls like h^order; the
+  step modules run through the lowrank backend (and q q^T the exact backend's V_xx at the
+  chain's input), with an error that falls like h^order; the
   feedback and the value update built from them equal the formulas on the chain's q, p; the
   forward sensitivity f_u k equals the unrolled chain's Jacobian-vector product to rounding.
 * the empirical factor (Z' = rho V') gives the same columns without extra ones; the exact
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import ocnopt
+from ocnopt.backends.autograd import AutogradBackend, ExactValue
 from ocnopt.backends.lowrank import LowRankBackend, LowRankValue
 from ocnopt.graph import build_graph
 from ocnopt.ode import ODEBlock, reset_solver_statistics, solver_statistics
@@ -176,6 +178,22 @@ def chain_expansion(chain: nn.Sequential, x: Tensor, V: Tensor, Z: Tensor):
     return {"out": traj.output, "q": value.Zb[0], "p": p, "Q_x": value.V[0], "Q_u": Q_u}
 
 
+def exact_chain_hessian(chain: nn.Sequential, x: Tensor, V: Tensor, Z: Tensor) -> Tensor:
+    """V_xx at the chain's input by the exact backend (full per-sample Jacobians, Gauss-Newton,
+    no value correction) from V'_xx = Z'^T Z' at its output: the dense twin of q q^T."""
+    be = AutogradBackend()
+    graph = build_graph(chain, leaf_modules=(EulerStep,))
+    N = len(graph.stages)
+    traj = be.forward(graph, x, input_value=True)
+    value = ExactValue({N: V}, torch.einsum("brn,brk->bnk", Z, Z), (N,))
+    for t in reversed(range(N)):
+        st = graph.stages[t]
+        exp = be.expand_stage(st, traj, value, gauss_newton=True, need_quu=False, need_stats=False)
+        value = be.value_update(st, exp, value, None, 0.0, x.shape[0], value_correction=False,
+                                mu=0.0, clip=False)
+    return value.V_xx
+
+
 def relerr(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -199,6 +217,8 @@ def test_columns_converge_to_unrolled_solver(method, order, Ns):
         torch.testing.assert_close(traj.states[2], ref["out"], rtol=1e-13, atol=1e-13)  # same solver
         err = max(relerr(exp.a_blocks[1], ref["q"]), relerr(exp.W, ref["p"]),
                   relerr(exp.Q_args[0], ref["Q_x"]), relerr(st.flatten(exp.Q_u), ref["Q_u"] / 1))
+        qq = torch.einsum("brn,brk->bnk", exp.a_blocks[1], exp.a_blocks[1])
+        err = max(err, relerr(qq, exact_chain_hessian(unrolled(blk, N), x, V, Z)))
         errs.append(err)
     assert errs[0] < 0.1
     # the continuous adjoint solved by the method vs the discrete adjoint of the method: both
