@@ -416,3 +416,22 @@ def test_traced_graph_with_ode_block_matches_torch_optim():
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+class NormField(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.l, self.inner = nn.Linear(3, 3), layer
+
+    def forward(self, t, x):
+        return self.inner(self.l(x))
+
+
+@pytest.mark.parametrize("layer,match", [
+    (nn.BatchNorm1d(3), "BatchNorm1d at func.inner, which couples the samples"),
+    (nn.Dropout(0.2), "Dropout at func.inner in training mode"),
+])
+def test_field_with_batch_coupling_or_randomness_is_refused(layer, match):
+    model = nn.Sequential(nn.Linear(4, 3), ODEBlock(NormField(layer)), nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=f"unsupported module ODEBlock at .*{match}"):
+        ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.1, curvature="sgd", backend="lowrank")

@@ -55,6 +55,23 @@ class ODEDerivatives(AdjointDerivatives):
     """``ocnopt.ode.ODEBlock``: x(t1) from x(t0), dx/dt = func(t, x); control = func's
     parameters (no Kronecker structure as a whole: kfac/ekfac use their diagonal fallback)."""
 
+    def refusal(self, module: nn.Module) -> str | None:
+        """Layers inside ``func`` that the per-sample expansion cannot honour: batch
+        normalisation (couples the samples) and, in training mode, dropout (new random numbers
+        at every evaluation of the field, forward and backward solves alike)."""
+        func = getattr(module, "func", None)
+        if not isinstance(func, nn.Module):
+            return None
+        for name, m in func.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return (f"its field has {type(m).__name__} at func.{name}, which couples the "
+                        "samples of a batch; use a per-sample normalisation (GroupNorm, LayerNorm)")
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+                return (f"its field has {type(m).__name__} at func.{name} in training mode: new "
+                        "random numbers at every evaluation of the field; remove it or call "
+                        "eval() on it")
+        return None
+
     def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
         return module(x), None
 
