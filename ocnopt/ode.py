@@ -319,7 +319,8 @@ class ODEBlock(nn.Module):
             raise ValueError(f"invalid grid_step={grid_step!r}: accepted a positive number")
         t0, t1 = float(self.t0), float(self.t1)
         J = int((t1 - t0) / grid_step + 1e-9)
-        return torch.tensor([t1 - j * grid_step for j in range(J + 1)], dtype=like.dtype)
+        return torch.tensor([t1 - j * grid_step for j in range(J + 1)], dtype=like.dtype,
+                            device=like.device)
 
     def grid_statistics(self, x_out: Tensor, V: Tensor, grid_step: float = 0.01
                         ) -> dict[str, tuple[Tensor, Tensor]]:

@@ -435,3 +435,22 @@ def test_field_with_batch_coupling_or_randomness_is_refused(layer, match):
     model = nn.Sequential(nn.Linear(4, 3), ODEBlock(NormField(layer)), nn.Linear(3, 2))
     with pytest.raises(TypeError, match=f"unsupported module ODEBlock at .*{match}"):
         ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.1, curvature="sgd", backend="lowrank")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_order2_step_on_cuda_equals_cpu():
+    torch.manual_seed(0)
+    cpu = nn.Sequential(nn.Linear(4, 3).to(D), block("rk4", 4, learn_t1=True), nn.Linear(3, 3).to(D))
+    gpu = copy.deepcopy(cpu).cuda()
+    x, y = batch()
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        opt = ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.05, curvature="adam",
+                            backend="lowrank", order=2)
+        opt.step(x.to(dev), y.to(dev))
+        model[1].update_t1()
+        with torch.no_grad():
+            h = model[0](x.to(dev))
+            model[1].grid_statistics(model[1](h), torch.ones_like(h), grid_step=0.25)
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-10, atol=1e-12)
+    assert float(cpu[1].t1) == pytest.approx(float(gpu[1].t1), rel=1e-10)
