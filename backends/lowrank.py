@@ -19,6 +19,10 @@ W = f_u^T Z' (never formed for Linear/Conv with the built-in curvature models):
 
 W^T M^{-1} W has closed forms (``CurvatureModel.per_sample_gram``) for Linear and Conv with
 sgd, rmsprop, adam, kfac and ekfac; otherwise per-sample gradients (``torch.func.vmap``) form W.
+Stages solved by the adjoint method (``ocnopt.derivatives.ode.AdjointDerivatives``: Neural ODE
+blocks, docs/method.md section 12) give Q_x, Qbar_u, a and the per-sample W (B, r, m) from one
+backward solve (``backward_expansion``); W^T k, the feedback and the Gram matrices then come from
+that W, without JVPs, VJPs or torch.func transforms through the solver.
 The Kronecker statistics of kfac/ekfac are built from the propagated factor (so ``"exact"``
 gives the Kronecker factors of the exact GGN). Gauss-Newton only; mu*I is not representable.
 
