@@ -77,7 +77,10 @@ class ODEBlock(nn.Module):
     each sample alone (no batch coupling: the expansion of order 2 takes per-sample products);
     ``method``, ``rtol``, ``atol``, ``options``: torchdiffeq's (fixed-step solvers take
     ``options={"step_size": h}`` or ``{"grid_constructor": ...}``), used for the forward and
-    every backward solve. t0 and t1 are buffers, in ``state_dict``.
+    every backward solve. t0 and t1 are buffers, in ``state_dict``. ``adjoint=False``:
+    backpropagation through the solver's operations (``odeint``: memory grows with the number of
+    steps; the baseline of the adjoint method); the order-2 expansion is the backward solve
+    either way.
 
     ``learn_t1``: t1 is a control with its own update (``update_t1``, docs/method.md section 12):
     step size ``t1_lr``, regulariser (c/2) t1^2 with c = ``t1_reg``, every ``t1_every`` calls,
@@ -91,7 +94,8 @@ class ODEBlock(nn.Module):
     def __init__(self, func: nn.Module, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
                  rtol: float = 1e-3, atol: float = 1e-3, options: Mapping[str, Any] | None = None,
                  learn_t1: bool = False, t1_lr: float = 0.1, t1_reg: float = 0.0,
-                 t1_every: int = 1, t1_min: float | None = None, t1_feedback: bool = True):
+                 t1_every: int = 1, t1_min: float | None = None, t1_feedback: bool = True,
+                 adjoint: bool = True):
         super().__init__()
         if torchdiffeq is None:  # pragma: no cover
             raise ImportError("ODEBlock needs torchdiffeq: pip install -e \".[ode]\"")
@@ -112,6 +116,7 @@ class ODEBlock(nn.Module):
         self.method, self.rtol, self.atol = method, float(rtol), float(atol)
         self.options = dict(options) if options is not None else None
         self.learn_t1 = bool(learn_t1)
+        self.adjoint = bool(adjoint)
         if not (isinstance(t1_lr, (int, float)) and t1_lr > 0):
             raise ValueError(f"invalid t1_lr={t1_lr!r}: accepted a positive number")
         if not (isinstance(t1_reg, (int, float)) and t1_reg >= 0):
@@ -139,7 +144,8 @@ class ODEBlock(nn.Module):
         return (f"t0={float(self.t0):g}, t1={float(self.t1):g}, method={self.method!r}, "
                 f"rtol={self.rtol:g}, atol={self.atol:g}"
                 + (f", options={self.options}" if self.options else "")
-                + (", learn_t1=True" if self.learn_t1 else ""))
+                + (", learn_t1=True" if self.learn_t1 else "")
+                + ("" if self.adjoint else ", adjoint=False"))
 
     # -- counters ---------------------------------------------------------------------------------
     def reset_nfe(self) -> None:
@@ -173,7 +179,7 @@ class ODEBlock(nn.Module):
 
         self._forward_solve = True
         try:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and self.adjoint:
                 out = torchdiffeq.odeint_adjoint(field, x, self._times(x),
                                                  adjoint_params=self._params(),
                                                  **self._solver_kwargs())
