@@ -22,6 +22,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -475,3 +477,52 @@ def test_backprop_through_solver_is_the_unrolled_gradient():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-6)
         assert not torch.allclose(c, b, rtol=1e-12, atol=1e-13)
+
+
+# ---- property-based versions (random sizes and seeds) ------------------------------------------
+PROPERTY = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def random_block(method: str, N: int, n: int, hidden: int, seed: int) -> ODEBlock:
+    torch.manual_seed(seed)
+    return ODEBlock(Field(n, hidden), method=method, options={"step_size": 1.0 / N}).to(D)
+
+
+@PROPERTY
+@given(n=st.integers(1, 4), hidden=st.integers(1, 6), B=st.integers(1, 5), seed=st.integers(0, 99),
+       curvature=st.sampled_from(["sgd", "adam"]))
+def test_property_order1_matches_torch_optim(n, hidden, B, seed, curvature):
+    blk = random_block("rk4", 2, n, hidden, seed)
+    model = nn.Sequential(nn.Linear(3, n).to(D), blk, nn.Linear(n, 2).to(D))
+    ref = copy.deepcopy(model)
+    opt = ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.05, curvature=curvature, backend="lowrank")
+    ref_opt = (torch.optim.SGD if curvature == "sgd" else torch.optim.Adam)(ref.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        x, y = torch.randn(B, 3, generator=g, dtype=D), torch.randint(0, 2, (B,), generator=g)
+        opt.step(x, y)
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-12)
+
+
+@PROPERTY
+@given(n=st.integers(1, 4), hidden=st.integers(1, 5), B=st.integers(1, 4), r=st.integers(1, 3),
+       seed=st.integers(0, 99))
+def test_property_columns_converge_at_rk4_rate(n, hidden, B, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, V = torch.randn(B, n, generator=g, dtype=D), torch.randn(B, n, generator=g, dtype=D)
+    Z = torch.randn(B, r, n, generator=g, dtype=D)
+    errs = []
+    for N in (4, 8):
+        blk = random_block("rk4", N, n, hidden, seed)
+        _, _, _, exp = block_expansion(blk, x, V, Z, None)
+        ref = chain_expansion(unrolled(blk, N), x, V, Z)
+        scale = max(float(ref["q"].abs().max()), 1e-3)
+        pscale = max(float(ref["p"].abs().max()), 1e-3)
+        errs.append(max(float((exp.a_blocks[1] - ref["q"]).abs().max()) / scale,
+                        float((exp.W - ref["p"]).abs().max()) / pscale))
+    # halving h divides the difference by ~16 (rk4); rounding floor 1e-12
+    assert errs[1] < errs[0] / 8 + 1e-12 and errs[0] < 1e-2, errs
