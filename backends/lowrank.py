@@ -19,6 +19,10 @@ W = f_u^T Z' (never formed for Linear/Conv with the built-in curvature models):
 
 W^T M^{-1} W has closed forms (``CurvatureModel.per_sample_gram``) for Linear and Conv with
 sgd, rmsprop, adam, kfac and ekfac; otherwise per-sample gradients (``torch.func.vmap``) form W.
+Stages solved by the adjoint method (``ocnopt.derivatives.ode.AdjointDerivatives``: Neural ODE
+blocks, docs/method.md section 12) give Q_x, Qbar_u, a and the per-sample W (B, r, m) from one
+backward solve (``backward_expansion``); W^T k, the feedback and the Gram matrices then come from
+that W, without JVPs, VJPs or torch.func transforms through the solver.
 The Kronecker statistics of kfac/ekfac are built from the propagated factor (so ``"exact"``
 gives the Kronecker factors of the exact GGN). Gauss-Newton only; mu*I is not representable.
 
@@ -43,6 +47,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ocnopt.curvature.base import Solver, StageStatistics
+from ocnopt.derivatives.ode import AdjointDerivatives
 from ocnopt.engine import Feedback, QExpansion, Terminal, Trajectory, ValueFunction, bound_blocks
 from ocnopt.graph import Graph
 from ocnopt.losses import Loss
@@ -92,6 +97,7 @@ class LowRankExpansion(QExpansion):
     ctx: Any = None
     Wk: Tensor | None = None             # W^T k = <Z'_z, f_u k> per sample, (B, r) (``quadratic``)
     rho: Tensor | None = None            # Z' = rho V' per sample (``LowRankValue.rho``)
+    W: Tensor | None = None              # f_u^T Z' (B, r, m) where the handler forms it (ODE)
 
     @property
     def a(self) -> Tensor | None:
@@ -216,6 +222,8 @@ class LowRankBackend(GraphBackend):
             stats = kronecker_statistics(stage, leaves[0], V_z, Z if stats_from_value else None) \
                 if stage.kronecker else StageStatistics()
         rho = parallel_ratio(value)
+        if isinstance(stage.derivatives, AdjointDerivatives):  # one backward solve: Q_x, a, W
+            return self._expand_adjoint(stage, traj, value, stats, rho)
         a_args: list[Tensor | None] = [None] * len(leaves)
         if rho is None:
             a_args = [self._vjp_columns(x, out, Z) if x.requires_grad else None for x in leaves]
@@ -235,6 +243,24 @@ class LowRankBackend(GraphBackend):
                                 rho=rho)
 
     @staticmethod
+    def _expand_adjoint(stage: Stage, traj: Trajectory, value: LowRankValue,
+                        stats: StageStatistics | None, rho: Tensor | None) -> LowRankExpansion:
+        """A stage solved by the adjoint method (``AdjointDerivatives``, an ODE block): Q_x,
+        Qbar_u, a = f_x^T Z' and the per-sample W = f_u^T Z' from its one backward solve."""
+        z, j = stage.output, stage.inputs[0]
+        cols = stage.derivatives.backward_expansion(  # type: ignore[attr-defined]
+            stage.module, traj.states[z], value.V[z], None if rho is not None else value.Zb[z], rho)
+        Q_X = {i: v for i, v in value.V.items() if i != z}
+        a_X = {i: v for i, v in value.Zb.items() if i != z}
+        tracked = traj.tracked[j]
+        if tracked:
+            _add(Q_X, j, cols.Q_x)
+            _add(a_X, j, cols.a)
+        return LowRankExpansion(Q_args=[cols.Q_x if tracked else None], Q_u=cols.Q_u, stats=stats,
+                                Q_X=Q_X, a_blocks=a_X, next_value=value, piece=traj.handles[stage.index],
+                                x=traj.states[j], ctx=traj.contexts[stage.index], rho=rho, W=cols.W)
+
+    @staticmethod
     def _vjp_columns(xin: Tensor, out: Tensor, Z: Tensor) -> Tensor:
         """f_x^T Z[:, c] for every column c: (B, r, *n_in)."""
         cols = [torch.autograd.grad(out, xin, Z[:, c], retain_graph=True, allow_unused=True)[0]
@@ -251,6 +277,10 @@ class LowRankBackend(GraphBackend):
         """k^T Qbar_uu k = (1/B) sum_i |W^(i)T k|^2 with W^T k = <Z'_z, f_u k>."""
         assert isinstance(exp, LowRankExpansion) and exp.next_value is not None
         z = stage.output
+        if exp.W is not None:  # W formed by the handler: W^T k directly
+            exp.Wk = torch.einsum("brm,m->br", exp.W, stage.flatten(k))
+            assert exp.Q_u is not None
+            return exp.Wk.square().sum() / exp.Wk.shape[0]
         fu_k = self._fu_k(stage, exp, k)
         Wk = exp.Wk = _inner(exp.next_value.Zb[z], fu_k)  # value_update reuses it
         if exp.Q_u is None:  # k . Qbar_u = (1/B) sum_i <V'_z^(i), f_u k> (predicted change)
@@ -279,6 +309,9 @@ class LowRankBackend(GraphBackend):
                 term = _inner(a_X[j], dX[j])
                 s = term if s is None else s + term
             assert s is not None
+            if exp.W is not None:  # sum_i W^(i) s^(i) from the handler's W
+                Ws = stage.unflatten(torch.einsum("brm,br->m", exp.W, s))
+                return [v.mul(-lr) for v in minv([w / B for w in Ws])]
             solved = minv.cached_feedback(s) if rows else None
             if solved is not None:  # from the Gram matrices' products (value_update)
                 return [v.mul(-lr / B) for v in solved]
@@ -305,6 +338,8 @@ class LowRankBackend(GraphBackend):
         Zn = exp.next_value.Zb[stage.output]  # type: ignore[union-attr]
         if exp.Wk is not None and minv.solves_direction(exp.Q_u):
             Wk = exp.Wk  # the policy's k is -lr M^-1 Qbar_u: W^T k is known (quadratic)
+        elif exp.W is not None:
+            Wk = torch.einsum("brm,m->br", exp.W, stage.flatten([v.mul(-lr) for v in minv(exp.Q_u)]))
         else:
             Wk = _inner(Zn, self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)]))
         S = self.gram(stage, exp, minv)
@@ -343,6 +378,9 @@ class LowRankBackend(GraphBackend):
     def gram(self, stage: Stage, exp: LowRankExpansion, minv: Solver) -> Tensor:
         """Per-sample W^T M^{-1} W (B, r, r): the curvature model's closed form for Kronecker
         stages, else per-sample gradients formed explicitly by torch.func.vmap."""
+        if exp.W is not None:  # W formed by the handler (stages solved by the adjoint method)
+            MW = stage.flatten(minv(stage.unflatten(exp.W)), lead=2)
+            return torch.einsum("bcm,bdm->bcd", exp.W, MW)
         Z = exp.next_value.Zb[stage.output]  # type: ignore[union-attr]
         x = exp.x
         assert x is not None
