@@ -456,8 +456,8 @@ def sweep_cmd(
     validation accuracy (mean over seeds), the chosen learning rate, the test accuracy there
     (read once), and the tunability: the share of the grid within 2 points of the optimizer's
     best, computed per seed, as mean ± std over the seeds. `run --lr-from DIR` reuses the
-    choice. On digits-fcn the defaults (8 optimizers x 8 rates x 3 seeds) take about 4 minutes
-    on one core."""
+    choice. On digits-fcn the defaults (8 optimizers x 8 rates x 3 seeds = 192 runs) take
+    about 4-5 minutes on one idle core, several times that on a loaded machine."""
     from .bench.problems import load
     from .bench.protocols import RunSettings, steps_per_epoch, sweep_protocol, sweep_summary
 

@@ -330,6 +330,8 @@ def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
     for k, (prob, key, label) in enumerate(_groups(rows, lr_labels=False)):
         prow = [r for r in rows if r["config_key"] == key]
         hp = prow[0]["configuration"].get("hp")
+        planned = prow[0]["configuration"].get("seeds") or sorted(
+            {s for r in prow for s in r["seeds"]})
         metric = prow[0]["metric"]
         pts = {r["points"] for r in prow}
         lo = min(min(r["grid"]) for r in prow)
@@ -340,7 +342,7 @@ def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
             note = " **The grid is smaller than the protocol's (>= 8 values over 4 decades).**"
         out.append(
             f"{prow[0]['epochs']} epochs, batch {prow[0]['batch_size']}, seeds "
-            f"{', '.join(map(str, prow[0]['seeds']))}{'; --hp ' + hp_label(hp) if hp else ''}; "
+            f"{', '.join(map(str, planned))}{'; --hp ' + hp_label(hp) if hp else ''}; "
             f"per optimizer {sorted(pts)} learning rates "
             f"log-spaced over {sorted(spans)} decades around its default (lowest {lo:.2g}). The "
             "learning rate is chosen on the validation split; the test metric is read once, at "
@@ -363,7 +365,9 @@ def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
                 else f"{r['test_at_best']:.4g}")
             body.append([f"`{r['optimizer']}`", _mode(r),
                          f"{_lr(min(r['grid']))} .. {_lr(max(r['grid']))} ({r['points']})", best,
-                         _lr(r["best_lr"]), test, _tun(r),
+                         _lr(r["best_lr"]), test, _tun(r) + (
+                             f" ({len(r['seeds'])}/{len(planned)} seeds)"
+                             if len(r["seeds"]) < len(planned) else ""),
                          str(r["diverged"])])
         out.append(_table(header, body, "llrrrrrr"))
         img = images / (f"sweep-{prob}.png" if label == prob else f"sweep-{prob}-{k}.png")
