@@ -287,6 +287,10 @@ def test_hp_on_sweep_and_overhead_is_recorded(tmp_path: Path) -> None:
     assert "--hp betas=(0.5, 0.6)" in " ".join(res.stdout.split())
     rec = json.loads((tmp_path / "s" / "sweep-wine-fcn-torch-adam-lr00-seed0.json").read_text())
     assert rec["config"]["optimizer"]["hyper"] == {"betas": [0.5, 0.6]}
+    res = invoke("bench", "run", "wine-fcn", "-o", "torch-adam", "--epochs", "1", "--seeds", "1",
+                 "--subset", "32", "--lr-from", tmp_path / "s", "--out", tmp_path / "t", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rows"][0]["lr_source"].endswith("with --hp betas=(0.5, 0.6)")
     res = invoke("bench", "overhead", "wine-fcn", "-o", "torch-sgd,autograd-sgd", "--warmup", "1",
                  "--rounds", "1", "--block", "1", "--memory-steps", "1", "--out", tmp_path / "o",
                  "--hp", "momentum=0.5", "--hp", "torch-sgd:lr=0.2", "--json")

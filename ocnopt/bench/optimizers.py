@@ -360,7 +360,7 @@ def accepted_hyper(name: str) -> list[str]:
         import ocnopt
         from ocnopt.curvature import CURVATURES as MODELS
 
-        curvature = parse_optimizer(name).curvature
+        curvature = str(parse_optimizer(name).curvature)
         params = inspect.signature(ocnopt.OCNOpt).parameters
         extra = {"weight_decay", "mu", "trust", *MODELS[curvature].defaults}
         return sorted({"lr", *extra, *(k for k, p in params.items() if k not in _OCNOPT_FIXED

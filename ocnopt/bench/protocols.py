@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .measure import cpu_model, quantile
-from .optimizers import OptimizerSpec, lr_grid, parse_optimizer
+from .optimizers import OptimizerSpec, hp_label, lr_grid, parse_optimizer
 from .problems import Dataset, Problem
 
 SCHEMA = "ocnopt.bench/1"
@@ -607,7 +607,9 @@ def lrs_from_sweep(folder: Path, problem: str) -> dict[str, tuple[float, str]]:
             raise ValueError(f"{folder} holds sweeps of {r['optimizer']} on {problem} in several "
                              "configurations (epochs, batch, seeds, --hp, grid, ...); keep one "
                              "sweep per folder")
-        out[r["optimizer"]] = (r["best_lr"], f"sweep (val split) in {folder}")
+        hp = r["configuration"].get("hp")
+        out[r["optimizer"]] = (r["best_lr"], f"sweep (val split) in {folder}"
+                               + (f" with --hp {hp_label(hp)}" if hp else ""))
     return out
 
 
