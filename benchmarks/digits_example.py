@@ -1,6 +1,6 @@
 """ocnopt's first-order modes against torch.optim on scikit-learn's digits (a short example).
 
-The ``digits-fcn`` problem of the benchmark protocol (shared BENCHMARKS.md): ``load_digits``
+The ``digits-fcn`` problem of the benchmark protocol (docs/benchmarks.md): ``load_digits``
 (8x8 images flattened to 64 features, 10 classes), standardised with statistics of the
 training split, a 70/30 stratified split with a fixed seed, and a chain of 5 Linear layers of
 hidden width 32 with Tanh. Every optimizer starts from the same initial weights and sees the

@@ -5,7 +5,7 @@ the exact autograd backend, feedback policies du = k + K dx applied in the updat
 a lower training loss after the same number of epochs than ``order=1`` (backpropagation + the
 base optimizer picked by M), averaged over seeds.
 
-Problems (shared BENCHMARKS.md, offline data):
+Problems (docs/benchmarks.md, offline data):
 
 * ``wine-fcn``: scikit-learn ``load_wine`` (13 features, 3 classes), stratified 70/30 split,
   5 Linear layers of hidden width 16 with Tanh;
@@ -22,7 +22,7 @@ Curvature models compared (each at order 1 and order 2, exact ``autograd`` backe
 * ``adam``: M = diag(sqrt(vhat)) + eps. Order 1 is exactly ``torch.optim.Adam``; order 2 adds
   the feedback K dx = -lr M^{-1} E_i[Q_ux^(i) dx^(i)] and the value correction.
 
-Protocol (``train`` of BENCHMARKS.md):
+Protocol (``train`` of docs/benchmarks.md):
 
 1. Tuning, never on the test split. The training split is cut again (stratified 80/20, seed 0)
    into a tuning-train part and a validation part. For every (problem, curvature, order) each

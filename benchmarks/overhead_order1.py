@@ -2,7 +2,7 @@
 
 Measures, in ONE process, the step time of every ocnopt order-1 mode and of its torch.optim
 twin on an MLP 784-512-512-10 (ReLU), batch 256, random data (no download), with a fixed
-thread count, and reports absolute milliseconds beside the ratios (BENCHMARKS.md, protocol
+thread count, and reports absolute milliseconds beside the ratios (docs/benchmarks.md, protocol
 ``overhead``).
 
 Timing. All optimizers live in the same process, each with its own copy of the same initial

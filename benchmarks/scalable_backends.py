@@ -13,7 +13,7 @@ Fisher, no momentum):
   backend_options={"extension": "kfac"})                            BackPACK KFAC factors
 
 Problems: ``mlp`` = MLP 784-w-w-10 (ReLU; w = 512 unless scaled), random N(0, 1) inputs and
-random labels (4 fixed batches, cycled); ``cnn`` = the digits-cnn problem of BENCHMARKS.md:
+random labels (4 fixed batches, cycled); ``cnn`` = the digits-cnn problem of docs/benchmarks.md:
 scikit-learn ``load_digits`` as 1x8x8 images standardised with the train-split mean and
 standard deviation, the 70/30 stratified split (seed 0), and 4 fixed minibatches of 256 images
 drawn from the 1257-image train split; 4 Conv2d 3x3 (32 channels, padding 1) with ReLU, then

@@ -5,8 +5,12 @@
     ocnopt bench sweep digits-fcn              protocol sweep (learning-rate grid, tunability)
     ocnopt bench overhead digits-fcn           protocol overhead (time and memory per step)
     ocnopt bench report results/bench          Markdown + PNG plots from saved results
+    ocnopt --version                           (also ``python -m ocnopt ...``)
 
-Bad arguments exit with code 2 and a one-line reason; Ctrl-C keeps the results of the runs
+The protocols are described in docs/benchmarks.md. ``--hp key=value`` (repeatable) sets any
+hyper-parameter of the optimizers that accept it, ``--hp name:key=value`` of one optimizer.
+Bad arguments (and a missing optional dependency, with its ``pip install 'ocnopt[...]'``) exit
+with code 2 and a one-line reason; Ctrl-C keeps the results of the runs
 that finished (each run's JSON is written as soon as it ends) and exits with code 130.
 """
 
@@ -39,16 +43,27 @@ app = typer.Typer(help="ocnopt: optimal-control neural optimizers for PyTorch.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown")
 bench = typer.Typer(
-    help="Benchmarks of BENCHMARKS.md: problems with offline data, ocnopt's modes "
-         "(`<backend>-<curvature>[-fb[-nash]]`) against torch.optim and curvlinops K-FAC.",
+    help="Benchmarks (protocols in docs/benchmarks.md): problems with offline data, ocnopt's "
+         "modes (`<backend>-<curvature>[-fb[-nash]]`) against torch.optim, curvlinops K-FAC and "
+         "pytorch-optimizer. `--hp key=value` / `--hp name:key=value` sets hyper-parameters.",
     no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(bench, name="bench")
 
 DEFAULT_OUT = Path("results/bench")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"ocnopt {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
     """ocnopt: optimal-control neural optimizers for PyTorch."""
 
 
@@ -66,8 +81,8 @@ def fail(message: str) -> None:
 def usage_errors() -> Iterator[None]:
     try:
         yield
-    except UsageError as err:
-        fail(str(err))
+    except (UsageError, ImportError) as err:  # ImportError: a missing optional dependency
+        fail(str(err).replace("\n", " "))
 
 
 def _positive(name: str, value: int | float | None) -> None:
@@ -83,14 +98,42 @@ def _problem(name: str) -> Any:
     return PROBLEMS[name]
 
 
-def _optimizers(problem: Any, names: list[str] | None) -> list[Any]:
+def _hp(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    from .bench.optimizers import parse_hp
+
+    try:
+        return parse_hp(items)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _optimizers(problem: Any, names: list[str] | None,
+                hp: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     from .bench.optimizers import select
 
     flat = [n.strip() for item in (names or []) for n in item.split(",") if n.strip()]
     try:
-        return select(problem, flat or None)
+        return select(problem, flat or None, hp)
     except ValueError as err:
         raise UsageError(str(err).replace("\n", " ")) from err
+
+
+def _target(problem: Any, target: float | None) -> None:
+    """--target within the range of the problem's metric: accuracy in (0, 1], loss > 0."""
+    if target is None:
+        return
+    if problem.metric == "accuracy" and not 0 < target <= 1:
+        raise UsageError(f"--target is a test accuracy on {problem.name}, in (0, 1] (e.g. 0.95), "
+                         f"got {target:g}")
+    if problem.metric != "accuracy" and not target > 0:
+        raise UsageError(f"--target is a test loss (mse) to go under on {problem.name}, > 0, "
+                         f"got {target:g}")
+
+
+def _hp_title(hp: dict[str, dict[str, Any]] | None) -> str:
+    from .bench.optimizers import hp_label
+
+    return f", --hp {hp_label(hp)}" if hp else ""
 
 
 def _writable(out: Path) -> Path:
@@ -177,10 +220,20 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+TRAIN_FOOTER = (
+    "train loss: final training loss on the fit split; test acc % / test mse: on the test split "
+    "after the last epoch (both mean ± std over seeds); time s: the training loop only "
+    "(evaluation excluded), mean over seeds; x torch-sgd: ratio of mean times in this "
+    "invocation; to target: median time to first reach the target (checked after each epoch), "
+    "(seeds that reached it/seeds).\nmode: peer = another library's optimizer; order 1 = "
+    "ocnopt's backpropagation + curvature-model step (the torch.optim-equivalent step); order "
+    "2 = ocnopt's feedback policies du = k + K dx with the value correction (docs/method.md "
+    "section 6).")
+
+
 def _train_table(rows: list[dict[str, Any]], title: str) -> Table:
     metric = rows[0]["metric"] if rows else "accuracy"
-    t = Table(title=title, caption="mean ± std over seeds; time: the training loop only; "
-                                   "x torch-sgd: ratio of mean times in this invocation")
+    t = Table(title=title, caption=TRAIN_FOOTER, caption_justify="left")
     for col in ("optimizer", "mode", "lr", "train loss", "test acc %" if metric == "accuracy"
                 else "test mse", "time s", "x torch-sgd", "to target", "notes"):
         t.add_column(col, justify="left" if col in ("optimizer", "mode", "notes") else "right",
@@ -224,6 +277,13 @@ OptOption = Annotated[list[str] | None, typer.Option(
          "order 2 with feedback, lowrank-kfac-fb-nash = the same with game 'nash', "
          "autograd-full-fb = vanilla DDP); 'default' or "
          "'all' (every one that fits the problem). See `ocnopt bench list`.")]
+HpOption = Annotated[list[str] | None, typer.Option(
+    "--hp",
+    help="Hyper-parameter, repeatable: `key=value` for every selected optimizer that has it, "
+         "`name:key=value` for one (e.g. `--hp damping=0.01 --hp lowrank-kfac-fb:trust=1 "
+         "--hp torch-adam:betas=0.9,0.99 --hp autograd-kfac:stat_every=5`). Values are Python "
+         "literals (tuples as `a,b`), true/false/none, or text (`game=nash`). Recorded in "
+         "the result JSON.")]
 OutOption = Annotated[Path, typer.Option(
     "--out", help="Folder for the JSON results (one file per run, written when it finishes).")]
 ThreadsOption = Annotated[int, typer.Option(
@@ -287,7 +347,9 @@ def run_cmd(
         "--lr-from", help="Take each optimizer's learning rate from the sweep results in this "
                           "folder (chosen on the validation split).")] = None,
     target: Annotated[float | None, typer.Option(
-        help="Time-to-target: test accuracy to reach (mse problems: test loss to go under).")] = None,
+        help="Time-to-target: test accuracy to reach, in (0, 1] (mse problems: test loss to go "
+             "under, > 0).")] = None,
+    hp: HpOption = None,
     subset: SubsetOption = None,
     split_seed: SplitSeedOption = 0,
     threads: ThreadsOption = 1,
@@ -306,24 +368,29 @@ def run_cmd(
     with usage_errors():
         prob = _problem(problem)
         for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--batch-size", batch_size),
-                        ("--subset", subset), ("--threads", threads), ("--target", target)):
+                        ("--subset", subset), ("--threads", threads)):
             _positive(name, v)
-        specs = _optimizers(prob, optimizers)
+        _target(prob, target)
+        hps = _hp(hp)
+        specs = _optimizers(prob, optimizers, hps)
         lrs = None
         if lr_from is not None:
             if not lr_from.is_dir():
                 raise UsageError(f"--lr-from {lr_from}: not a directory")
-            lrs = lrs_from_sweep(lr_from, prob.name)
+            try:
+                lrs = lrs_from_sweep(lr_from, prob.name)
+            except ValueError as err:
+                raise UsageError(f"--lr-from {err}") from err
             missing = [s.name for s in specs if s.name not in lrs]
             if missing:
                 raise UsageError(f"--lr-from {lr_from}: no sweep results for {', '.join(missing)} "
                                  f"on {prob.name}")
         out = _writable(out)
+        data = load(prob, split_seed, subset)
     _threads(threads)
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
                            seeds=list(range(seeds)), split_seed=split_seed, subset=subset,
-                           target=target)
-    data = load(prob, split_seed, subset)
+                           target=target, hp=hps)
     total = len(specs) * seeds * settings.epochs * steps_per_epoch(len(data.y_fit),
                                                                    settings.batch_size)
     records: list[dict[str, Any]] = []
@@ -355,9 +422,11 @@ def _summarise_train(records: list[dict[str, Any]], problem: str, out: Path, sec
                     "seconds": seconds, "rows": rows})
         return
     if rows:
-        title = (f"train {problem}: {rows[0]['epochs']} epochs x {rows[0]['steps']} steps, "
-                 f"batch {rows[0]['batch_size']}, seeds {', '.join(map(str, rows[0]['seeds']))}, "
-                 f"target {rows[0]['target']:g}")
+        r0 = rows[0]
+        title = (f"train {problem}: {r0['planned_steps']} steps ({r0['epochs']} epochs x "
+                 f"{r0['steps_per_epoch']}), batch {r0['batch_size']}, seeds "
+                 f"{', '.join(map(str, r0['seeds']))}, target {r0['target']:g}"
+                 f"{_hp_title(r0['configuration']['hp'])}")
         _console().print(_train_table(rows, title))
     _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out} "
                      f"(`ocnopt bench report {out}` renders them)", highlight=False)
@@ -368,22 +437,27 @@ def sweep_cmd(
     problem: Annotated[str, typer.Argument(help="Problem name (see `ocnopt bench list`).")],
     optimizers: OptOption = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the problem's).")] = None,
-    seeds: Annotated[int, typer.Option(help="Seeds per grid point.")] = 1,
-    points: Annotated[int, typer.Option(help="Learning rates per optimizer (protocol: >= 8).")] = 9,
+    seeds: Annotated[int, typer.Option(help="Seeds per grid point (the tunability is reported as "
+                                            "mean ± std over them).")] = 3,
+    points: Annotated[int, typer.Option(help="Learning rates per optimizer (protocol: >= 8).")] = 8,
     decades: Annotated[float, typer.Option(help="Decades the grid spans, centred on the "
                                                 "optimizer's default lr (protocol: >= 4).")] = 4.0,
     out: OutOption = DEFAULT_OUT,
     batch_size: Annotated[int | None, typer.Option(help="Minibatch size (default: the "
                                                         "problem's).")] = None,
+    hp: HpOption = None,
     subset: SubsetOption = None,
     split_seed: SplitSeedOption = 0,
     threads: ThreadsOption = 1,
     json_out: JsonOption = False,
 ) -> None:
     """Protocol sweep: a log-spaced learning-rate grid per optimizer, trained on the fit split
-    and scored on the validation split. Reports the best validation accuracy, the chosen
-    learning rate, the test accuracy there (read once), and the tunability: the share of the
-    grid within 2 points of the optimizer's best. `run --lr-from DIR` reuses the choice."""
+    and scored on the validation split, several seeds per grid point. Reports the best
+    validation accuracy (mean over seeds), the chosen learning rate, the test accuracy there
+    (read once), and the tunability: the share of the grid within 2 points of the optimizer's
+    best, computed per seed, as mean ± std over the seeds. `run --lr-from DIR` reuses the
+    choice. On digits-fcn the defaults (8 optimizers x 8 rates x 3 seeds = 192 runs) take
+    about 4-5 minutes on one idle core, several times that on a loaded machine."""
     from .bench.problems import load
     from .bench.protocols import RunSettings, steps_per_epoch, sweep_protocol, sweep_summary
 
@@ -394,12 +468,14 @@ def sweep_cmd(
             _positive(name, v)
         if points < 2:
             raise UsageError(f"--points must be at least 2, got {points}")
-        specs = _optimizers(prob, optimizers)
+        hps = _hp(hp)
+        specs = _optimizers(prob, optimizers, hps)
         out = _writable(out)
+        data = load(prob, split_seed, subset)
     _threads(threads)
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
-                           seeds=list(range(seeds)), split_seed=split_seed, subset=subset)
-    data = load(prob, split_seed, subset)
+                           seeds=list(range(seeds)), split_seed=split_seed, subset=subset,
+                           hp=hps)
     n_runs = len(specs) * seeds * points
     total = n_runs * settings.epochs * steps_per_epoch(len(data.y_fit), settings.batch_size)
     records: list[dict[str, Any]] = []
@@ -425,8 +501,12 @@ def sweep_cmd(
                     "seconds": seconds, "rows": rows})
     else:
         t = Table(title=f"sweep {prob.name}: {points} learning rates over {decades:g} decades, "
-                        f"{settings.epochs} epochs, chosen on the validation split",
-                  caption="tunability: share of the grid within 2 points of the best val. acc.")
+                        f"{settings.epochs} epochs, seeds {', '.join(map(str, settings.seeds))}, "
+                        f"chosen on the validation split{_hp_title(hps)}",
+                  caption="best val, test: mean over seeds; tunability: share of the grid within "
+                          "2 points of the best val. acc. (mse: within 2 %), per seed, mean ± std "
+                          "over seeds; diverged: runs (grid points x seeds)",
+                  caption_justify="left")
         for col in ("optimizer", "best val", "chosen lr", "test at chosen lr", "tunability",
                     "diverged"):
             t.add_column(col, justify="left" if col == "optimizer" else "right")
@@ -436,7 +516,8 @@ def sweep_cmd(
                       f"{r['best_lr']:.3g}",
                       _fmt(r["test_at_best"] * 100 if acc and r["test_at_best"] is not None
                            else r["test_at_best"], ".1f" if acc else ".4g"),
-                      f"{100 * r['tunability']:.0f} %", str(r["diverged"]))
+                      f"{100 * r['tunability']:.0f} ± {100 * (r['tunability_std'] or 0):.0f} %",
+                      str(r["diverged"]))
         _console().print(t)
         _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out}",
                          highlight=False)
@@ -455,6 +536,7 @@ def overhead_cmd(
     block: Annotated[int, typer.Option(help="Consecutive steps per optimizer per round.")] = 5,
     memory_steps: Annotated[int, typer.Option(help="Steps profiled for the peak memory.")] = 11,
     seed: Annotated[int, typer.Option(help="Seed of the model, the batches and the order.")] = 0,
+    hp: HpOption = None,
     out: OutOption = DEFAULT_OUT,
     threads: ThreadsOption = 1,
     json_out: JsonOption = False,
@@ -472,17 +554,18 @@ def overhead_cmd(
             _positive(name, v)
         if warmup < 0:
             raise UsageError(f"--warmup must be >= 0, got {warmup}")
-        specs = _optimizers(prob, optimizers)
+        hps = _hp(hp)
+        specs = _optimizers(prob, optimizers, hps)
         out = _writable(out)
+        data = load(prob)
     _threads(threads)
-    data = load(prob)
     n = len(specs) + (0 if any(s.name == "torch-sgd" for s in specs) else 1)
     total = n * (warmup + rounds * block + memory_steps)
     fb = Feedback(total, f"overhead {prob.name}", quiet=json_out)
     try:
         with fb:
             rec = overhead_protocol(prob, data, specs, out, batch_size or prob.batch_size, seed,
-                                    warmup, rounds, block, memory_steps, on_step=fb.step)
+                                    warmup, rounds, block, memory_steps, on_step=fb.step, hp=hps)
     except KeyboardInterrupt:
         typer.echo("Interrupted: the overhead protocol measures all optimizers in one process; "
                    "nothing was written.", err=True)
@@ -493,7 +576,7 @@ def overhead_cmd(
         return
     t = Table(title=f"overhead {prob.name}: batch {rec['config']['batch_size']}, "
                     f"{rec['config']['rounds']} x {rec['config']['block']} timed steps each, "
-                    f"{threads} thread(s)",
+                    f"{threads} thread(s){_hp_title(hps)}",
               caption="ratios to torch-sgd measured in this process; memory: peak live bytes "
                       "of torch's CPU allocator above the model and data")
     for col in ("optimizer", "median ms", "x sgd", "mean ms", "x sgd", "peak MiB", "x sgd"):
@@ -523,9 +606,11 @@ def report_cmd(
     """Protocol report: a Markdown page with tables (train, time-to-target, sweep with
     tunability, overhead) and PNG plots (loss vs step and vs wall-clock with seed bands,
     accuracy vs learning rate, overhead bars), made from the saved JSON results only."""
+    from .bench.deps import require
     from .bench.report import render, splice
 
     with usage_errors():
+        require("matplotlib", "ocnopt bench report (the plots)")
         if not folder.is_dir():
             raise UsageError(f"{folder}: not a directory")
         if out is not None and into is not None:

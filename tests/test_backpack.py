@@ -66,8 +66,9 @@ def test_sampled_kfac_factors_match_kflr_in_expectation():
 @pytest.mark.parametrize("curv", ["sgd", "adam"])
 @pytest.mark.parametrize("order", [1, 2])
 def test_backpack_first_order_modes_are_the_autograd_ones(curv, order):
-    """SPEC 8.1 / 8.2: without Kronecker statistics the BackPACK backend is backprop at order
-    1 and, with feedback and value correction off, at order 2."""
+    """Identities 1 / 2 (docs/method.md section 10): without Kronecker statistics the
+    BackPACK backend is backprop at order 1 and, with feedback and value correction off, at
+    order 2."""
     x, y = data()
     m1, m2 = mlp(), mlp()
     a = ocnopt.OCNOpt(m1, curvature=curv, lr=0.05)

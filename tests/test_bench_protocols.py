@@ -219,3 +219,42 @@ def test_findings_compare_nash_with_cooperative_and_order_one() -> None:
     assert ("- train p: `lowrank-kfac-fb` (order 2) vs `lowrank-kfac` (order 1, same curvature): "
             "final training loss 0.3 vs 0.4 (-25 %, lower), test 90.0 % vs 90.0 %, time 2.0x.") in lines
     assert sum("`lowrank-kfac-fb-nash` (order 2) vs `lowrank-kfac`" in li for li in lines) == 1
+
+
+def test_sweep_tunability_is_mean_and_std_over_seeds_of_per_seed_tunability() -> None:
+    lrs = [10.0 ** (-4 + 4 * i / 7) for i in range(8)]
+    seed0 = [0.50, 0.80, 0.91, 0.90, 0.895, 0.70, 0.20, 0.10]  # 3 of 8 within 2 points of 0.91
+    seed1 = [0.50, 0.90, 0.91, 0.60, 0.60, 0.60, 0.20, 0.10]  # 2 of 8
+    recs = [_fake("sweep", "o", lr, s, v, 0.5) for s, vals in ((0, seed0), (1, seed1))
+            for lr, v in zip(lrs, vals)]
+    (row,) = protocols.sweep_summary(recs)
+    assert row["tunability_per_seed"] == {"0": 3 / 8, "1": 2 / 8}
+    assert row["tunability"] == pytest.approx(5 / 16)
+    assert row["tunability_std"] == pytest.approx(math.sqrt(((3 / 8 - 5 / 16) ** 2
+                                                             + (2 / 8 - 5 / 16) ** 2) / 1))
+    # the seed-mean curve (0.5, 0.85, 0.91, 0.75, ...) has only its best within 2 points
+    assert row["tunability_of_mean"] == pytest.approx(1 / 8)
+    assert row["best_lr"] == lrs[2] and row["seeds"] == [0, 1]
+
+
+def test_summaries_split_configurations() -> None:
+    """Runs that differ in epochs, seeds or --hp are different rows (and tables), and the time
+    ratio to torch-sgd is taken within a configuration only."""
+    def rec(opt: str, seed: int, seconds: float, **config: Any) -> dict[str, Any]:
+        r = _fake("train", opt, 0.1, seed, 0.9, 0.9)
+        r["config"].update(config)
+        r["timing"]["train_seconds"] = seconds
+        return r
+
+    recs = [rec("torch-sgd", 0, 1.0, seeds=[0]), rec("o", 0, 3.0, seeds=[0]),
+            rec("torch-sgd", 0, 2.0, seeds=[0], hp={"*": {"momentum": 0.5}}),
+            rec("o", 0, 3.0, seeds=[0], hp={"*": {"momentum": 0.5}}),
+            rec("o", 1, 5.0, seeds=[0, 1]), rec("o", 0, 7.0, seeds=[0], epochs=2)]
+    rows = protocols.train_summary(recs)
+    assert len(rows) == 6 and len({r["config_key"] for r in rows}) == 4
+    ratio = {(r["optimizer"], json.dumps(r["configuration"]["hp"]), r["epochs"],
+              tuple(r["configuration"]["seeds"])): r["time_ratio"] for r in rows}
+    assert ratio[("o", "{}", 1, (0,))] == 3.0
+    assert ratio[("o", json.dumps({"*": {"momentum": 0.5}}), 1, (0,))] == 1.5
+    assert ratio[("o", "{}", 1, (0, 1))] is None  # no torch-sgd in that configuration
+    assert ratio[("o", "{}", 2, (0,))] is None

@@ -1,5 +1,6 @@
-"""SPEC 8.1 for the Kronecker curvature models: order-1 OCNOpt with curvature kfac / ekfac is
-the K-FAC / EKFAC step computed by curvlinops, an independent implementation.
+"""Identity 1 of docs/method.md section 10 for the Kronecker curvature models: order-1 OCNOpt
+with curvature kfac / ekfac is the K-FAC / EKFAC step computed by curvlinops, an independent
+implementation.
 
 With ``stat_every = inv_every = 1`` and ``stat_decay = 0`` the factors are those of the current
 batch, so every step must equal

@@ -1,4 +1,5 @@
-"""SPEC 8.1 against torch itself: order-1 OCNOpt is backpropagation plus the base optimizer.
+"""Identity 1 of docs/method.md section 10 against torch itself: order-1 OCNOpt is
+backpropagation plus the base optimizer.
 
 * ``test_matches_torch_optim``: for random chains (MLPs and small Conv1d/Conv2d nets with
   stride, padding, dilation, groups and pooling) and random hyper-parameters, several

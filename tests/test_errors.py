@@ -1,6 +1,6 @@
-"""Every bad input is refused with an error that names the argument, the value received and
-what is accepted (STYLE.md: errors), at construction when it can be known then, at ``step``
-otherwise."""
+"""Every bad input is refused with an error (ValueError / TypeError) that names the argument,
+the value received and what is accepted, at construction when it can be known then, at
+``step`` otherwise."""
 
 from __future__ import annotations
 

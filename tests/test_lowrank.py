@@ -1,4 +1,5 @@
-"""The low-rank Gauss-Newton backend: SPEC 8.5, the rank-1 feedback identity, 8.1 and 8.2."""
+"""The low-rank Gauss-Newton backend: identity 5 of docs/method.md section 10, the rank-1
+feedback identity, identities 1 and 2."""
 
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ CURVATURES = [("sgd", {}), ("adam", {}), ("rmsprop", {"alpha": 0.9}),
               ("ekfac", {"damping": 1.0, "fisher_type": "type-2"})]
 
 
-# SPEC 8.5 holds where no clipping happens: the two backends clip different matrices (C C^T vs
-# V_xx) when I - (lr/B) W^T M^-1 W is indefinite. A small lr keeps it definite, and so does an
-# eps that bounds Adam's and RMSprop's M^-1 <= 1/eps (with eps 1e-8, a weight whose second
-# moment is still 0, e.g. behind a ReLU that was dead on every earlier batch, has M^-1 = 1e8).
+# Identity 5 (docs/method.md section 10) holds where no clipping happens: the two backends clip
+# different matrices (C C^T vs V_xx) when I - (lr/B) W^T M^-1 W is indefinite. A small lr keeps
+# it definite, and so does an eps that bounds Adam's and RMSprop's M^-1 <= 1/eps (with eps 1e-8,
+# a weight whose second moment is still 0, e.g. behind a ReLU that was dead on every earlier
+# batch, has M^-1 = 1e8).
 # shampoo: matrix_eps bounds M^-1 as eps does for Adam (its inverse roots of eps I + a rank-one
 # factor reach eps^(-1/2)). soap is not here: its bases inside the null space of a rank-deficient
 # factor (one of a non-square weight's two always is) are picked by rounding, and the two
@@ -72,9 +74,9 @@ CURVATURES_85 = [("sgd", {}), ("adam", {"eps": 0.1}), ("rmsprop", {"alpha": 0.9,
 @given(chains(conv=True), st.integers(1, 6), st.sampled_from(CURVATURES_85),
        st.sampled_from(["cross_entropy", "mse"]))
 def test_full_rank_exact_factor_equals_exact_gauss_newton_backend(chain, B, curv, loss):
-    """SPEC 8.5: lowrank with the exact terminal factor (r = outputs) and the exact backend
-    under Gauss-Newton give the same steps, losses after, predicted changes and V_xx (see
-    CURVATURES_85 for the no-clipping condition)."""
+    """Identity 5 (docs/method.md section 10): lowrank with the exact terminal factor
+    (r = outputs) and the exact backend under Gauss-Newton give the same steps, losses after,
+    predicted changes and V_xx (see CURVATURES_85 for the no-clipping condition)."""
     widths, use_conv, build = chain
     name, hp = curv
     if name == "ekfac":  # more samples than factor rows (<= 10 here): full-rank factors, else
@@ -164,7 +166,8 @@ def test_rank_one_feedback_is_the_mean_of_per_sample_q_ux_dx(chain, B, curv):
 
 @pytest.mark.parametrize("curv", ["sgd", "adam", "kfac", "ekfac"])
 def test_lowrank_first_order_and_switched_off_order2_are_autograd_order1(curv):
-    """SPEC 8.1 (order 1 is backprop whatever the backend) and 8.2 for the lowrank backend."""
+    """Identities 1 (order 1 is backprop whatever the backend) and 2 of docs/method.md
+    section 10 for the lowrank backend."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
     ms = [copy.deepcopy(base) for _ in range(3)]

@@ -1,4 +1,5 @@
-"""Order 2 and the exact backend: SPEC 8.2, 8.3, 8.4, 8.6, 8.7 and the exact-DDP identity."""
+"""Order 2 and the exact backend: identities 2, 3, 4, 6, 7 of docs/method.md section 10 and
+the exact-DDP identity."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def sgd_policy(lr):
     return policy_fn
 
 
-# -- SPEC 8.2 ----------------------------------------------------------------------------------
+# -- identity 2 (docs/method.md section 10) -------------------------------------------------------
 @SETTINGS
 @given(chains(), st.integers(1, 8), st.sampled_from(["sgd", "adam", "kfac", "full"]),
        st.sampled_from(["cross_entropy", "mse"]))
@@ -75,7 +76,7 @@ def test_order2_without_feedback_and_correction_is_order1_bit_for_bit(chain, B, 
         assert torch.equal(a, b)
 
 
-# -- SPEC 8.3 ----------------------------------------------------------------------------------
+# -- identity 3 (docs/method.md section 10) -------------------------------------------------------
 @SETTINGS
 @given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 4), st.floats(1e-3, 1.0),
        st.integers(0, 100))
@@ -94,7 +95,7 @@ def test_full_newton_step_lands_on_ridge_solution(B, d, K, wd, seed):
     torch.testing.assert_close(model[0].bias, W[:, d], rtol=1e-9, atol=1e-10)
 
 
-# -- SPEC 8.4 ----------------------------------------------------------------------------------
+# -- identity 4 (docs/method.md section 10) -------------------------------------------------------
 @SETTINGS
 @given(chains(), st.integers(1, 6), st.sampled_from(["cross_entropy", "mse"]))
 def test_gauss_newton_quu_equals_ggn_block(chain, B, loss):
@@ -162,7 +163,7 @@ def test_exact_backend_is_the_hessian_of_the_cost_to_go(chain, loss):
         torch.testing.assert_close(exp.Q_xx[0], H_xx, rtol=1e-8, atol=1e-10)
 
 
-# -- SPEC 8.6 ----------------------------------------------------------------------------------
+# -- identity 6 (docs/method.md section 10) -------------------------------------------------------
 @pytest.mark.parametrize("order,feedback", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("curv", ["sgd", "adam", "full"])
 def test_small_lr_loss_change_matches_first_order_term(order, feedback, curv):
@@ -218,7 +219,7 @@ def test_quadratic_problem_predicted_change_is_actual(B, d, K, seed):
     assert opt.last_step.predicted_change == pytest.approx(actual, rel=1e-8, abs=1e-11)
 
 
-# -- SPEC 8.7 ----------------------------------------------------------------------------------
+# -- identity 7 (docs/method.md section 10) -------------------------------------------------------
 @SETTINGS
 @given(chains(), st.integers(1, 6), st.booleans())
 def test_update_pass_at_zero_lr_reproduces_nominal_states(chain, B, feedback):

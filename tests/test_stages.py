@@ -1,4 +1,4 @@
-"""The network as a chain of stages (SPEC section 1): flattening, control-free stages, the
+"""The network as a chain of stages (docs/method.md section 1): flattening, control-free stages, the
 Dropout mask replay and in-place activations."""
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def test_dropout_stage_in_eval_mode_is_the_identity():
 
 
 def test_dropout_mask_is_replayed_in_the_update_pass(make_batches):
-    # lr = 0: the update pass must reproduce the nominal pass, dropout mask included (SPEC 8.7)
+    # lr = 0: the update pass must reproduce the nominal pass, dropout mask included
+    # (identity 7, docs/method.md section 10)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.5), nn.Linear(32, 3))
     opt = OCNOpt(model, curvature="sgd", lr=0.0, track_loss_after=True)

@@ -28,11 +28,17 @@ The peers, which nobody here wrote, run through the same loop:
 
 Hyper-parameters other than the learning rate are fixed per family (``HYPER``) and recorded in
 every result; the learning rate has a hand-set default (``DEFAULT_LR``, not tuned on any split)
-and the ``sweep`` protocol chooses it on the validation split.
+and the ``sweep`` protocol chooses it on the validation split. Any of them can be overridden per
+invocation (``ocnopt bench ... --hp key=value`` or ``--hp name:key=value``): ``parse_hp`` reads
+the values, ``resolve_hp`` assigns them to the optimizers that accept the key
+(``accepted_hyper``), ``parse_optimizer(name, problem, hp)`` applies them; the overrides are
+recorded with the optimizer (``OptimizerSpec.config()["overrides"]``).
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -42,6 +48,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .deps import require
 from .problems import Problem
 
 BACKENDS = ("autograd", "lowrank", "backpack")
@@ -140,9 +147,8 @@ class CurvlinopsKFACStepper:
 
     def __init__(self, model: nn.Module, loss: str, lr: float, damping: float,
                  fisher_type: str, update_every: int, seed: int):
-        from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
-
-        self._K, self._Kinv = KFACLinearOperator, KFACInverseLinearOperator
+        curvlinops = require("curvlinops", "optimizer curvlinops-kfac")
+        self._K, self._Kinv = curvlinops.KFACLinearOperator, curvlinops.KFACInverseLinearOperator
         self.model, self.loss_fn = model, torch_loss(loss)
         self.kfac_params, self.other_params = split_kfac_params(model)
         self.params = self.kfac_params + self.other_params
@@ -206,6 +212,10 @@ class OptimizerSpec:
     backend: str | None = None
     curvature: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: the hyper-parameters set by the invocation (``--hp``), already merged into ``hyper``
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: optional modules the optimizer imports (``check_available`` gives the install hint)
+    requires: tuple[str, ...] = ()
 
     #: the keyword arguments of ``ocnopt.OCNOpt`` (all but lr and seed)
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -218,10 +228,17 @@ class OptimizerSpec:
     def make(self, model: nn.Module, loss: str, lr: float, seed: int) -> Stepper:
         return self.factory(model, loss, lr, seed)
 
+    def check_available(self) -> None:
+        """``ImportError`` with the ``pip install 'ocnopt[...]'`` hint if a module it needs is
+        missing."""
+        for module in self.requires:
+            require(module, f"optimizer {self.name}")
+
     def config(self) -> dict[str, Any]:
         """What a result file records about the optimizer."""
         out: dict[str, Any] = {"name": self.name, "family": self.family,
-                               "description": self.description, "hyper": dict(self.hyper)}
+                               "description": self.description, "hyper": dict(self.hyper),
+                               "overrides": dict(self.overrides)}
         if self.family == "ocnopt":
             out.update(order=self.order, backend=self.backend, curvature=self.curvature,
                        options=dict(self.options))
@@ -264,56 +281,164 @@ def _ocnopt_refusal(problem: Problem, spec: OptimizerSpec) -> str | None:
     return _REFUSALS[key]
 
 
-def _peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
-    if name == "torch-sgd":
-        return OptimizerSpec(name, "torch", DEFAULT_LR["sgd"], {"momentum": 0.9},
-                             "torch.optim.SGD, momentum 0.9",
-                             lambda m, loss, lr, seed: TorchStepper(
-                                 m, loss, torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)))
-    if name == "torch-rmsprop":
-        return OptimizerSpec(name, "torch", DEFAULT_LR["rmsprop"], {}, "torch.optim.RMSprop",
-                             lambda m, loss, lr, seed: TorchStepper(
-                                 m, loss, torch.optim.RMSprop(m.parameters(), lr=lr)))
-    if name == "torch-adam":
-        return OptimizerSpec(name, "torch", DEFAULT_LR["adam"], {}, "torch.optim.Adam",
-                             lambda m, loss, lr, seed: TorchStepper(
-                                 m, loss, torch.optim.Adam(m.parameters(), lr=lr)))
-    if name in ("soap", "shampoo"):
-        return _pytorch_optimizer_peer(name, overrides)
-    lr = overrides.pop("lr", DEFAULT_LR["kfac"])
-    hp: dict[str, Any] = {**CURVLINOPS_KFAC, **overrides}
+#: torch peers: name -> (torch.optim class, DEFAULT_LR key, fixed hyper-parameters)
+TORCH_PEERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "torch-sgd": ("SGD", "sgd", {"momentum": 0.9}),
+    "torch-rmsprop": ("RMSprop", "rmsprop", {}),
+    "torch-adam": ("Adam", "adam", {}),
+}
+PYTORCH_OPTIMIZER_PEERS = {"soap": "SOAP", "shampoo": "Shampoo"}
+
+
+def _kw(hp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in hp.items())
+
+
+def _peer(name: str, overrides: dict[str, Any], hp: dict[str, Any]) -> OptimizerSpec:
+    """A peer with the problem's ``overrides`` and then the invocation's ``hp`` applied."""
+    merged = {**overrides, **hp}
+    if name in TORCH_PEERS:
+        cls_name, key, fixed = TORCH_PEERS[name]
+        lr = merged.pop("lr", DEFAULT_LR[key])
+        kw = {**fixed, **merged}
+        desc = (f"torch.optim.{cls_name}, momentum {kw['momentum']:g}"
+                if name == "torch-sgd" and set(kw) == {"momentum"}
+                else f"torch.optim.{cls_name}" + (f"({_kw(kw)})" if kw else ""))
+
+        def make(m: nn.Module, loss: str, lr: float, seed: int) -> Stepper:
+            return TorchStepper(m, loss, getattr(torch.optim, cls_name)(m.parameters(), lr=lr,
+                                                                        **kw))
+
+        return OptimizerSpec(name, "torch", lr, kw, desc, make, overrides=dict(hp))
+    if name in PYTORCH_OPTIMIZER_PEERS:
+        return _pytorch_optimizer_peer(name, merged, hp)
+    lr = merged.pop("lr", DEFAULT_LR["kfac"])
+    kw = {**CURVLINOPS_KFAC, **merged}
     return OptimizerSpec(
-        name, "curvlinops", lr, hp,
-        f"curvlinops KFACInverseLinearOperator(KFACLinearOperator({hp['fisher_type']} Fisher), "
-        f"damping {hp['damping']:g}) @ grad, rebuilt on the current batch every "
-        f"{hp['update_every']} steps (Linear, Conv2d); normalisation layers: plain gradient",
-        lambda m, loss, lr, seed: CurvlinopsKFACStepper(m, loss, lr, seed=seed, **hp))
+        name, "curvlinops", lr, kw,
+        f"curvlinops KFACInverseLinearOperator(KFACLinearOperator({kw['fisher_type']} Fisher), "
+        f"damping {kw['damping']:g}) @ grad, rebuilt on the current batch every "
+        f"{kw['update_every']} steps (Linear, Conv2d); normalisation layers: plain gradient",
+        lambda m, loss, lr, seed: CurvlinopsKFACStepper(m, loss, lr, seed=seed, **kw),
+        overrides=dict(hp), requires=("curvlinops",))
 
 
-def _pytorch_optimizer_peer(name: str, overrides: dict[str, Any]) -> OptimizerSpec:
-    """``pytorch_optimizer.SOAP`` / ``Shampoo`` at their defaults (overrides by the problem)."""
-    lr = overrides.pop("lr", DEFAULT_LR[name])
-    cls_name = {"soap": "SOAP", "shampoo": "Shampoo"}[name]
+def _pytorch_optimizer_peer(name: str, merged: dict[str, Any], hp: dict[str, Any]
+                            ) -> OptimizerSpec:
+    """``pytorch_optimizer.SOAP`` / ``Shampoo`` at their defaults (overrides by the problem and
+    the invocation)."""
+    lr = merged.pop("lr", DEFAULT_LR[name])
+    cls_name = PYTORCH_OPTIMIZER_PEERS[name]
 
     def make(m: nn.Module, loss: str, lr: float, seed: int) -> Stepper:
-        import pytorch_optimizer
-
+        pytorch_optimizer = require("pytorch_optimizer", f"optimizer {name}")
         return TorchStepper(m, loss, getattr(pytorch_optimizer, cls_name)(m.parameters(), lr=lr,
-                                                                            **overrides))
+                                                                            **merged))
 
-    return OptimizerSpec(name, "pytorch-optimizer", lr, dict(overrides),
-                         f"pytorch_optimizer.{cls_name} at its defaults", make)
+    desc = f"pytorch_optimizer.{cls_name} " + (f"({_kw(merged)})" if merged else "at its defaults")
+    return OptimizerSpec(name, "pytorch-optimizer", lr, dict(merged), desc, make,
+                         overrides=dict(hp), requires=("pytorch_optimizer",))
 
 
-def parse_optimizer(name: str, problem: Problem | None = None) -> OptimizerSpec:
+#: OCNOpt arguments the harness sets itself (from the name, the problem and the run)
+_OCNOPT_FIXED = ("self", "model", "loss", "seed", "curvature", "backend", "order")
+
+
+def accepted_hyper(name: str) -> list[str]:
+    """The hyper-parameters ``--hp`` may set on the optimizer ``name`` (``lr`` for all): the
+    keyword arguments of its torch.optim / pytorch-optimizer class, curvlinops-kfac's damping,
+    fisher_type and update_every, or for an ocnopt mode the arguments of ``ocnopt.OCNOpt``
+    that the name does not fix plus its curvature model's hyper-parameters."""
+    if name in TORCH_PEERS:
+        params = inspect.signature(getattr(torch.optim, TORCH_PEERS[name][0])).parameters
+    elif name in PYTORCH_OPTIMIZER_PEERS:
+        mod = require("pytorch_optimizer", f"optimizer {name}")
+        params = inspect.signature(getattr(mod, PYTORCH_OPTIMIZER_PEERS[name])).parameters
+    elif name == "curvlinops-kfac":
+        return sorted({"lr", *CURVLINOPS_KFAC})
+    else:
+        import ocnopt
+        from ocnopt.curvature import CURVATURES as MODELS
+
+        curvature = str(parse_optimizer(name).curvature)
+        params = inspect.signature(ocnopt.OCNOpt).parameters
+        extra = {"weight_decay", "mu", "trust", *MODELS[curvature].defaults}
+        return sorted({"lr", *extra, *(k for k, p in params.items() if k not in _OCNOPT_FIXED
+                                       and p.kind is not p.VAR_KEYWORD)})
+    return sorted({"lr", *(k for k, p in params.items() if k not in ("self", "params")
+                           and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))})
+
+
+def parse_value(text: str) -> Any:
+    """A ``--hp`` value: a Python literal (``0.1``, ``1e-3``, ``(0.9, 0.99)``, ``0.9,0.99``,
+    ``True``, ``None``; lists become tuples), ``true`` / ``false`` / ``none`` in any case, or
+    else the text itself (``nash``, ``type-2``)."""
+    text = text.strip()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        low = text.lower()
+        return {"true": True, "false": False, "none": None}.get(low, text)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_hp(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["key=value", "name:key=value", ...]`` -> ``{"*": {key: value}, name: {key: value}}``
+    (``"*"``: every optimizer that accepts the key; a later item wins over an earlier one).
+    ``ValueError`` naming the item otherwise."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        lhs, eq, rhs = item.partition("=")
+        target, colon, key = lhs.rpartition(":")
+        key, target = key.strip(), target.strip()
+        if not eq or not key.isidentifier() or (colon and not target):
+            raise ValueError(f"--hp {item!r}: expected key=value or optimizer:key=value (e.g. "
+                             "damping=0.01, lowrank-kfac-fb:trust=1, torch-adam:betas=0.9,0.99)")
+        out.setdefault(target or "*", {})[key] = parse_value(rhs)
+    return out
+
+
+def resolve_hp(names: list[str], hp: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer name, the hyper-parameters of ``hp`` (``parse_hp``) that apply to it: the
+    common ones (``"*"``) it accepts, then its own (which win). ``ValueError`` if a common key
+    is accepted by none of ``names``, if ``name:`` names an optimizer not in ``names``, or if
+    an optimizer does not accept a key given for it."""
+    accepted = {n: accepted_hyper(n) for n in names}
+    out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in hp.get("*", {}).items():
+        takers = [n for n in names if key in accepted[n]]
+        if not takers:
+            raise ValueError(f"--hp {key}={value!r}: none of the optimizers {', '.join(names)} "
+                             f"has a hyper-parameter {key!r}")
+        for n in takers:
+            out[n][key] = value
+    for name, own in hp.items():
+        if name == "*":
+            continue
+        if name not in out:
+            raise ValueError(f"--hp {name}:...: optimizer {name!r} is not among the selected "
+                             f"ones ({', '.join(names)})")
+        for key, value in own.items():
+            if key not in accepted[name]:
+                raise ValueError(f"--hp {name}:{key}={value!r}: optimizer {name!r} has no "
+                                 f"hyper-parameter {key!r}; accepted: "
+                                 f"{', '.join(accepted[name])}")
+            out[name][key] = value
+    return out
+
+
+def parse_optimizer(name: str, problem: Problem | None = None,
+                    hp: dict[str, Any] | None = None) -> OptimizerSpec:
     """The optimizer called ``name`` (with the hyper-parameter overrides of ``problem``, keyed
-    by curvature or by peer name; ``"lr"`` there replaces the default learning rate);
+    by curvature or by peer name, then those of the invocation ``hp``, already resolved for
+    this optimizer by ``resolve_hp``; ``"lr"`` in either replaces the default learning rate);
     ``ValueError`` naming what is accepted otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"optimizer name must be a string, got {type(name).__name__}")
     overrides = problem.hyper if problem is not None else {}
+    hp = dict(hp or {})
     if name in PEERS:
-        return _peer(name, dict(overrides.get(name, {})))
+        return _peer(name, dict(overrides.get(name, {})), hp)
     parts = name.split("-")
     feedback = len(parts) >= 3 and parts[2] == "fb"
     nash = len(parts) == 4 and feedback and parts[3] == "nash"
@@ -330,10 +455,10 @@ def parse_optimizer(name: str, problem: Problem | None = None) -> OptimizerSpec:
         raise ValueError(f"unknown optimizer {name!r}: curvature 'full' needs E[Q_uu] as a matrix, "
                          "which only backend 'autograd' forms (use autograd-full or autograd-full-fb)")
     order = 2 if feedback else 1
-    extra = dict(overrides.get(curvature, {}))
+    extra = {**overrides.get(curvature, {}), **hp}
     lr = extra.pop("lr", DEFAULT_LR[curvature])
-    hp = {**HYPER[curvature], **extra}
-    kwargs = {"curvature": curvature, "backend": backend, "order": order, **hp}
+    hyper = {**HYPER[curvature], **extra}
+    kwargs: dict[str, Any] = {"curvature": curvature, "backend": backend, "order": order}
     options: dict[str, Any] = {}
     if feedback:
         kwargs["feedback"] = True
@@ -341,13 +466,21 @@ def parse_optimizer(name: str, problem: Problem | None = None) -> OptimizerSpec:
     if nash:
         kwargs["game"] = "nash"
         options["game"] = "nash"
+    kwargs.update(hyper)  # the invocation's --hp wins over what the name says (e.g. game)
+    for key in ("feedback", "game"):
+        if key in hp:
+            options[key] = hp[key]
     what = "vanilla DDP (exact value Hessians, full curvature)" if name == "autograd-full-fb" else (
         f"order {order}{' with feedback' if feedback else ''}{', game nash' if nash else ''}, "
         f"curvature {curvature}, backend {backend}")
+    if hp:
+        what += f"; {_kw({k: v for k, v in hp.items() if k != 'lr'})}".rstrip("; ")
+    requires = ("backpack",) if backend == "backpack" else ()
     return OptimizerSpec(
-        name, "ocnopt", lr, hp, f"ocnopt: {what}",
+        name, "ocnopt", lr, hyper, f"ocnopt: {what}",
         lambda m, loss, lr, seed: OCNOptStepper(m, loss, lr=lr, seed=seed, **kwargs),
-        order=order, backend=backend, curvature=curvature, options=options, kwargs=kwargs)
+        order=order, backend=backend, curvature=curvature, options=options, kwargs=kwargs,
+        overrides=hp, requires=requires)
 
 
 def all_names() -> list[str]:
@@ -370,25 +503,51 @@ ALL_SET = (*PEERS, *(f"autograd-{c}" for c in CURVATURES),
            "autograd-adam-fb", "autograd-kfac-fb", "autograd-full-fb")
 
 
-def select(problem: Problem, names: list[str] | None) -> list[OptimizerSpec]:
+def select(problem: Problem, names: list[str] | None,
+           hp: dict[str, dict[str, Any]] | None = None) -> list[OptimizerSpec]:
     """The optimizers named (``None`` or ``["default"]``: ``DEFAULT_SET``; ``["all"]``: every one
-    in ``ALL_SET`` that fits the problem). Named ones that do not fit raise ``ValueError``."""
+    in ``ALL_SET`` that fits the problem), with the invocation's hyper-parameters ``hp``
+    (``parse_hp``; assigned by ``resolve_hp``). Named ones that do not fit raise ``ValueError``;
+    a missing optional dependency raises ``ImportError`` with the install hint."""
     if not names or names == ["default"]:
         specs = [parse_optimizer(n, problem) for n in DEFAULT_SET]
-        return [s for s in specs if s.fits(problem) is None]
-    if names == ["all"]:
+        specs = [s for s in specs if s.fits(problem) is None]
+    elif names == ["all"]:
         specs = [parse_optimizer(n, problem) for n in ALL_SET]
-        return [s for s in specs if s.fits(problem) is None
-                and not (s.exact and problem.exact != "default")]
-    specs = []
-    for n in names:
-        s = parse_optimizer(n, problem)
+        specs = [s for s in specs if s.fits(problem) is None
+                 and not (s.exact and problem.exact != "default")]
+    else:
+        specs = []
+        for n in names:
+            s = parse_optimizer(n, problem)
+            if s.name not in [t.name for t in specs]:
+                specs.append(s)
+    if hp:
+        per = resolve_hp([s.name for s in specs], hp)
+        specs = [parse_optimizer(s.name, problem, per[s.name]) if per[s.name] else s
+                 for s in specs]
+    for s in specs:
+        s.check_available()
         reason = s.fits(problem)
         if reason is not None:
-            raise ValueError(f"optimizer {n!r} does not run on {problem.name}: {reason}")
-        if s.name not in [t.name for t in specs]:
-            specs.append(s)
+            raise ValueError(f"optimizer {s.name!r} does not run on {problem.name}"
+                             f"{' with ' + _kw(s.overrides) if s.overrides else ''}: {reason}")
+        if s.overrides and s.family != "ocnopt":
+            _check_peer(s, problem)
     return specs
+
+
+def _check_peer(spec: OptimizerSpec, problem: Problem) -> None:
+    """Build the peer once on the problem's network: its constructor checks the values of the
+    invocation's hyper-parameters (e.g. torch's Adam refuses betas outside [0, 1))."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec.make(problem.model(0), problem.loss, spec.default_lr, 0)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"optimizer {spec.name!r} refuses {_kw(spec.overrides)}: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                         ) from err
 
 
 def lr_grid(center: float, points: int = 9, decades: float = 4.0) -> list[float]:
@@ -397,3 +556,19 @@ def lr_grid(center: float, points: int = 9, decades: float = 4.0) -> list[float]
         return [float(center)]
     lo = math.log10(center) - decades / 2
     return [float(10 ** (lo + decades * i / (points - 1))) for i in range(points)]
+
+
+def hp_label(hp: dict[str, dict[str, Any]] | None) -> str:
+    """``parse_hp``'s result as text for a table title: ``"damping=0.01; lowrank-kfac-fb:
+    trust=1"``; empty when nothing was set."""
+    parts = []
+    for target, kv in (hp or {}).items():
+        text = ", ".join(f"{k}={_text(v)}" for k, v in kv.items())
+        parts.append(text if target == "*" else f"{target}: {text}")
+    return "; ".join(parts)
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_text(x) for x in v) + ")"
+    return format(v, "g") if isinstance(v, float) else str(v)

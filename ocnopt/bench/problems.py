@@ -1,4 +1,4 @@
-"""The benchmark problems of BENCHMARKS.md: offline data, fixed splits, the networks.
+"""The benchmark problems (docs/benchmarks.md): offline data, fixed splits, the networks.
 
 Every problem has three splits, fixed by ``split_seed`` (default 0) and independent of the
 training seeds:
@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .deps import require
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.3
@@ -103,7 +105,8 @@ class Problem:
 def _split(X: np.ndarray, y: np.ndarray, seed: int, stratify: bool, test: tuple | None = None
            ) -> tuple[np.ndarray, ...]:
     """(X_fit, y_fit, X_val, y_val, X_test, y_test); ``test`` given: split only fit/val."""
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "splitting the benchmark data"
+                               ).train_test_split
 
     if test is None:
         X, X_te, y, y_te = train_test_split(X, y, test_size=TEST_FRACTION, random_state=seed,
@@ -145,7 +148,7 @@ def _tensors(name: str, parts: tuple[np.ndarray, ...], classes: int | None,
 @functools.lru_cache(maxsize=16)
 def load_wine(split_seed: int = SPLIT_SEED) -> Dataset:
     """scikit-learn ``load_wine`` (178 x 13, 3 classes, bundled with scikit-learn)."""
-    from sklearn.datasets import load_wine as sk_load
+    sk_load = require("sklearn.datasets", "the wine data (load_wine)").load_wine
 
     X, y = sk_load(return_X_y=True)
     parts = _standardise(_split(X, y, split_seed, stratify=True), per_feature=True)
@@ -156,7 +159,7 @@ def load_wine(split_seed: int = SPLIT_SEED) -> Dataset:
 def load_digits(split_seed: int = SPLIT_SEED, image: bool = False) -> Dataset:
     """scikit-learn ``load_digits`` (1797 8x8 images, 10 classes, bundled with scikit-learn);
     flattened to 64 features (standardised per feature) or as 1x8x8 images (one scalar)."""
-    from sklearn.datasets import load_digits as sk_load
+    sk_load = require("sklearn.datasets", "the digits data (load_digits)").load_digits
 
     X, y = sk_load(return_X_y=True)
     parts = _standardise(_split(X, y, split_seed, stratify=True), per_feature=not image)

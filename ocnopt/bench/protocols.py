@@ -1,11 +1,12 @@
-"""The protocols of BENCHMARKS.md: train, sweep, overhead and time-to-target.
+"""The benchmark protocols of docs/benchmarks.md: train, sweep, overhead and time-to-target.
 
 Every run writes one JSON file as soon as it finishes (an interrupted invocation keeps the
 finished runs), atomically (a temporary file renamed into place). A file holds:
 
 * ``config``: the problem (data sizes, split seed, subset, network), the optimizer (family,
-  fixed hyper-parameters), the learning rate and where it came from, epochs, batch size,
-  seed, target, thread count;
+  fixed hyper-parameters, those the invocation set with ``--hp``), the learning rate and where
+  it came from, epochs, batch size, steps per epoch, seed, the invocation's seeds and ``hp``,
+  target;
 * ``environment``: library versions, thread count, machine (see ``environment``);
 * ``result``: what the run measured, deterministic for a given seed and thread count;
 * ``timing``: every wall-clock quantity and the dates (the only part that changes between two
@@ -14,6 +15,10 @@ finished runs), atomically (a temporary file renamed into place). A file holds:
 An invocation also writes a manifest ``<protocol>-<problem>.manifest.json`` listing the runs it
 planned and its status (``running``, ``complete`` or ``interrupted``), so that a report can
 say which benchmark did not run to completion.
+
+Runs that differ in anything but the optimizer, its learning rate and the seed belong to
+different configurations (``configuration``): the summaries and the report never put two
+configurations in one table.
 
 Splits: every protocol trains on the ``fit`` split; ``sweep`` chooses the learning rate on the
 ``val`` split only; the ``test`` split is evaluated and reported, never used to choose.
@@ -36,7 +41,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -45,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .measure import cpu_model, quantile
-from .optimizers import OptimizerSpec, lr_grid, parse_optimizer
+from .optimizers import OptimizerSpec, hp_label, lr_grid, parse_optimizer
 from .problems import Dataset, Problem
 
 SCHEMA = "ocnopt.bench/1"
@@ -300,6 +305,8 @@ class RunSettings:
     split_seed: int = 0
     subset: int | None = None
     target: float | None = None
+    #: the invocation's hyper-parameters as ``optimizers.parse_hp`` returns them (recorded)
+    hp: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _record(protocol: str, problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float,
@@ -307,7 +314,9 @@ def _record(protocol: str, problem: Problem, data: Dataset, spec: OptimizerSpec,
             timing: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     config = {"problem": _problem_config(problem, data, s.split_seed, s.subset),
               "optimizer": spec.config(), "lr": lr, "lr_source": lr_source, "epochs": s.epochs,
-              "batch_size": s.batch_size, "seed": seed,
+              "batch_size": s.batch_size,
+              "steps_per_epoch": steps_per_epoch(len(data.y_fit), s.batch_size), "seed": seed,
+              "seeds": list(s.seeds), "hp": s.hp,
               "target": problem.target if s.target is None else s.target,
               "evaluation": "fit/val/test before the first step and after every epoch",
               **(extra or {})}
@@ -358,7 +367,7 @@ def train_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
     names = [f"train-{problem.name}-{spec.name}-seed{seed}.json" for seed, spec in plan]
     manifest = Manifest(out, "train", problem.name, names, {
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
-        "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset,
+        "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp,
         "lrs": {sp.name: lrs.get(sp.name, (sp.default_lr, "default"))[0] for sp in specs}})
     runs = [(name, spec, *lrs.get(spec.name, (spec.default_lr, "default")), seed, None)
             for (seed, spec), name in zip(plan, names)]
@@ -383,9 +392,10 @@ def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
     manifest = Manifest(out, "sweep", problem.name, names, {
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
         "batch_size": s.batch_size, "points": points, "decades": decades,
-        "split_seed": s.split_seed, "subset": s.subset})
+        "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp})
     runs = [(name, spec, lr, f"grid point {i}", seed,
-             {"grid": grid, "grid_index": i, "selection": "val split"})
+             {"grid": grid, "grid_index": i, "points": points, "decades": decades,
+              "selection": "val split"})
             for (seed, spec, i, lr, grid), name in zip(plan, names)]
     return _run_all("sweep", problem, data, specs, s, out, manifest, runs, on_step, on_done)
 
@@ -430,18 +440,40 @@ def _diverged(rec: dict[str, Any]) -> bool:
     return start is not None and end > start
 
 
+def configuration(rec: dict[str, Any]) -> dict[str, Any]:
+    """What a run shares with the other runs of its table: everything but the optimizer, its
+    learning rate and the seed (problem, epochs, batch size, subset, split seed, the seeds and
+    ``--hp`` of its invocation, the target, the sweep grid's size and span, torch threads).
+    Runs of different configurations are never summarised in one table."""
+    c = rec["config"]
+    return {"problem": rec["problem"], "protocol": rec["protocol"], "epochs": c.get("epochs"),
+            "batch_size": c.get("batch_size"), "subset": c["problem"].get("subset"),
+            "split_seed": c["problem"].get("split_seed"), "seeds": c.get("seeds"),
+            "hp": c.get("hp") or {},
+            "target": c.get("target") if rec["protocol"] == "train" else None,
+            "points": c.get("points"), "decades": c.get("decades"),
+            "threads": rec.get("environment", {}).get("threads")}
+
+
+def config_key(rec: dict[str, Any]) -> str:
+    """``configuration(rec)`` and the result folder, as one comparable string."""
+    folder = str(Path(rec["_path"]).parent) if "_path" in rec else ""
+    return json.dumps([folder, _finite(configuration(rec))], sort_keys=True)
+
+
 def _group_key(rec: dict[str, Any]) -> tuple:
     c = rec["config"]
     folder = str(Path(rec["_path"]).parent) if "_path" in rec else ""  # one folder per invocation
     return (rec["problem"], rec["optimizer"], c["lr"], c["epochs"], c["batch_size"],
-            c["problem"]["subset"], c["problem"]["split_seed"], folder)
+            c["problem"]["subset"], c["problem"]["split_seed"], folder, config_key(rec))
 
 
 def train_summary(records: Sequence[dict[str, Any]], reference: str = "torch-sgd"
                   ) -> list[dict[str, Any]]:
-    """Per (problem, optimizer, lr, epochs, ..., result folder) over seeds: final training loss,
-    test metric (mean, std), wall time, time ratio to ``reference`` (from the same folder, i.e.
-    the same invocation), time-to-target, and how many seeds diverged (``_diverged``)."""
+    """Per (problem, optimizer, lr, configuration, result folder) over seeds: final training
+    loss, test metric (mean, std), wall time, time ratio to ``reference`` (same folder and
+    configuration), time-to-target, and how many seeds diverged (``_diverged``). ``config_key``
+    tells the rows of different configurations apart (never one table)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("kind") == "run" and r["protocol"] == "train":
@@ -456,9 +488,16 @@ def train_summary(records: Sequence[dict[str, Any]], reference: str = "torch-sgd
         time_m, time_s = mean_std([r["timing"]["train_seconds"] for r in recs])
         ttt = [time_to_target(r) for r in recs]
         hit = [t for t in ttt if t["seconds"] is not None]
+        c0 = recs[0]["config"]
+        fit = c0["problem"].get("sizes", {}).get("fit")
+        spe = c0.get("steps_per_epoch") or (steps_per_epoch(fit, c0["batch_size"]) if fit
+                                            else None)
         rows.append({
             "problem": key[0], "optimizer": key[1], "lr": key[2], "epochs": key[3],
             "batch_size": key[4], "subset": key[5], "metric": metric,
+            "steps_per_epoch": spe, "planned_steps": spe * key[3] if spe else None,
+            "config_key": key[8], "configuration": configuration(recs[0]),
+            "overrides": c0["optimizer"].get("overrides") or {},
             "lr_source": recs[0]["config"]["lr_source"],
             "family": recs[0]["config"]["optimizer"]["family"],
             "order": recs[0]["config"]["optimizer"].get("order"),
@@ -472,27 +511,53 @@ def train_summary(records: Sequence[dict[str, Any]], reference: str = "torch-sgd
             "target_steps": statistics.median([t["step"] for t in hit]) if hit else None,
         })
     for row in rows:
-        ref = [r for r in rows if r["optimizer"] == reference and r["problem"] == row["problem"]
-               and r["epochs"] == row["epochs"] and r["batch_size"] == row["batch_size"]
-               and r["subset"] == row["subset"] and r["folder"] == row["folder"]]
+        ref = [r for r in rows if r["optimizer"] == reference
+               and r["config_key"] == row["config_key"]]
         row["time_ratio"] = (row["seconds"] / ref[0]["seconds"]
                              if ref and ref[0]["seconds"] and row["seconds"] is not None else None)
     return rows
 
 
+def _tunability(val: list[float], metric: str, margin: float) -> tuple[float, int]:
+    """(share of the grid within ``margin`` of the best of ``val``, index of the best)."""
+    if metric == "accuracy":
+        best = max(val)
+        within = [v >= best - margin for v in val]
+    else:
+        best = min(val)
+        within = [v <= best * (1 + margin) for v in val]
+    return sum(within) / len(val), val.index(best)
+
+
+def _score(r: dict[str, Any], metric: str) -> float:
+    """Validation score of a sweep run; a diverged run scores 0 accuracy / +inf mse."""
+    fin = r["result"]["final"]
+    v = fin.get("val_accuracy" if metric == "accuracy" else "val_loss")
+    if r["result"]["diverged"] or v is None:
+        return 0.0 if metric == "accuracy" else math.inf
+    return v
+
+
 def sweep_summary(records: Sequence[dict[str, Any]], margin: float = 0.02
                   ) -> list[dict[str, Any]]:
-    """Per (problem, optimizer): the validation score of every grid point (mean over seeds;
-    accuracy, or mse for regression; a diverged run scores 0 accuracy / +inf mse), the chosen
-    learning rate (best validation score), the test metric there (mean over seeds), and the
-    tunability = share of the grid within ``margin`` of the best validation score (accuracy:
-    ``margin`` absolute, 2 points; mse: within a factor 1 + ``margin``)."""
+    """Per (problem, optimizer, configuration, result folder): the validation score of every
+    grid point (mean over seeds; accuracy, or mse for regression; a diverged run scores 0
+    accuracy / +inf mse), the chosen learning rate (best mean validation score), the test
+    metric there (mean over seeds), and the tunability with its spread over seeds.
+
+    Tunability of one seed = share of the grid within ``margin`` of that seed's best
+    validation score (accuracy: ``margin`` absolute, 2 points; mse: within a factor
+    1 + ``margin``). Reported: ``tunability`` = mean over seeds of the per-seed tunability,
+    ``tunability_std`` = their standard deviation (ddof 1; 0 for one seed),
+    ``tunability_per_seed``, and ``tunability_of_mean`` = the tunability of the seed-mean curve.
+    One seed per grid point cannot tell a difference of a few grid points from float rounding
+    at high learning rates; hence several seeds by default."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("kind") == "run" and r["protocol"] == "sweep":
             c = r["config"]
             groups.setdefault((r["problem"], r["optimizer"], c["epochs"], c["batch_size"],
-                               c["problem"]["subset"]), []).append(r)
+                               c["problem"]["subset"], config_key(r)), []).append(r)
     rows = []
     for key, recs in groups.items():
         metric = recs[0]["config"]["problem"]["metric"]
@@ -502,34 +567,29 @@ def sweep_summary(records: Sequence[dict[str, Any]], margin: float = 0.02
         grid = sorted(by_lr)
         val, test = [], []
         for lr in grid:
-            scores, tests = [], []
-            for r in by_lr[lr]:
-                fin = r["result"]["final"]
-                if metric == "accuracy":
-                    v = fin.get("val_accuracy")
-                    scores.append(0.0 if r["result"]["diverged"] or v is None else v)
-                    tests.append(fin.get("test_accuracy"))
-                else:
-                    v = fin.get("val_loss")
-                    scores.append(math.inf if r["result"]["diverged"] or v is None else v)
-                    tests.append(fin.get("test_loss"))
-            val.append(statistics.fmean(scores))
-            test.append(mean_std(tests)[0])
-        if metric == "accuracy":
-            best = max(val)
-            i_best = val.index(best)
-            within = [v >= best - margin for v in val]
-        else:
-            best = min(val)
-            i_best = val.index(best)
-            within = [v <= best * (1 + margin) for v in val]
+            val.append(statistics.fmean(_score(r, metric) for r in by_lr[lr]))
+            test.append(mean_std([r["result"]["final"].get(
+                "test_accuracy" if metric == "accuracy" else "test_loss") for r in by_lr[lr]])[0])
+        tun_mean, i_best = _tunability(val, metric, margin)
+        per_seed: dict[int, float] = {}
+        for seed in sorted({r["seed"] for r in recs}):
+            mine = sorted((r for r in recs if r["seed"] == seed), key=lambda r: r["config"]["lr"])
+            per_seed[seed] = _tunability([_score(r, metric) for r in mine], metric, margin)[0]
+        tun, tun_std = mean_std(list(per_seed.values()))
         rows.append({
             "problem": key[0], "optimizer": key[1], "epochs": key[2], "batch_size": key[3],
-            "subset": key[4], "metric": metric,
+            "subset": key[4], "metric": metric, "config_key": key[5],
+            "configuration": configuration(recs[0]),
+            "folder": str(Path(recs[0]["_path"]).parent) if "_path" in recs[0] else "",
+            "overrides": recs[0]["config"]["optimizer"].get("overrides") or {},
             "family": recs[0]["config"]["optimizer"]["family"],
             "order": recs[0]["config"]["optimizer"].get("order"),
-            "grid": grid, "val": val, "test": test, "best_val": best, "best_lr": grid[i_best],
-            "test_at_best": test[i_best], "tunability": sum(within) / len(grid),
+            "grid": grid, "val": val, "test": test, "best_val": val[i_best],
+            "best_lr": grid[i_best], "test_at_best": test[i_best],
+            "tunability": tun, "tunability_std": tun_std,
+            "tunability_per_seed": {str(k): v for k, v in per_seed.items()},
+            "tunability_of_mean": tun_mean,
+            "tunability_spread": "mean ± std (ddof 1) over seeds of the per-seed tunability",
             "points": len(grid), "seeds": sorted({r["seed"] for r in recs}),
             "diverged": sum(_diverged(r) for r in recs),
         })
@@ -537,9 +597,20 @@ def sweep_summary(records: Sequence[dict[str, Any]], margin: float = 0.02
 
 
 def lrs_from_sweep(folder: Path, problem: str) -> dict[str, tuple[float, str]]:
-    """name -> (learning rate chosen on the val split, source) from the sweep files in folder."""
+    """name -> (learning rate chosen on the val split, source) from the sweep files in folder.
+    ``ValueError`` if the folder holds sweeps of one optimizer in several configurations
+    (``configuration``): which one to take would be a guess."""
     rows = [r for r in sweep_summary(read_results(folder)) if r["problem"] == problem]
-    return {r["optimizer"]: (r["best_lr"], f"sweep (val split) in {folder}") for r in rows}
+    out: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        if r["optimizer"] in out:
+            raise ValueError(f"{folder} holds sweeps of {r['optimizer']} on {problem} in several "
+                             "configurations (epochs, batch, seeds, --hp, grid, ...); keep one "
+                             "sweep per folder")
+        hp = r["configuration"].get("hp")
+        out[r["optimizer"]] = (r["best_lr"], f"sweep (val split) in {folder}"
+                               + (f" with --hp {hp_label(hp)}" if hp else ""))
+    return out
 
 
 # ---- overhead -----------------------------------------------------------------------------------
@@ -587,8 +658,8 @@ def peak_memory(run: Callable[[], None]) -> int | None:
 def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec], out: Path,
                       batch_size: int, seed: int = 0, warmup: int = 10, rounds: int = 20,
                       block: int = 5, memory_steps: int = 11, split_seed: int = 0,
-                      subset: int | None = None, on_step: StepCallback | None = None
-                      ) -> dict[str, Any]:
+                      subset: int | None = None, on_step: StepCallback | None = None,
+                      hp: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Protocol ``overhead``, in one process. Time: every optimizer gets its own copy of the
     same initial model and cycles through the same minibatches of the fit split; after
     ``warmup`` steps each, ``rounds`` rounds run ``block`` consecutive steps per optimizer, the
@@ -597,7 +668,8 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
     as a ratio to torch-sgd. Memory: afterwards, per optimizer, a fresh model and optimizer run
     ``memory_steps`` steps under ``torch.profiler``; the peak of live bytes above the start
     (optimizer state, gradients, temporaries; not the model or the data) and its ratio."""
-    ref = parse_optimizer("torch-sgd", problem)
+    ref = next((s for s in specs if s.name == "torch-sgd"), None) or \
+        parse_optimizer("torch-sgd", problem)
     specs = [ref] + [s for s in specs if s.name != ref.name]
     g = torch.Generator().manual_seed(seed)
     idx = list(torch.randperm(len(data.y_fit), generator=g).split(batch_size))
@@ -667,6 +739,7 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
                    "optimizers": [s.name for s in specs], "reference": ref.name,
                    "batch_size": batch_size, "warmup": warmup, "rounds": rounds, "block": block,
                    "memory_steps": memory_steps, "seed": seed, "parameters": n_params,
+                   "hp": hp or {},
                    "lr": "each optimizer's default",
                    "method": "one process; interleaved shuffled rounds; time.perf_counter_ns per "
                              "step; memory from torch.profiler allocator events"},

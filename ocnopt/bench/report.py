@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .protocols import mean_std, read_results, sweep_summary, train_summary
+from .deps import require
+from .optimizers import hp_label
+from .protocols import config_key, mean_std, read_results, sweep_summary, train_summary
 
 BEGIN = "<!-- ocnopt bench report: begin -->"
 END = "<!-- ocnopt bench report: end -->"
@@ -66,8 +68,7 @@ def _metric_name(metric: str) -> str:
 # ---- plots ----------------------------------------------------------------------------------------
 def _plt() -> Any:
     os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
+    matplotlib = require("matplotlib", "ocnopt bench report (the plots)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -202,35 +203,73 @@ def _completion(records: list[dict[str, Any]], folder: Path) -> list[str]:
     return notes
 
 
-def _folder(rec: dict[str, Any]) -> str:
-    return str(Path(rec["_path"]).parent) if "_path" in rec else ""
+#: how a configuration field reads in a label, when tables of one problem differ in it
+_CONFIG_WORDS = {"epochs": "{} epochs", "batch_size": "batch {}", "subset": "subset {}",
+                 "split_seed": "split seed {}", "seeds": "seeds {}", "target": "target {}",
+                 "points": "{} points", "decades": "{} decades", "threads": "{} thread(s)"}
+
+
+def _config_words(conf: dict[str, Any], fields: Sequence[str]) -> list[str]:
+    words = []
+    for f in fields:
+        v = conf.get(f)
+        if f == "hp":
+            words.append(f"--hp {hp_label(v)}" if v else "no --hp")
+        elif f == "seeds" and isinstance(v, list):
+            words.append("seeds " + ", ".join(map(str, v)))
+        elif f in _CONFIG_WORDS:
+            words.append(_CONFIG_WORDS[f].format("n/a" if v is None else v))
+    return words
+
+
+def _groups(rows: list[dict[str, Any]], lr_labels: bool) -> list[tuple[str, str, str]]:
+    """(problem, config_key, label) for every configuration (``protocols.configuration``; one
+    folder each) of every problem, in order of appearance. One table each: runs of different
+    configurations never share a table. The label tells the tables of one problem apart: by
+    the configuration fields that differ between them, else (train) by where the learning
+    rates came from, else by the folder's name."""
+    keys = list(dict.fromkeys((r["problem"], r.get("config_key", "")) for r in rows))
+    out = []
+    for prob, key in keys:
+        label = prob
+        same = [k for p, k in keys if p == prob]
+        if len(same) > 1:
+            mine = next(r for r in rows if r.get("config_key", "") == key)
+            confs = [next(r for r in rows if r.get("config_key", "") == k)["configuration"]
+                     for k in same]
+            differ = [f for f in mine["configuration"]
+                      if len({repr(c.get(f)) for c in confs}) > 1]
+            words = _config_words(mine["configuration"], differ)
+            if not words and lr_labels:
+                prows = [r for r in rows if r["config_key"] == key]
+                if all(r["lr_source"].startswith("sweep") for r in prows):
+                    words = ["learning rates chosen on the validation split by the sweep"]
+                elif all(r["lr_source"] == "default" for r in prows):
+                    words = ["default learning rates"]
+            if not words:
+                words = [Path(mine["folder"]).name or "."]
+            label += f" ({', '.join(words)})"
+        out.append((prob, key, label))
+    return out
 
 
 def _train_groups(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(problem, folder, label) for every invocation folder of every problem; the label tells
-    the folders of one problem apart (sweep-chosen learning rates, or the folder's name)."""
-    pairs = list(dict.fromkeys((r["problem"], r["folder"]) for r in rows))
-    out = []
-    for prob, folder in pairs:
-        label = prob
-        if sum(p == prob for p, _ in pairs) > 1:
-            tuned = all(r["lr_source"].startswith("sweep") for r in rows
-                        if r["problem"] == prob and r["folder"] == folder)
-            default = all(r["lr_source"] == "default" for r in rows
-                          if r["problem"] == prob and r["folder"] == folder)
-            label += (" (learning rates chosen on the validation split by the sweep)" if tuned
-                      else " (default learning rates)" if default else f" ({Path(folder).name})")
-        out.append((prob, folder, label))
-    return out
+    return _groups(rows, lr_labels=True)
+
+
+ORDER_NOTE = ("Mode: *peer* = another library's optimizer; *ocnopt, order 1* = backpropagation "
+              "plus the curvature model's step (the torch.optim-equivalent step, docs/method.md "
+              "sections 3-4); *ocnopt, order 2* = the feedback policies du = k + K dx with the "
+              "value correction (docs/method.md section 6).")
 
 
 def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[str, list]:
     rows = train_summary(records)
     out = []
-    for prob, folder, label in _train_groups(rows):
-        prow = [r for r in rows if r["problem"] == prob and r["folder"] == folder]
+    for k, (prob, key, label) in enumerate(_train_groups(rows)):
+        prow = [r for r in rows if r["config_key"] == key]
         recs = [r for r in records if r.get("kind") == "run" and r["protocol"] == "train"
-                and r["problem"] == prob and _folder(r) == folder]
+                and config_key(r) == key]
         c = recs[0]["config"]
         metric = prow[0]["metric"]
         seeds = sorted({s for r in prow for s in r["seeds"]})
@@ -241,12 +280,16 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
         out.append(f"### train: {label}\n")
         out.append(f"{c['problem']['description']}; network {c['problem']['network']}; splits "
                    f"fit/val/test = {sizes['fit']}/{sizes['val']}/{sizes['test']}"
-                   f"{' (subset)' if c['problem']['subset'] else ''}; {prow[0]['epochs']} epochs of "
-                   f"minibatches of {prow[0]['batch_size']} ({prow[0]['steps']} steps); seeds "
+                   f"{' (subset)' if c['problem']['subset'] else ''}; "
+                   f"{prow[0]['planned_steps'] or prow[0]['steps']} steps ({prow[0]['epochs']} "
+                   f"epochs x {prow[0]['steps_per_epoch'] or '?'}) of "
+                   f"minibatches of {prow[0]['batch_size']}; seeds "
                    f"{', '.join(map(str, seeds))}; learning rates: {'; '.join(sources)}"
-                   f"{' (val: chosen by the sweep)' if len(sources) > 1 else ''}. Time: the "
+                   f"{' (val: chosen by the sweep)' if len(sources) > 1 else ''}"
+                   f"{'; --hp ' + hp_label(c.get('hp')) if c.get('hp') else ''}. Time: the "
                    "training loop only (evaluation excluded); x torch-sgd = ratio of the means in "
-                   "the same invocation. Time to target: median over the seeds that reached it.\n")
+                   "the same configuration. Time to target: median over the seeds that reached "
+                   f"it. {ORDER_NOTE}\n")
         mixed = len(sources) > 1
         header = ["optimizer", "mode", "lr", "final train loss", _metric_name(metric),
                   "train time (s)", "x torch-sgd", f"time to {tname}", "notes"]
@@ -273,8 +316,8 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in sorted(recs, key=lambda r: (r["optimizer"], r["config"]["lr"], r["seed"])):
             groups.setdefault(f"{r['optimizer']} (lr {_lr(r['config']['lr'])})", []).append(r)
-        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-        img = images / f"train-{slug}.png"
+        slug = re.sub(r"[^a-z0-9]+", "-", prob.lower()).strip("-")
+        img = images / (f"train-{slug}.png" if label == prob else f"train-{slug}-{k}.png")
         plot_curves(groups, f"{label}: training loss over {len(seeds)} seed(s) (geometric mean, "
                             "± 1 std of the log)", img)
         out.append(f"\n![{label}: loss vs step and vs time]({rel}{img.name})\n")
@@ -284,27 +327,35 @@ def _train_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
 def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[str, list]:
     rows = sweep_summary(records)
     out = []
-    for prob in dict.fromkeys(r["problem"] for r in rows):
-        prow = [r for r in rows if r["problem"] == prob]
+    for k, (prob, key, label) in enumerate(_groups(rows, lr_labels=False)):
+        prow = [r for r in rows if r["config_key"] == key]
+        hp = prow[0]["configuration"].get("hp")
+        planned = prow[0]["configuration"].get("seeds") or sorted(
+            {s for r in prow for s in r["seeds"]})
         metric = prow[0]["metric"]
         pts = {r["points"] for r in prow}
         lo = min(min(r["grid"]) for r in prow)
-        out.append(f"### sweep: {prob}\n")
+        out.append(f"### sweep: {label}\n")
         spans = {round(math.log10(max(r["grid"]) / min(r["grid"])), 2) for r in prow}
         note = ""
         if min(pts) < 8 or min(spans) < 4:
             note = " **The grid is smaller than the protocol's (>= 8 values over 4 decades).**"
         out.append(
             f"{prow[0]['epochs']} epochs, batch {prow[0]['batch_size']}, seeds "
-            f"{', '.join(map(str, prow[0]['seeds']))}; per optimizer {sorted(pts)} learning rates "
+            f"{', '.join(map(str, planned))}{'; --hp ' + hp_label(hp) if hp else ''}; "
+            f"per optimizer {sorted(pts)} learning rates "
             f"log-spaced over {sorted(spans)} decades around its default (lowest {lo:.2g}). The "
             "learning rate is chosen on the validation split; the test metric is read once, at "
-            "the chosen rate. Tunability: share of the grid whose validation "
-            + ("accuracy is within 2 points of the optimizer's best" if metric == "accuracy"
-               else "MSE is within 2 % of the optimizer's best") + f".{note}\n")
+            "the chosen rate (both: mean over seeds). Tunability: share of the grid whose "
+            "validation " + ("accuracy is within 2 points of the optimizer's best" if metric ==
+                             "accuracy" else "MSE is within 2 % of the optimizer's best")
+            + ", computed per seed, reported as mean ± std (ddof 1) over the seeds; a "
+            "difference between two optimizers smaller than these spreads is noise (float "
+            f"rounding alone makes runs part at high learning rates). {ORDER_NOTE}{note}\n")
         header = ["optimizer", "mode", "grid", "best val." + (" acc. (%)" if metric == "accuracy"
                                                                else " MSE"),
-                  "chosen lr", _metric_name(metric) + " at chosen lr", "tunability", "diverged runs"]
+                  "chosen lr", _metric_name(metric) + " at chosen lr",
+                  "tunability (mean ± std over seeds)", "diverged runs"]
         body = []
         for r in sorted(prow, key=lambda r: (r["family"] == "ocnopt", r["order"] or 0,
                                               r["optimizer"])):
@@ -314,12 +365,14 @@ def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
                 else f"{r['test_at_best']:.4g}")
             body.append([f"`{r['optimizer']}`", _mode(r),
                          f"{_lr(min(r['grid']))} .. {_lr(max(r['grid']))} ({r['points']})", best,
-                         _lr(r["best_lr"]), test, f"{100 * r['tunability']:.0f} %",
+                         _lr(r["best_lr"]), test, _tun(r) + (
+                             f" ({len(r['seeds'])}/{len(planned)} seeds)"
+                             if len(r["seeds"]) < len(planned) else ""),
                          str(r["diverged"])])
         out.append(_table(header, body, "llrrrrrr"))
-        img = images / f"sweep-{prob}.png"
-        plot_sweep(prow, f"{prob}: validation metric vs learning rate", img)
-        out.append(f"\n![{prob}: validation metric vs learning rate]({rel}{img.name})\n")
+        img = images / (f"sweep-{prob}.png" if label == prob else f"sweep-{prob}-{k}.png")
+        plot_sweep(prow, f"{label}: validation metric vs learning rate", img)
+        out.append(f"\n![{label}: validation metric vs learning rate]({rel}{img.name})\n")
     return "\n".join(out), rows
 
 
@@ -334,6 +387,7 @@ def _overhead_section(records: list[dict[str, Any]], images: Path, rel: str) -> 
         out.append(f"### overhead: {prob}\n")
         out.append(
             f"{c['parameters']} parameters, batch {c['batch_size']}, {c['warmup']} warm-up steps, "
+            f"{'--hp ' + hp_label(c.get('hp')) + ', ' if c.get('hp') else ''}"
             f"then {c['rounds']} interleaved rounds of {c['block']} steps per optimizer (order "
             f"shuffled each round), {rec['environment']['threads']} thread(s). Time per step: "
             "median (and mean, which amortises periodic work such as K-FAC inverses) over the "
@@ -356,6 +410,13 @@ def _overhead_section(records: list[dict[str, Any]], images: Path, rel: str) -> 
         plot_overhead(rows, f"{prob}: cost per step relative to torch-sgd", img)
         out.append(f"\n![{prob}: overhead]({rel}{img.name})\n")
     return "\n".join(out), summaries
+
+
+def _tun(r: dict[str, Any]) -> str:
+    """Tunability as "33 ± 6 %" (mean ± std over seeds)."""
+    if r.get("tunability") is None:
+        return "n/a"
+    return f"{100 * r['tunability']:.0f} ± {100 * (r.get('tunability_std') or 0):.0f} %"
 
 
 def _better(a: float, b: float, accuracy: bool) -> bool:
@@ -398,9 +459,8 @@ def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
               overhead: list[dict[str, Any]]) -> list[str]:
     """Plain statements computed from the tables (no judgement beyond the numbers)."""
     lines = []
-    for prob_, folder, prob in _train_groups(train):
-        rows = [r for r in train if r["problem"] == prob_ and r["folder"] == folder
-                and r["test"] is not None]
+    for _, key, prob in _train_groups(train):
+        rows = [r for r in train if r.get("config_key", "") == key and r["test"] is not None]
         if not rows:
             continue
         acc = rows[0]["metric"] == "accuracy"
@@ -444,18 +504,21 @@ def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
                 line = None if other is None else _versus(prob, r, r_what, other, other_what, fmt)
                 if line is not None:
                     lines.append(line)
-    for prob in dict.fromkeys(r["problem"] for r in sweep):
-        rows = [r for r in sweep if r["problem"] == prob]
-        peers = [r["tunability"] for r in rows if r["family"] != "ocnopt"]
-        o1 = [r["tunability"] for r in rows if r["family"] == "ocnopt" and r["order"] == 1]
-        o2 = [r["tunability"] for r in rows if r["family"] == "ocnopt" and r["order"] == 2]
+    for _, key, prob in _groups(sweep, lr_labels=False):
+        rows = [r for r in sweep if r.get("config_key", "") == key and r["tunability"] is not None]
         parts = []
-        for label, xs in (("peers", peers), ("ocnopt order 1", o1), ("ocnopt order 2", o2)):
+        for label, sel in (("peers", lambda r: r["family"] != "ocnopt"),
+                           ("ocnopt order 1", lambda r: r["family"] == "ocnopt" and r["order"] == 1),
+                           ("ocnopt order 2", lambda r: r["family"] == "ocnopt" and r["order"] == 2)):
+            xs = [r["tunability"] for r in rows if sel(r)]
             if xs:
                 m, _ = mean_std(xs)
+                spread = max((r["tunability_std"] or 0) for r in rows if sel(r))
                 parts.append(f"{label} {100 * (m or 0):.0f} % (range {100 * min(xs):.0f}-"
-                             f"{100 * max(xs):.0f} %)")
-        lines.append(f"- sweep {prob}: mean tunability " + "; ".join(parts) + ".")
+                             f"{100 * max(xs):.0f} %; largest std over seeds "
+                             f"{100 * spread:.0f} points)")
+        if parts:
+            lines.append(f"- sweep {prob}: mean tunability " + "; ".join(parts) + ".")
     for prob in dict.fromkeys(r["problem"] for r in overhead):
         rows = [r for r in overhead if r["problem"] == prob and r["optimizer"] != "torch-sgd"]
         if rows:
