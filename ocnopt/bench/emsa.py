@@ -9,7 +9,7 @@ wd/2 |theta_t|^2 (``weight_decay``, 0 by default). The Hamiltonian of layer t is
 
     H_t(x, p, theta) = p . f_t(x, theta) - (1/S) L_t(theta)
 
-and one E-MSA iteration (the paper's Algorithm 2, one minibatch) is:
+and one E-MSA iteration (the paper's extended MSA, on one minibatch) is:
 
 1. forward states: x_{s,0} = input_s, x_{s,t+1} = f_t(x_{s,t}, theta_t^k);
 2. backward co-states: p_{s,T} = -(1/S) grad_x Phi(x_{s,T}, y_s),
