@@ -183,3 +183,15 @@ def test_cli_refuses_bad_scales(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--scales '1,-2'" in res.output
     res = runner.invoke(app, ["bench", "claims", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "not a directory" in res.output
+
+
+def test_guarded_stepper_turns_a_linalg_error_into_divergence() -> None:
+    class Broken:
+        skipped = 0
+
+        def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+            torch.linalg.svd(torch.full((2, 2), float("nan")))
+            raise torch.linalg.LinAlgError("non-finite")  # where svd returns NaNs quietly
+
+    st = protocols.GuardedStepper(Broken())
+    assert math.isnan(st.step(torch.zeros(1), torch.zeros(1))) and st.errors == ["non-finite"]

@@ -308,7 +308,7 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
     lines = ["## Claim 2: the feedback prevents vanishing gradients", "",
              "Protocol `trace` on `digits-deep` (12 Linear layers of width 32 with Sigmoid: the "
              "gradient of the early layers shrinks by the Sigmoid's slope, at most 1/4, per "
-             "layer), default learning rates. Every 10 steps and per layer: |Δθ_t| (the update "
+             "layer), default learning rates. Every N steps and per layer: |Δθ_t| (the update "
              "the optimizer made), |dJ/dθ_t| (the parameter gradient of the batch loss) and "
              "|V_x| (the value gradient: the root mean square over the batch of the gradient of "
              "a sample's loss at the layer's output, from a separate autograd pass before the "
@@ -321,7 +321,8 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
         return lines + ["_No traced digits-deep results in this folder._", ""], verdicts
     lines += ["Commands:", "", _code(_commands(records, "trace", "digits-deep")), "",
               _environment_line(recs), "", _train_rows_table(recs, True), "",
-              "ms / step includes the trace (one extra forward and backward every 10 steps). "
+              f"N = {recs[0]['result']['trace']['every']}. ms / step includes the trace (one "
+              "extra forward and backward every N steps). "
               "first / last layer: ratio of the geometric means over steps and seeds (a ratio "
               "far below 1: the early layers get vanishing gradients or updates).", ""]
     groups: dict[str, list[dict[str, Any]]] = {}

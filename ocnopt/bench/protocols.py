@@ -729,7 +729,10 @@ class NormTracer:
     (``layer_gradient_norms``, computed on the step's batch before the step), and for ocnopt
     |k_t| (``opt.last_step.stages[i].k_norm``, the open-loop part of the update). The trace
     runs inside the timed step: a traced run's time includes about one extra forward and
-    backward pass every ``every`` steps."""
+    backward pass every ``every`` steps. A ``torch.linalg.LinAlgError`` of the optimizer (a
+    factorisation of non-finite statistics, e.g. Shampoo's SVD after a blow-up) is recorded in
+    ``trace["errors"]`` and the step returns NaN: the run ends as diverged instead of ending
+    the invocation."""
 
     def __init__(self, stepper: Any, model: nn.Module, loss: str, every: int):
         self.stepper, self.model, self.loss, self.every = stepper, model, loss, every
@@ -753,7 +756,11 @@ class NormTracer:
             gn, vx = layer_gradient_norms(self.model, self.loss, inputs, targets)
             before = [[p.detach().clone() for p in m.parameters(recurse=False)]
                       for _, m in self.layers]
-        value = self.stepper.step(inputs, targets)
+        try:
+            value = self.stepper.step(inputs, targets)
+        except torch.linalg.LinAlgError as err:  # e.g. an SVD of non-finite statistics
+            self.trace.setdefault("errors", []).append(f"step {self.k}: {err}")
+            value = math.nan  # the run ends as diverged
         if traced:
             upd = [math.sqrt(sum(float(((p.detach() - q) ** 2).sum())
                                  for p, q in zip(m.parameters(recurse=False), old)))
@@ -819,6 +826,33 @@ def trace_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
 INIT_SCALES = (0.5, 1.0, 2.0, 4.0)
 
 
+class GuardedStepper:
+    """A stepper whose ``torch.linalg.LinAlgError`` (a factorisation of non-finite statistics
+    after a blow-up, e.g. SOAP's or Shampoo's) ends the run as diverged (the step returns NaN)
+    instead of ending a whole grid; the messages are kept in ``errors``."""
+
+    def __init__(self, stepper: Any):
+        self.stepper = stepper
+        self.errors: list[str] = []
+
+    @property
+    def skipped(self) -> int:
+        return int(self.stepper.skipped)
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float:
+        try:
+            return self.stepper.step(inputs, targets)
+        except torch.linalg.LinAlgError as err:
+            self.errors.append(str(err))
+            return math.nan
+
+
+def guarded(spec: OptimizerSpec) -> OptimizerSpec:
+    """``spec`` with its steppers wrapped in ``GuardedStepper``."""
+    return dataclasses.replace(spec, factory=lambda m, loss, lr, seed: GuardedStepper(
+        spec.make(m, loss, lr, seed)))
+
+
 def scaled_problem(problem: Problem, scale: float) -> Problem:
     """The problem with every initial parameter (weights and biases, as drawn by the network's
     default initialisation) multiplied by ``scale``."""
@@ -864,8 +898,8 @@ def robustness_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimiz
         warm_up(problem, data, specs, s.batch_size)
         for (seed, spec, i, lr, grid, j, scale), name in zip(plan, names):
             started = _now()
-            result, timing = train_one(scaled[j], data, spec, lr, seed, s.epochs, s.batch_size,
-                                       on_step)
+            result, timing = train_one(scaled[j], data, guarded(spec), lr, seed, s.epochs,
+                                       s.batch_size, on_step)
             timing.update(started_at=started, finished_at=_now())
             rec = _record("robustness", problem, data, spec, lr, f"grid point {i}", seed, s,
                           result, timing, {"init_scale": scale, "scales": list(scales),
