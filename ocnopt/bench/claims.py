@@ -39,6 +39,8 @@ ORDER1_OF = {"lowrank-adam-fb": "autograd-adam", "lowrank-kfac-fb": "autograd-kf
              "autograd-kfac-fb": "autograd-kfac", "autograd-adam-fb": "autograd-adam",
              "lowrank-sgd-fb": "autograd-sgd", "lowrank-ekfac-fb": "autograd-ekfac",
              "lowrank-soap-fb": "autograd-soap", "lowrank-shampoo-fb": "autograd-shampoo"}
+#: the problems the study covers when run in full
+STUDY_PROBLEMS = ("digits-fcn", "digits-deep", "mnist1d-mlp", "digits-resnet")
 #: the optimal-control peers of claim 3
 OC_PEERS = ("emsa", "autograd-full-fb")
 
@@ -432,6 +434,10 @@ def _reductions(records: list[dict[str, Any]]) -> list[str]:
     lines = ["## Settings that depart from the protocol defaults", ""]
     for (proto, prob), notes in sorted(seen.items()):
         lines.append(f"- {proto} {prob}: {'; '.join(sorted(notes)) if notes else 'none'}")
+    ran = {prob for _, prob in seen}
+    missing = [p for p in STUDY_PROBLEMS if p not in ran]
+    if missing:
+        lines.append(f"- not run here (no result files): {', '.join(missing)}")
     return lines + [""]
 
 
