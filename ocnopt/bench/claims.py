@@ -107,6 +107,25 @@ def _final_train_loss(r: dict[str, Any]) -> float | None:
     return None if r["result"]["diverged"] or v is None else v
 
 
+#: a run "does not train" when its final training loss stays above this share of the initial one
+STALL = 0.98
+
+
+def _stalled(recs: list[dict[str, Any]], name: str) -> bool:
+    """Every run of ``name`` ends with a training loss >= STALL x min(its initial loss, the
+    chance-level loss ln C of C classes, the loss of predicting uniform probabilities), or
+    diverged."""
+    mine = [r for r in recs if r["optimizer"] == name]
+    out = []
+    for r in mine:
+        end, start = _final_train_loss(r), r["result"]["curve"][0].get("train_loss")
+        classes = r["config"]["problem"].get("classes")
+        if start is not None and classes:
+            start = min(start, math.log(classes))
+        out.append(end is None or start is None or end >= STALL * start)
+    return bool(mine) and all(out)
+
+
 def _sec_per_step(r: dict[str, Any]) -> float:
     return r["timing"]["train_seconds"] / max(r["result"]["steps"], 1)
 
@@ -330,6 +349,12 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         groups.setdefault(r["optimizer"], []).append(r)
+    stalled = sorted(n for n in groups if _stalled(recs, n))
+    trained = sorted(n for n in groups if n not in stalled)
+    lines += [f"Optimizers whose every run ends within {100 * (1 - STALL):.0f} % of the "
+              "chance-level training loss ln 10 (or of its initial loss, if lower): they do not "
+              f"train here: {', '.join(stalled) or 'none'}; the others: "
+              f"{', '.join(trained) or 'none'}.", ""]
     png = images / "claims-norms-digits-deep.png"
     plot_norms(groups, "digits-deep: per-layer norms against step and depth", png)
     lines += [f"![norms digits-deep]({rel}{png.name})", ""]
@@ -339,6 +364,8 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
         for other in (o1, "torch-sgd", "torch-adam"):
             if o2 in loss and other in loss:
                 v, m, se = paired_verdict(_paired(loss[o2], loss[other], lower_better=True))
+                if _stalled(recs, o2) and _stalled(recs, other):
+                    v = "does not hold (neither trains: both stay at the chance-level loss)"
                 vt.append([o2, other, _fmt(m, "+.3f"), _fmt(se, ".3f"), v])
                 verdicts.append({"claim": 2, "problem": "digits-deep", "mode": o2,
                                  "versus": other, "what": "final training loss", "verdict": v,
@@ -387,6 +414,9 @@ def _claim3(records: list[dict[str, Any]]) -> tuple[list[str], list]:
             for peer in OC_PEERS:
                 if o2 in names and peer in names:
                     v1, m1, s1 = paired_verdict(_paired(loss[o2], loss[peer], lower_better=True))
+                    if _stalled(recs, o2) and _stalled(recs, peer):
+                        v1 = ("not distinguishable (neither trains: both stay at the "
+                              "chance-level loss)")
                     v2, m2, s2 = paired_verdict(_paired(sps[o2], sps[peer], lower_better=True))
                     vt.append([o2, peer, f"{_fmt(m1, '+.3f')} ± {_fmt(s1, '.3f')}", v1,
                                f"{_fmt(None if m2 is None else 1e3 * m2, '+.1f')} ± "
@@ -412,6 +442,23 @@ def _claim3(records: list[dict[str, Any]]) -> tuple[list[str], list]:
                   _table(["optimizer", "median ms / step", "x torch-sgd", "steps timed"],
                          [[n, f"{r['median_ms']:.1f}", f"{r['median_ratio']:.1f}",
                            str(r["steps_timed"])] for n, r in rows.items()], "lrrr"), ""]
+        vt = []
+        for o2 in ORDER1_OF:
+            for peer in OC_PEERS:
+                if o2 in rows and peer in rows:
+                    a, b = rows[o2], rows[peer]
+                    v = ("holds" if a["p75_ms"] < b["p25_ms"] else "does not hold"
+                         if a["p25_ms"] > b["p75_ms"] else "not distinguishable from noise")
+                    vt.append([o2, peer, f"{b['median_ms'] / a['median_ms']:.1f}", v])
+                    verdicts.append({"claim": 3, "problem": rec["problem"], "mode": o2,
+                                     "versus": peer, "what": "runtime, protocol overhead",
+                                     "verdict": v, "mean": b["median_ms"] - a["median_ms"],
+                                     "se": None})
+        if vt:
+            lines += ["Runtime verdict: *holds* when the 75th percentile of order 2's step times "
+                      "is below the 25th percentile of the peer's (*does not hold*: the "
+                      "reverse):", "", _table(["order 2", "versus", "peer's median / order 2's",
+                                               "verdict"], vt, "llrl"), ""]
     return lines, verdicts
 
 
