@@ -194,3 +194,15 @@ def test_guarded_stepper_turns_a_linalg_error_into_divergence() -> None:
 
     st = protocols.GuardedStepper(Broken())
     assert math.isnan(st.step(torch.zeros(1), torch.zeros(1))) and st.errors == ["non-finite"]
+
+
+def test_stalled_means_chance_level_loss() -> None:
+    def rec(name: str, start: float, end: float) -> dict:
+        return {"optimizer": name, "config": {"problem": {"classes": 10}},
+                "result": {"diverged": False, "final": {"train_loss": end},
+                           "curve": [{"train_loss": start}]}}
+
+    recs = [rec("a", 2.40, 2.3029), rec("a", 2.35, 2.31), rec("b", 2.40, 2.3), rec("b", 2.4, 1.0)]
+    assert claims._stalled(recs, "a")  # ln 10 = 2.3026: both runs stay at chance level
+    assert not claims._stalled(recs, "b")  # one run trains
+    assert not claims._stalled(recs, "c")  # no runs

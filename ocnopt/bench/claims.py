@@ -158,7 +158,8 @@ def plot_robustness(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     n = len(rows)
     cols = min(4, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols + 1, 3.1 * nrows), squeeze=False,
+                             constrained_layout=True)
     for ax, row in zip(axes.flat, rows):
         grid = [[k / len(row["seeds"]) for k in line] for line in row["reached"]]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
