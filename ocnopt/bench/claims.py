@@ -438,8 +438,11 @@ def _claim3(records: list[dict[str, Any]]) -> tuple[list[str], list]:
         lines += [f"### overhead {rec['problem']}", "", "Commands:", "",
                   _code(_commands(records, "overhead", rec["problem"]) or
                         [f"ocnopt bench overhead {rec['problem']} -o "
-                         f"{','.join(rec['config']['optimizers'])} --rounds "
-                         f"{rec['config']['rounds']} --block {rec['config']['block']}"]), "",
+                         f"{','.join(rec['config']['optimizers'])} --warmup "
+                         f"{rec['config']['warmup']} --rounds {rec['config']['rounds']} --block "
+                         f"{rec['config']['block']} --memory-steps "
+                         f"{rec['config']['memory_steps']} --out "
+                         f"{Path(rec['_path']).parent}"]), "",
                   _table(["optimizer", "median ms / step", "x torch-sgd", "steps timed"],
                          [[n, f"{r['median_ms']:.1f}", f"{r['median_ratio']:.1f}",
                            str(r["steps_timed"])] for n, r in rows.items()], "lrrr"), ""]
