@@ -6,6 +6,9 @@
     ocnopt bench overhead digits-fcn           protocol overhead (time and memory per step)
     ocnopt bench report results/bench          Markdown + PNG plots from saved results
     ocnopt --version                           (also ``python -m ocnopt ...``)
+    ocnopt bench trace digits-deep             train with per-layer norms traced (claim 2)
+    ocnopt bench robustness digits-fcn         learning rate x init scale grid (claim 1)
+    ocnopt bench claims results/claims         the study page docs/claims.md
 
 The protocols are described in docs/benchmarks.md. ``--hp key=value`` (repeatable) sets any
 hyper-parameter of the optimizers that accept it, ``--hp name:key=value`` of one optimizer.
@@ -641,6 +644,186 @@ def report_cmd(
         return
     _console().print(f"report written to {target} (plots in {images}); {summary['files']} result "
                      "files", highlight=False)
+
+
+# ---- the papers' claims: trace, robustness, claims page (docs/claims.md) -------------------------
+def _argv() -> list[str]:
+    return ["ocnopt", *sys.argv[1:]]
+
+
+@bench.command("trace", short_help="Protocol train with per-layer update and gradient norms traced.")
+def trace_cmd(
+    problem: Annotated[str, typer.Argument(help="Problem name (see `ocnopt bench list`).")],
+    optimizers: OptOption = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the problem's).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds 0..N-1 per optimizer.")] = 3,
+    every: Annotated[int, typer.Option(help="Trace the norms every N steps.")] = 10,
+    out: OutOption = DEFAULT_OUT,
+    subset: SubsetOption = None,
+    threads: ThreadsOption = 1,
+    json_out: JsonOption = False,
+) -> None:
+    """Protocol train at the default learning rates with, every N steps and per layer, the
+    update norm |Delta theta_t|, the gradient norm |dJ/dtheta_t|, the value-gradient norm
+    |V_x| at the layer's output (a separate autograd pass) and ocnopt's |k_t|, saved in each
+    result's `result.trace` (claim 2: vanishing gradients, e.g. on digits-deep)."""
+    from .bench.problems import load
+    from .bench.protocols import RunSettings, steps_per_epoch, trace_protocol
+
+    with usage_errors():
+        prob = _problem(problem)
+        for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--every", every),
+                        ("--subset", subset), ("--threads", threads)):
+            _positive(name, v)
+        specs = _optimizers(prob, optimizers)
+        out = _writable(out)
+    _threads(threads)
+    settings = RunSettings(epochs=epochs or prob.epochs, batch_size=prob.batch_size,
+                           seeds=list(range(seeds)), subset=subset)
+    data = load(prob, 0, subset)
+    total = len(specs) * seeds * settings.epochs * steps_per_epoch(len(data.y_fit),
+                                                                   settings.batch_size)
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    fb = Feedback(total, f"trace {prob.name}", quiet=json_out)
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        fb.done(rec)
+
+    try:
+        with fb:
+            trace_protocol(prob, data, specs, settings, out, every, _argv(), on_step=fb.step,
+                           on_done=done)
+    except KeyboardInterrupt:
+        _interrupted(records, len(specs) * seeds, out)
+        _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out,
+                         "interrupted")
+        raise typer.Exit(130) from None
+    _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out, "complete")
+
+
+@bench.command("robustness",
+               short_help="Protocol robustness: learning rate x initialisation scale grid, seeds.")
+def robustness_cmd(
+    problem: Annotated[str, typer.Argument(help="Problem name (see `ocnopt bench list`).")],
+    optimizers: OptOption = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the problem's).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per grid point (protocol: >= 3).")] = 3,
+    lr_points: Annotated[int, typer.Option(help="Learning rates (protocol: >= 6).")] = 6,
+    lr_decades: Annotated[float, typer.Option(help="Decades the learning rates span, centred "
+                                                   "on the optimizer's default.")] = 3.0,
+    scales: Annotated[str, typer.Option(help="Initialisation scales, comma-separated "
+                                             "(protocol: >= 4): every initial parameter times "
+                                             "the scale.")] = "0.5,1,2,4",
+    target: Annotated[float | None, typer.Option(
+        help="Test accuracy to reach (mse problems: test loss to go under); default: the "
+             "problem's.")] = None,
+    out: OutOption = DEFAULT_OUT,
+    subset: SubsetOption = None,
+    threads: ThreadsOption = 1,
+    json_out: JsonOption = False,
+) -> None:
+    """Protocol robustness (claim 1, sensitivity to hyper-parameters): every optimizer on a
+    grid of learning rates x initialisation scales, several seeds per point; reports the share
+    of grid points whose final test accuracy reaches the target (mean ± std over seeds)."""
+    from .bench.problems import load
+    from .bench.protocols import (
+        RunSettings,
+        robustness_protocol,
+        robustness_summary,
+        steps_per_epoch,
+    )
+
+    with usage_errors():
+        prob = _problem(problem)
+        for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--lr-decades", lr_decades),
+                        ("--subset", subset), ("--threads", threads), ("--target", target)):
+            _positive(name, v)
+        if lr_points < 2:
+            raise UsageError(f"--lr-points must be at least 2, got {lr_points}")
+        try:
+            scale_list = [float(c) for c in scales.split(",") if c.strip()]
+        except ValueError as err:
+            raise UsageError(f"--scales {scales!r}: expected comma-separated positive numbers"
+                             ) from err
+        if not scale_list or any(not c > 0 for c in scale_list):
+            raise UsageError(f"--scales {scales!r}: expected comma-separated positive numbers")
+        specs = _optimizers(prob, optimizers)
+        out = _writable(out)
+    _threads(threads)
+    settings = RunSettings(epochs=epochs or prob.epochs, batch_size=prob.batch_size,
+                           seeds=list(range(seeds)), subset=subset, target=target)
+    data = load(prob, 0, subset)
+    n_runs = len(specs) * seeds * lr_points * len(scale_list)
+    total = n_runs * settings.epochs * steps_per_epoch(len(data.y_fit), settings.batch_size)
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    fb = Feedback(total, f"robustness {prob.name}", quiet=json_out)
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        fb.done(rec)
+
+    status = "complete"
+    try:
+        with fb:
+            robustness_protocol(prob, data, specs, settings, out, lr_points, lr_decades,
+                                scale_list, _argv(), on_step=fb.step, on_done=done)
+    except KeyboardInterrupt:
+        _interrupted(records, n_runs, out)
+        status = "interrupted"
+    rows = robustness_summary(records)
+    seconds = time.perf_counter() - started
+    if json_out:
+        _emit_json({"protocol": "robustness", "problem": prob.name, "status": status,
+                    "out": str(out), "seconds": seconds, "rows": rows})
+    else:
+        t = Table(title=f"robustness {prob.name}: {lr_points} learning rates x "
+                        f"{len(scale_list)} init scales, {seeds} seeds, {settings.epochs} epochs",
+                  caption="share of grid points reaching the target: mean ± std over seeds")
+        for col in ("optimizer", "target", "share reached", "reached by all seeds", "diverged"):
+            t.add_column(col, justify="left" if col == "optimizer" else "right")
+        for r in rows:
+            t.add_row(r["optimizer"], f"{r['target']:g}",
+                      f"{100 * r['share']:.0f} ± {100 * (r['share_std'] or 0):.0f} %",
+                      f"{100 * r['share_all_seeds']:.0f} %", f"{r['diverged']}/{r['runs']}")
+        _console().print(t)
+        _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out}",
+                         highlight=False)
+    if status != "complete":
+        raise typer.Exit(130)
+
+
+@bench.command("claims", short_help="The study page of the papers' claims (docs/claims.md).")
+def claims_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder with saved results (searched "
+                                                "recursively): robustness, trace, overhead.")],
+    out: Annotated[Path, typer.Option("--out", help="Markdown file to write; plots go to a "
+                                                    "folder '<name>-plots' beside it.")
+                   ] = Path("docs/claims.md"),
+    json_out: JsonOption = False,
+) -> None:
+    """The study page of the papers' three claims (sensitivity to hyper-parameters, vanishing
+    gradients, E-MSA and vanilla DDP), made from saved result files only: per claim the
+    commands that produced them, tables, plots and a plain verdict."""
+    from .bench.claims import render_claims
+
+    with usage_errors():
+        if not folder.is_dir():
+            raise UsageError(f"{folder}: not a directory")
+        images = out.parent / f"{out.stem}-plots"
+        try:
+            images.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot write the page to {out}: {err.strerror or err}") from err
+        rel = os.path.relpath(images, out.parent) + "/"
+        page, summary = render_claims(folder, images, rel, " ".join(_argv()))
+    out.write_text(page)
+    if json_out:
+        _emit_json({"page": str(out), "images": str(images), **summary})
+        return
+    _console().print(f"claims page written to {out} (plots in {images})", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,7 @@ def test_list(tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     assert [p["name"] for p in data["problems"]] == [
         "wine-fcn", "digits-fcn", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn", "quadratic",
-        "digits-resnet", "digits-inception", "mnist1d-resnet"]
+        "digits-resnet", "digits-inception", "mnist1d-resnet", "digits-deep"]
     opts = {o["name"]: o for o in data["optimizers"]}
     assert {"torch-sgd", "curvlinops-kfac", "autograd-adam", "lowrank-kfac-fb",
             "autograd-full-fb", "lowrank-kfac-fb-nash", "lowrank-adam-fb-nash"} <= set(opts)

@@ -9,11 +9,11 @@ import importlib.util
 
 import pytest
 import torch
+from ocnopt.backends import AutogradBackend, LowRankBackend, MemoryBudgetError
 from torch import nn
 
 import ocnopt
 from ocnopt import OCNOpt
-from ocnopt.backends import AutogradBackend, LowRankBackend, MemoryBudgetError
 
 HAS_BACKPACK = importlib.util.find_spec("backpack") is not None
 

@@ -9,10 +9,10 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from ocnopt.backends import BACKENDS
 from torch import nn
 
 from ocnopt import OCNOpt
-from ocnopt.backends import BACKENDS
 
 SUPPORTED = r"[Ss]upported layers: .*Linear"
 

@@ -24,12 +24,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ocnopt.backends.autograd import AutogradBackend, ExactValue
+from ocnopt.backends.lowrank import LowRankBackend, LowRankValue
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import ocnopt
-from ocnopt.backends.autograd import AutogradBackend, ExactValue
-from ocnopt.backends.lowrank import LowRankBackend, LowRankValue
 from ocnopt.graph import build_graph
 from ocnopt.ode import ODEBlock, reset_solver_statistics, solver_statistics
 

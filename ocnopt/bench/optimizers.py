@@ -25,6 +25,8 @@ The peers, which nobody here wrote, run through the same loop:
   gradient step, other layers with parameters (Conv1d) are refused.
 * ``soap``, ``shampoo``: ``pytorch_optimizer.SOAP`` / ``Shampoo`` at their documented defaults
   (ocnopt's ``autograd-soap`` / ``autograd-shampoo`` are the same steps).
+* ``emsa``: E-MSA (Li, Chen, Tai and E, JMLR 2018), the earlier optimal-control optimizer:
+  per-layer maximisation of the augmented Hamiltonian (``ocnopt.bench.emsa``), chains only.
 
 Hyper-parameters other than the learning rate are fixed per family (``HYPER``) and recorded in
 every result; the learning rate has a hand-set default (``DEFAULT_LR``, not tuned on any split)
@@ -219,6 +221,8 @@ class OptimizerSpec:
 
     #: the keyword arguments of ``ocnopt.OCNOpt`` (all but lr and seed)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: peers with their own limits: problem -> None when it runs there, else the reason
+    refusal: Callable[[Problem], str | None] | None = None
 
     @property
     def exact(self) -> bool:
@@ -253,6 +257,8 @@ class OptimizerSpec:
                     f"{problem.name} is too large for them")
         if self.family == "ocnopt":
             return _ocnopt_refusal(problem, self)
+        if self.refusal is not None:
+            return self.refusal(problem)
         return None
 
 
@@ -437,6 +443,8 @@ def parse_optimizer(name: str, problem: Problem | None = None,
         raise TypeError(f"optimizer name must be a string, got {type(name).__name__}")
     overrides = problem.hyper if problem is not None else {}
     hp = dict(hp or {})
+    if name in OC_PEERS:
+        return emsa_spec({**overrides.get(name, {}), **hp})
     if name in PEERS:
         return _peer(name, dict(overrides.get(name, {})), hp)
     parts = name.split("-")
@@ -446,7 +454,7 @@ def parse_optimizer(name: str, problem: Problem | None = None,
             or (len(parts) == 4 and not nash) \
             or parts[0] not in BACKENDS or parts[1] not in CURVATURES:
         raise ValueError(
-            f"unknown optimizer {name!r}: accepted {', '.join(PEERS)} or "
+            f"unknown optimizer {name!r}: accepted {', '.join(PEERS + OC_PEERS)} or "
             f"<backend>-<curvature>[-fb[-nash]] with backend in {{{', '.join(BACKENDS)}}} and "
             f"curvature in {{{', '.join(CURVATURES)}}} ('-fb': order 2 with feedback, cooperative "
             "game; '-fb-nash': order 2, game 'nash')")
@@ -485,7 +493,7 @@ def parse_optimizer(name: str, problem: Problem | None = None,
 
 def all_names() -> list[str]:
     """Every optimizer name the registry accepts."""
-    names = list(PEERS)
+    names = list(PEERS) + list(OC_PEERS)
     for fb in ("", "-fb", "-fb-nash"):
         for b in BACKENDS:
             for c in CURVATURES:
@@ -572,3 +580,39 @@ def _text(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "(" + ", ".join(_text(x) for x in v) + ")"
     return format(v, "g") if isinstance(v, float) else str(v)
+
+
+# ---- E-MSA, the earlier optimal-control optimizer ----------------------------------------------
+#: optimal-control peers (not in the ``all`` set: chains only, and slow)
+OC_PEERS = ("emsa",)
+#: E-MSA's hyper-parameters: hand-set on digits-fcn (5 epochs, seed 0); rho = 1 with Adam's
+#: lr 3e-3 diverges there, rho = 0.1 and 0.01 both train
+EMSA_HYPER: dict[str, Any] = {"rho": 0.1, "inner_steps": 3, "inner": "adam", "weight_decay": 0.0}
+DEFAULT_LR["emsa"] = 3e-3
+
+
+def _emsa_refusal(problem: Problem) -> str | None:
+    from .emsa import chain_layers
+
+    try:
+        chain_layers(problem.model(0))
+    except (TypeError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def emsa_spec(overrides: dict[str, Any]) -> OptimizerSpec:
+    """E-MSA (``ocnopt.bench.emsa.EMSA``) with ``EMSA_HYPER`` (overrides by the problem; ``"lr"``
+    there replaces the inner optimizer's default learning rate)."""
+    lr = overrides.pop("lr", DEFAULT_LR["emsa"])
+    hp = {**EMSA_HYPER, **overrides}
+
+    def make(m: nn.Module, loss: str, lr: float, seed: int) -> Stepper:
+        from .emsa import EMSA
+
+        return EMSA(m, loss, lr=lr, **hp)
+
+    return OptimizerSpec(
+        "emsa", "emsa", lr, hp,
+        f"E-MSA (Li et al. 2018): {hp['inner_steps']} {hp['inner']} steps per layer on the "
+        f"augmented Hamiltonian, rho {hp['rho']:g}", make, refusal=_emsa_refusal)

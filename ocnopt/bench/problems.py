@@ -14,10 +14,10 @@ Inputs are standardised with statistics of the ``fit`` split only (per feature f
 fully-connected problems, one scalar for the images). mnist1d comes standardised by
 ``make_dataset`` itself and is used as generated.
 
-Shapes (N = samples): wine-fcn (N, 13), 3 classes; digits-fcn (N, 64), 10 classes; digits-cnn
-(N, 1, 8, 8), 10 classes; mnist1d-mlp (N, 40), 10 classes; mnist1d-cnn (N, 1, 40), 10 classes;
-quadratic (N, 100) with targets (N, 1); the graph networks digits-resnet and digits-inception
-(N, 1, 8, 8), mnist1d-resnet (N, 1, 40), 10 classes.
+Shapes (N = samples): wine-fcn (N, 13), 3 classes; digits-fcn and digits-deep (N, 64), 10
+classes; digits-cnn (N, 1, 8, 8), 10 classes; mnist1d-mlp (N, 40), 10 classes; mnist1d-cnn
+(N, 1, 40), 10 classes; quadratic (N, 100) with targets (N, 1); the graph networks
+digits-resnet and digits-inception (N, 1, 8, 8), mnist1d-resnet (N, 1, 40), 10 classes.
 
 The graph networks are plain ``nn.Module`` classes (residual adds, ``torch.cat`` of branches,
 BatchNorm) whose ``forward`` ``torch.fx.symbolic_trace`` traces; they are trained in train mode
@@ -428,3 +428,12 @@ def load(problem: str | Problem, split_seed: int = SPLIT_SEED, subset: int | Non
     """The problem's data (offline), split by ``split_seed``, each split cut to ``subset``."""
     p = get_problem(problem) if isinstance(problem, str) else problem
     return p.load(split_seed).subset(subset)
+
+
+# digits-deep: the vanishing-gradient problem (a deep chain of saturating activations)
+DEEP_LAYERS = 12
+PROBLEMS["digits-deep"] = Problem(
+    "digits-deep", "scikit-learn digits, 64 features, 10 classes",
+    f"{DEEP_LAYERS} Linear, hidden 32, Sigmoid (saturating: gradients vanish with depth)",
+    "cross_entropy", load_digits, lambda: fcn(64, 32, 10, layers=DEEP_LAYERS, activation=nn.Sigmoid),
+    epochs=20, batch_size=32, target=0.9)

@@ -27,6 +27,7 @@ Splits: every protocol trains on the ``fit`` split; ``sweep`` chooses the learni
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .measure import cpu_model, quantile
-from .optimizers import OptimizerSpec, hp_label, lr_grid, parse_optimizer
+from .optimizers import OptimizerSpec, hp_label, lr_grid, parse_optimizer, torch_loss
 from .problems import Dataset, Problem
 
 SCHEMA = "ocnopt.bench/1"
@@ -751,3 +752,284 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
     }
     write_json(Path(out) / f"overhead-{problem.name}.json", rec)
     return rec
+
+
+# ---- per-layer norms (protocol trace) -----------------------------------------------------------
+def parametrised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module that owns trainable parameters, in definition order."""
+    return [(name, m) for name, m in model.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def layer_gradient_norms(model: nn.Module, loss: str, inputs: Tensor, targets: Tensor
+                         ) -> tuple[list[float], list[float]]:
+    """A separate autograd pass on the batch (buffers such as BatchNorm statistics restored
+    afterwards), per layer with parameters: |dJ/dtheta_t| (the parameter gradient of the batch
+    mean loss J) and |V_x| = sqrt(mean_s |d l_s / d y_{s,t}|^2), the root mean square over the
+    samples of the gradient of the sample's loss l_s at the layer's output y_t (the value
+    gradient there: the first-order part of the value function at that state)."""
+    layers = parametrised_layers(model)
+    outputs: list[Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for _, m in layers]
+    buffers = [b.clone() for b in model.buffers()]
+    try:
+        with torch.enable_grad():
+            value = torch_loss(loss)(model(inputs), targets)
+            params = [[p for p in m.parameters(recurse=False) if p.requires_grad] for _, m in layers]
+            flat = [p for ps in params for p in ps]
+            grads = torch.autograd.grad(value, flat + outputs, allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+    n = len(targets)
+    g_par, g_out = grads[:len(flat)], grads[len(flat):]
+    grad_norm, i = [], 0
+    for ps in params:
+        sq = sum(float((g ** 2).sum()) for g in g_par[i:i + len(ps)] if g is not None)
+        grad_norm.append(math.sqrt(sq))
+        i += len(ps)
+    vx = [0.0 if g is None else float((n * g).reshape(n, -1).pow(2).sum(1).mean().sqrt())
+          for g in g_out]
+    return grad_norm, vx
+
+
+class NormTracer:
+    """Wraps a stepper: every ``every`` steps (from step 0) records, per layer with parameters,
+    |Delta theta_t| (the update the optimizer made, any optimizer), |dJ/dtheta_t| and |V_x|
+    (``layer_gradient_norms``, computed on the step's batch before the step), and for ocnopt
+    |k_t| (``opt.last_step.stages[i].k_norm``, the open-loop part of the update). The trace
+    runs inside the timed step: a traced run's time includes about one extra forward and
+    backward pass every ``every`` steps. A ``torch.linalg.LinAlgError`` of the optimizer (a
+    factorisation of non-finite statistics, e.g. Shampoo's SVD after a blow-up) is recorded in
+    ``trace["errors"]`` and the step returns NaN: the run ends as diverged instead of ending
+    the invocation."""
+
+    def __init__(self, stepper: Any, model: nn.Module, loss: str, every: int):
+        self.stepper, self.model, self.loss, self.every = stepper, model, loss, every
+        self.layers = parametrised_layers(model)
+        self.k = 0
+        self.trace: dict[str, Any] = {
+            "every": every, "layers": [name for name, _ in self.layers], "steps": [],
+            "update_norm": [], "grad_norm": [], "value_grad_norm": [], "k_norm": [],
+            "value_gradient": "|V_x| = RMS over the batch of d l_s / d y_t at each layer's output "
+                              "y_t, from a separate autograd pass before the step; grad_norm: "
+                              "|dJ/dtheta_t| of the batch mean loss",
+            "update": "|theta_t after - theta_t before| of the step (weights and bias)"}
+
+    @property
+    def skipped(self) -> int:
+        return int(self.stepper.skipped)
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float:
+        traced = self.k % self.every == 0
+        if traced:
+            gn, vx = layer_gradient_norms(self.model, self.loss, inputs, targets)
+            before = [[p.detach().clone() for p in m.parameters(recurse=False)]
+                      for _, m in self.layers]
+        try:
+            value = self.stepper.step(inputs, targets)
+        except torch.linalg.LinAlgError as err:  # e.g. an SVD of non-finite statistics
+            self.trace.setdefault("errors", []).append(f"step {self.k}: {err}")
+            value = math.nan  # the run ends as diverged
+        if traced:
+            upd = [math.sqrt(sum(float(((p.detach() - q) ** 2).sum())
+                                 for p, q in zip(m.parameters(recurse=False), old)))
+                   for (_, m), old in zip(self.layers, before)]
+            t = self.trace
+            t["steps"].append(self.k)
+            t["update_norm"].append(upd)
+            t["grad_norm"].append(gn)
+            t["value_grad_norm"].append(vx)
+            last = getattr(getattr(self.stepper, "opt", None), "last_step", None)
+            t["k_norm"].append([float(s.k_norm) for s in last.stages]
+                               if last is not None and getattr(last, "stages", None) else None)
+        self.k += 1
+        return value
+
+
+def trace_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
+                   s: RunSettings, out: Path, every: int = 10, argv: list[str] | None = None,
+                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None
+                   ) -> list[dict[str, Any]]:
+    """Protocol ``train`` with per-layer norms traced (``NormTracer``): every optimizer x seed,
+    seed-major, at the default learning rates; each result file is a train result (protocol
+    ``train``, the same tables) with ``result.trace`` added and ``config.trace_every``."""
+    plan = [(seed, spec) for seed in s.seeds for spec in specs]
+    names = [f"train-{problem.name}-{spec.name}-seed{seed}.json" for seed, spec in plan]
+    manifest = Manifest(out, "trace", problem.name, names, {
+        "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
+        "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset,
+        "trace_every": every, "argv": argv,
+        "lrs": {sp.name: sp.default_lr for sp in specs}})
+    records = []
+    status = "interrupted"
+    try:
+        warm_up(problem, data, specs, s.batch_size)
+        for (seed, spec), name in zip(plan, names):
+            tracers: list[NormTracer] = []
+
+            def make(m: nn.Module, loss: str, lr: float, sd: int,
+                     spec: OptimizerSpec = spec, tracers: list[NormTracer] = tracers) -> Any:
+                tracers.append(NormTracer(spec.make(m, loss, lr, sd), m, loss, every))
+                return tracers[-1]
+
+            traced = dataclasses.replace(spec, factory=make)
+            started = _now()
+            result, timing = train_one(problem, data, traced, spec.default_lr, seed, s.epochs,
+                                       s.batch_size, on_step)
+            timing.update(started_at=started, finished_at=_now())
+            result["trace"] = tracers[-1].trace
+            rec = _record("train", problem, data, spec, spec.default_lr, "default", seed, s,
+                          result, timing, {"trace_every": every})
+            write_json(out / name, rec)
+            manifest.done(name)
+            records.append(rec)
+            if on_done is not None:
+                on_done(rec)
+        status = "complete"
+    finally:
+        manifest.close(status)
+    return records
+
+
+# ---- robustness: learning rate x initialisation scale -------------------------------------------
+INIT_SCALES = (0.5, 1.0, 2.0, 4.0)
+
+
+class GuardedStepper:
+    """A stepper whose ``torch.linalg.LinAlgError`` (a factorisation of non-finite statistics
+    after a blow-up, e.g. SOAP's or Shampoo's) ends the run as diverged (the step returns NaN)
+    instead of ending a whole grid; the messages are kept in ``errors``."""
+
+    def __init__(self, stepper: Any):
+        self.stepper = stepper
+        self.errors: list[str] = []
+
+    @property
+    def skipped(self) -> int:
+        return int(self.stepper.skipped)
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float:
+        try:
+            return self.stepper.step(inputs, targets)
+        except torch.linalg.LinAlgError as err:
+            self.errors.append(str(err))
+            return math.nan
+
+
+def guarded(spec: OptimizerSpec) -> OptimizerSpec:
+    """``spec`` with its steppers wrapped in ``GuardedStepper``."""
+    return dataclasses.replace(spec, factory=lambda m, loss, lr, seed: GuardedStepper(
+        spec.make(m, loss, lr, seed)))
+
+
+def scaled_problem(problem: Problem, scale: float) -> Problem:
+    """The problem with every initial parameter (weights and biases, as drawn by the network's
+    default initialisation) multiplied by ``scale``."""
+
+    def build() -> nn.Module:
+        model = problem.build()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+        return model
+
+    return dataclasses.replace(problem, build=build)
+
+
+def robustness_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
+                        s: RunSettings, out: Path, lr_points: int = 6, lr_decades: float = 3.0,
+                        scales: Sequence[float] = INIT_SCALES, argv: list[str] | None = None,
+                        on_step: StepCallback | None = None, on_done: DoneCallback | None = None
+                        ) -> list[dict[str, Any]]:
+    """Protocol ``robustness``: for every optimizer the grid of ``lr_points`` learning rates
+    (log-spaced over ``lr_decades`` decades centred on its default) x the initialisation
+    scales ``scales`` (``scaled_problem``), every point x seed one training run on the fit
+    split; ``robustness_summary`` counts the points whose final test metric reaches the
+    target."""
+    plan = []
+    for seed in s.seeds:
+        for spec in specs:
+            grid = lr_grid(spec.default_lr, lr_points, lr_decades)
+            for j, scale in enumerate(scales):
+                for i, lr in enumerate(grid):
+                    plan.append((seed, spec, i, lr, grid, j, scale))
+    names = [f"robustness-{problem.name}-{spec.name}-lr{i:02d}-scale{j:02d}-seed{seed}.json"
+             for seed, spec, i, _, _, j, _ in plan]
+    manifest = Manifest(out, "robustness", problem.name, names, {
+        "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
+        "batch_size": s.batch_size, "lr_points": lr_points, "lr_decades": lr_decades,
+        "scales": list(scales), "split_seed": s.split_seed, "subset": s.subset,
+        "target": problem.target if s.target is None else s.target, "argv": argv})
+    scaled = {j: scaled_problem(problem, c) for j, c in enumerate(scales)}
+    records = []
+    status = "interrupted"
+    try:
+        warm_up(problem, data, specs, s.batch_size)
+        for (seed, spec, i, lr, grid, j, scale), name in zip(plan, names):
+            started = _now()
+            result, timing = train_one(scaled[j], data, guarded(spec), lr, seed, s.epochs,
+                                       s.batch_size, on_step)
+            timing.update(started_at=started, finished_at=_now())
+            rec = _record("robustness", problem, data, spec, lr, f"grid point {i}", seed, s,
+                          result, timing, {"init_scale": scale, "scales": list(scales),
+                                           "scale_index": j, "grid": grid, "grid_index": i})
+            write_json(out / name, rec)
+            manifest.done(name)
+            records.append(rec)
+            if on_done is not None:
+                on_done(rec)
+        status = "complete"
+    finally:
+        manifest.close(status)
+    return records
+
+
+def robustness_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (problem, optimizer, epochs, batch size, subset, target): the grid (learning rates x
+    scales) and per point how many seeds reached the target (final test accuracy >= target,
+    mse <= target; a diverged run does not); per seed the share of grid points reached, and
+    their mean and standard deviation over seeds (the spread); the share of points that every
+    seed reached; the mean final test metric per point."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("kind") == "run" and r["protocol"] == "robustness":
+            c = r["config"]
+            groups.setdefault((r["problem"], r["optimizer"], c["epochs"], c["batch_size"],
+                               c["problem"]["subset"], c["target"]), []).append(r)
+    rows = []
+    for key, recs in groups.items():
+        metric = recs[0]["config"]["problem"]["metric"]
+        test_key = "test_accuracy" if metric == "accuracy" else "test_loss"
+        lrs = sorted({r["config"]["lr"] for r in recs})
+        scales = sorted({r["config"]["init_scale"] for r in recs})
+        seeds = sorted({r["seed"] for r in recs})
+        hit: dict[tuple[float, float, int], bool] = {}
+        value: dict[tuple[float, float], list[float | None]] = {}
+        for r in recs:
+            c = r["config"]
+            v = None if r["result"]["diverged"] else r["result"]["final"].get(test_key)
+            hit[(c["lr"], c["init_scale"], r["seed"])] = reached(metric, v, key[5])
+            value.setdefault((c["lr"], c["init_scale"]), []).append(v)
+        points = [(lr, sc) for sc in scales for lr in lrs]
+        per_seed = [sum(hit.get((lr, sc, sd), False) for lr, sc in points) / len(points)
+                    for sd in seeds]
+        share_m, share_s = mean_std(per_seed)
+        rows.append({
+            "problem": key[0], "optimizer": key[1], "epochs": key[2], "batch_size": key[3],
+            "subset": key[4], "target": key[5], "metric": metric,
+            "family": recs[0]["config"]["optimizer"]["family"],
+            "order": recs[0]["config"]["optimizer"].get("order"),
+            "lrs": lrs, "scales": scales, "seeds": seeds, "points": len(points),
+            "reached": [[sum(hit.get((lr, sc, sd), False) for sd in seeds) for lr in lrs]
+                        for sc in scales],
+            "test": [[mean_std(value.get((lr, sc), []))[0] for lr in lrs] for sc in scales],
+            "share_per_seed": per_seed, "share": share_m, "share_std": share_s,
+            "share_all_seeds": sum(all(hit.get((lr, sc, sd), False) for sd in seeds)
+                                   for lr, sc in points) / len(points),
+            "runs": len(recs), "diverged": sum(_diverged(r) for r in recs),
+        })
+    return rows

@@ -23,6 +23,7 @@ BEGIN = "<!-- ocnopt bench report: begin -->"
 END = "<!-- ocnopt bench report: end -->"
 
 FAMILY_STYLE = {"torch": "-", "curvlinops": "-", "ocnopt1": "--", "ocnopt2": "-."}
+FAMILY_STYLE.update({"pytorch-optimizer": "-", "emsa": ":"})  # the peers SOAP/Shampoo, E-MSA
 
 
 # ---- formatting ---------------------------------------------------------------------------------
