@@ -407,7 +407,7 @@ def test_traced_graph_with_ode_block_matches_torch_optim():
     model = Residual().to(D)
     ref = copy.deepcopy(model)
     opt = ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.05, curvature="sgd", backend="lowrank")
-    assert [type(st.module).__name__ for st in opt.stages] == ["Linear", "ODEBlock", "NoneType",
+    assert [type(st.module).__name__ for st in opt.stages] == ["Linear", "ODEBlock", "FunctionStep",
                                                                "Linear"]
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     for s in range(3):
