@@ -1,12 +1,12 @@
 """Exact autograd backend: derivatives of each stage by ``torch.autograd`` / ``torch.func``.
 
-First-order terms (SPEC 4): the nominal pass cuts the autograd graph at every stage input, so
+First-order terms (docs/method.md section 3): the nominal pass cuts the autograd graph at every stage input, so
 the backward value recursion is one vector-Jacobian product per stage,
 
     (Q_x, B * Qbar_u) = (f_x^T V'_x, sum_i f_u^(i)T V'_x^(i)),
 
 which costs exactly one backpropagation. Order 2 adds, from per-sample Jacobians of the stage
-function (``torch.func.vmap(jacrev)``), the full matrices (SPEC 2)
+function (``torch.func.vmap(jacrev)``), the full matrices (docs/method.md section 2)
 
     Q_xx = f_x^T V'_xx f_x + V'_x . f_xx,   Q_ux = f_u^T V'_xx f_x + V'_x . f_ux,
     Qbar_uu = E_i[f_u^T V'_xx f_u + V'_x . f_uu],

@@ -1,4 +1,4 @@
-"""Terminal costs phi(x_T, y) and their value derivatives (SPEC section 1).
+"""Terminal costs phi(x_T, y) and their value derivatives (docs/method.md section 1).
 
 Per-sample quantities are NOT divided by the batch size: ``value_gradient`` returns
 v_T^(i) = grad phi(x_T^(i), y^(i)), which is B times what autograd returns for the mean loss.

@@ -96,7 +96,7 @@ class OCNOpt(torch.optim.Optimizer):
         leaf_modules: module classes to run as one step each (not traced into), e.g. a block
             whose forward has data-dependent control flow.
         feedback: order 2: apply the feedback part K dx in the update pass.
-        value_correction: order 2: subtract the policy terms from V_x and V_xx (SPEC 4).
+        value_correction: order 2: subtract the policy terms from V_x and V_xx (docs/method.md section 6).
         gauss_newton: drop the contraction terms V'_x . f_ab (Gauss-Newton) or keep them.
         psd_clip: clip V_xx to the PSD cone after each stage (eigenvalues < 0 set to 0).
             ``psd_clip=False`` is honoured by backend "autograd" only: "lowrank" and "backpack"
@@ -107,7 +107,7 @@ class OCNOpt(torch.optim.Optimizer):
             ``param_groups``, default 0.5): in the update pass the feedback part K dx of a stage
             is scaled down to at most ``trust`` times the norm of its open-loop step k, and the
             value correction of each sample's V_x to at most ``trust`` times the norm of its
-            Q_x. ``None`` turns the bound off (the plain recursion of SPEC 3-4).
+            Q_x. ``None`` turns the bound off (the plain recursion of docs/method.md section 6).
         memory_budget: bytes one layer may hold (default 2 GiB, the autograd backend's
             ``DEFAULT_MEMORY_BUDGET``): the exact backend's full matrices of one step (backend
             "autograd"), and the curvature state of one layer for kfac/ekfac (its Kronecker

@@ -1,10 +1,10 @@
-"""Curvature models M_t of Q_uu (SPEC section 5): small objects with explicit state.
+"""Curvature models M_t of Q_uu (docs/method.md section 4): small objects with explicit state.
 
 optax-style: ``update`` is a pure function of (state, Qbar_u, statistics, hyper-parameters)
 returning the new state and the open-loop direction d with du = -lr * d; it never mutates its
 inputs, so the optimizer can drop the new state when a step is not finite. ``solve`` applies
 M^{-1} (including damping) to any control-shaped vector: the feedback and value-correction
-terms of order 2 use it, and the moment buffers never see those terms (SPEC 5, choice).
+terms of order 2 use it, and the moment buffers never see those terms (docs/method.md section 4, choice).
 
 State is a list of dicts, one per parameter of the stage (the dicts of
 ``torch.optim.Optimizer.state``), so ``state_dict()`` round-trips it unchanged.

@@ -1,4 +1,4 @@
-"""EKFAC: K-FAC's eigenbasis with the diagonal re-estimated in that basis (SPEC section 5).
+"""EKFAC: K-FAC's eigenbasis with the diagonal re-estimated in that basis (docs/method.md section 4).
 
 M = (Q_G (x) Q_A) diag(s + damping) (Q_G (x) Q_A)^T with Q_A, Q_G the eigenvectors of the
 K-FAC factors (refreshed every ``inv_every`` steps, in float64, keeping the previous basis if a

@@ -1,4 +1,4 @@
-"""K-FAC: M = (A + damping I) (x) (G + damping I) per Kronecker stage (SPEC section 5).
+"""K-FAC: M = (A + damping I) (x) (G + damping I) per Kronecker stage (docs/method.md section 4).
 
 A = E[a a^T] over samples and weight-sharing positions (divided by P), G = E[g g^T] summed
 over positions and factor columns (curvlinops' "expand" convention), both running averages
