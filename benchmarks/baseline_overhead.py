@@ -44,22 +44,22 @@ CONFIGS = {  # name: OCNOpt keyword arguments
 }
 
 
-def export_baseline(commit: str, folder: Path) -> Any:
-    """``ocnopt`` of ``commit`` as the importable package ``ocnopt_baseline``."""
+def export_baseline(commit: str, folder: Path, package: str = "ocnopt_baseline") -> Any:
+    """``ocnopt`` of ``commit`` as the importable package ``package``."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "ocnopt", "backends"],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    pkg = folder / "ocnopt_baseline"
+    pkg = folder / package
     (folder / "ocnopt").rename(pkg)
     (folder / "backends").rename(pkg / "backends")
     for path in pkg.rglob("*.py"):
         text = path.read_text()
-        text = re.sub(r"\bocnopt\.", "ocnopt_baseline.", text)
-        text = re.sub(r"\bfrom ocnopt import\b", "from ocnopt_baseline import", text)
-        text = re.sub(r"\bimport ocnopt\b", "import ocnopt_baseline", text)
+        text = re.sub(r"\bocnopt\.", f"{package}.", text)
+        text = re.sub(r"\bfrom ocnopt import\b", f"from {package} import", text)
+        text = re.sub(r"\bimport ocnopt\b", f"import {package}", text)
         path.write_text(text)
     sys.path.insert(0, str(folder))
-    return importlib.import_module("ocnopt_baseline")
+    return importlib.import_module(package)
 
 
 def problems(seed: int) -> dict[str, tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]]:
@@ -82,6 +82,8 @@ def problems(seed: int) -> dict[str, tuple[nn.Module, list[tuple[torch.Tensor, t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", required=True, help="commit to compare against")
+    ap.add_argument("--after", default=None,
+                    help="commit to measure instead of this working tree (exported the same way)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=20)
@@ -91,7 +93,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        libs: dict[str, Any] = {"before": export_baseline(args.baseline, Path(tmp)), "after": ocnopt}
+        after = ocnopt if args.after is None else \
+            export_baseline(args.after, Path(tmp), package="ocnopt_after")
+        libs: dict[str, Any] = {"before": export_baseline(args.baseline, Path(tmp)), "after": after}
         runners: dict[tuple[str, str, str], dict[str, Any]] = {}
         import copy
 
@@ -136,7 +140,7 @@ def main() -> None:
                      "before_ms": statistics.median(before) / 1e6,
                      "after_ms": statistics.median(after) / 1e6, "ratio": ratio,
                      "ci95": [quantile(samples, 0.025), quantile(samples, 0.975)]})
-    print(f"baseline {args.baseline}, {args.threads} thread(s), {args.rounds} rounds x "
+    print(f"baseline {args.baseline} vs {args.after or 'working tree'}, {args.threads} thread(s), {args.rounds} rounds x "
           f"{args.block} steps, median step time")
     print(f"{'problem':28} {'optimizer':18} {'before ms':>10} {'after ms':>10} {'after/before':>13} "
           f"{'95% CI':>15}")
@@ -145,7 +149,7 @@ def main() -> None:
         print(f"{row['problem']:28} {row['optimizer']:18} {row['before_ms']:10.3f} "
               f"{row['after_ms']:10.3f} {row['ratio']:13.3f}   [{lo:.3f}, {hi:.3f}]")
     if args.json is not None:
-        args.json.write_text(json.dumps({"baseline": args.baseline, "rows": rows,
+        args.json.write_text(json.dumps({"baseline": args.baseline, "after": args.after, "rows": rows,
                                          "settings": vars(args) | {"json": str(args.json)},
                                          "environment": environment()}, indent=2))
 
