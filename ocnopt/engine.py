@@ -199,6 +199,11 @@ class StepResult:
     grad_norm: float | None = None
     #: the steps with Kronecker factors that ran on the diagonal fallback (``kfac_max_dim``)
     diagonal_fallback: list[str] = field(default_factory=list)
+    #: Neural ODE blocks (``ocnopt.ode``): function evaluations of this step's solves
+    #: (``{"nfe_forward": .., "nfe_backward": ..}``, summed over the blocks; None without
+    #: blocks) and the integration-time updates of the blocks with ``learn_t1``
+    solver: dict[str, int] | None = None
+    t1_updates: list[Any] = field(default_factory=list)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .backends import make_backend
 from .backends.autograd import DEFAULT_MEMORY_BUDGET
 from .curvature import CURVATURES, CurvatureModel
 from .curvature.base import check_nonneg
+from .derivatives.ode import AdjointDerivatives
 from .engine import BellmanEngine, Controls, StepConfig, StepOutcome, StepResult
 from .graph import build_graph
 from .losses import Loss, make_loss
@@ -260,6 +261,14 @@ class OCNOpt(torch.optim.Optimizer):
         self.game = game
         self.graph = build_graph(model, leaf_modules=leaf_modules)
         self.stages: list[Stage] = self.graph.stages
+        #: the Neural ODE blocks among the steps (solver statistics, learned integration time)
+        self._ode_blocks = [st.module for st in self.stages
+                            if isinstance(st.derivatives, AdjointDerivatives)]
+        if order == 1 and any(getattr(b, "learn_t1", False) for b in self._ode_blocks):
+            raise ValueError(
+                "ODEBlock(learn_t1=True) needs order=2 here: s = dJ/dt1 comes from the block's "
+                "backward expansion; at order 1 call block.update_t1(s=block.t1_gradient(...)) "
+                "yourself, or use order=2 (docs/method.md section 12)")
         if order == 2 or self.model_.needs_full:
             _refuse_tied(self.stages, order, curvature)
         self.backend.prepare(self.graph, self.loss_fn)
@@ -415,6 +424,8 @@ class OCNOpt(torch.optim.Optimizer):
             max_grad_norm=hp.get("max_grad_norm"))
         self._generator_state = self.generator.get_state()
         snapshot = self._snapshot()
+        for block in self._ode_blocks:
+            block.reset_nfe()
         try:
             outcome = self.engine.step(inputs, targets, config, _OptimizerControls(self, hp))
             if outcome.skipped is not None:
@@ -425,6 +436,13 @@ class OCNOpt(torch.optim.Optimizer):
             raise
         assert outcome.result is not None
         outcome.result.diagonal_fallback = model.fallback_stages(self.stages, hp)
+        if self._ode_blocks:
+            outcome.result.solver = {
+                "nfe_forward": sum(int(b.nfe_forward) for b in self._ode_blocks),
+                "nfe_backward": sum(int(b.nfe_backward) for b in self._ode_blocks)}
+            outcome.result.t1_updates = [u for b in self._ode_blocks
+                                         if getattr(b, "learn_t1", False)
+                                         for u in [b.update_t1()] if u is not None]
         self.last_step = outcome.result
         return outcome.loss
 

@@ -526,3 +526,39 @@ def test_property_columns_converge_at_rk4_rate(n, hidden, B, r, seed):
                         float((exp.W - ref["p"]).abs().max()) / pscale))
     # halving h divides the difference by ~16 (rk4); rounding floor 1e-12
     assert errs[1] < errs[0] / 8 + 1e-12 and errs[0] < 1e-2, errs
+
+
+def _ode_model(learn_t1: bool = False) -> nn.Sequential:
+    torch.manual_seed(4)
+    block = ODEBlock(Field(3), method="rk4", options={"step_size": 0.25}, learn_t1=learn_t1,
+                     t1_lr=0.1)
+    return nn.Sequential(nn.Linear(4, 3), block, nn.Linear(3, 3)).to(D)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_last_step_reports_the_solver_evaluations(order):
+    """rk4 with 4 steps on [0, 1]: 16 evaluations forward; the step's backward solves add
+    theirs; last_step.solver holds this step's counts (the block's counters, reset per step)."""
+    model = _ode_model()
+    opt = ocnopt.OCNOpt(model, curvature="adam", lr=1e-2, order=order, backend="lowrank")
+    block = model[1]
+    for _ in range(2):
+        opt.step(*batch())
+        stats = opt.last_step.solver
+        assert stats == {"nfe_forward": block.nfe_forward, "nfe_backward": block.nfe_backward}
+        assert stats["nfe_forward"] >= 16 and stats["nfe_backward"] > 0
+
+
+def test_learned_t1_moves_at_order_two_and_is_reported():
+    model = _ode_model(learn_t1=True)
+    opt = ocnopt.OCNOpt(model, curvature="adam", lr=1e-2, order=2, backend="lowrank")
+    block = model[1]
+    t1 = [float(block.t1)]
+    for s in range(3):
+        opt.step(*batch(seed=s))
+        (upd,) = opt.last_step.t1_updates
+        assert upd is block.t1_history[-1] and upd.t1 == float(block.t1)
+        t1.append(float(block.t1))
+    assert len(set(t1)) == 4  # it moved every step
+    with pytest.raises(ValueError, match="learn_t1=True.*needs order=2"):
+        ocnopt.OCNOpt(_ode_model(learn_t1=True), curvature="adam", order=1)
