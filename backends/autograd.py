@@ -1,7 +1,7 @@
 """Exact autograd backend: derivatives of each stage by ``torch.autograd`` / ``torch.func``.
 
-First-order terms (docs/method.md section 3): the nominal pass cuts the autograd graph at every stage input, so
-the backward value recursion is one vector-Jacobian product per stage,
+First-order terms (docs/method.md section 3): the nominal pass cuts the autograd graph at every
+stage input, so the backward value recursion is one vector-Jacobian product per stage,
 
     (Q_x, B * Qbar_u) = (f_x^T V'_x, sum_i f_u^(i)T V'_x^(i)),
 

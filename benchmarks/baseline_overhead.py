@@ -140,8 +140,8 @@ def main() -> None:
                      "before_ms": statistics.median(before) / 1e6,
                      "after_ms": statistics.median(after) / 1e6, "ratio": ratio,
                      "ci95": [quantile(samples, 0.025), quantile(samples, 0.975)]})
-    print(f"baseline {args.baseline} vs {args.after or 'working tree'}, {args.threads} thread(s), {args.rounds} rounds x "
-          f"{args.block} steps, median step time")
+    print(f"baseline {args.baseline} vs {args.after or 'working tree'}, {args.threads} "
+          f"thread(s), {args.rounds} rounds x {args.block} steps, median step time")
     print(f"{'problem':28} {'optimizer':18} {'before ms':>10} {'after ms':>10} {'after/before':>13} "
           f"{'95% CI':>15}")
     for row in rows:
