@@ -101,8 +101,9 @@ def test_invalid_t1_options():
 
 
 def test_update_after_an_order2_step_uses_the_recorded_expansion():
-    """After an OCNOpt order-2 step, ``update_t1()`` takes s, Qbar_theta from the block's
-    backward expansion and dtheta = the parameters' change in the step."""
+    """After an OCNOpt order-2 step, the step's t1 update (``last_step.t1_updates``, made by
+    ``update_t1()``) took s, Qbar_theta from the block's backward expansion and dtheta = the
+    parameters' change in the step."""
     import copy
 
     import ocnopt
@@ -128,7 +129,8 @@ def test_update_after_an_order2_step_uses_the_recorded_expansion():
     dtheta = [p.detach() - b for p, b in zip(blk.parameters(), before)]
     assert all(float(d.abs().max()) > 0 for d in dtheta)
     fb = sum(float((q * d).sum()) for q, d in zip(Q_theta, dtheta))
-    upd = blk.update_t1()
+    (upd,) = opt.last_step.t1_updates
+    assert upd is blk.t1_history[-1] and len(blk.t1_history) == 1
     Q_T = 0.1 * 0.8 + s
     assert upd is not None
     assert upd.dt1 == pytest.approx(-0.2 * (Q_T + s * fb) / (0.1 + s * s), rel=1e-10)
