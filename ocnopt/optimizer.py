@@ -295,7 +295,10 @@ class OCNOpt(torch.optim.Optimizer):
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed))
         self._meta_set({"step": 0, "skipped_steps": 0})
-        self._module = model  # its buffers are read at every step (model.to() replaces them)
+        self._module = model
+        #: the modules that hold buffers (their tensors are read at every step: model.to()
+        #: replaces them; the modules stay)
+        self._buffer_modules = [m for m in model.modules() if m._buffers]
         self._warned_nonfinite = False
         self.last_step: StepResult | None = None
 
@@ -454,12 +457,12 @@ class OCNOpt(torch.optim.Optimizer):
         moves them (``Controls.backup``)."""
         params = self.param_groups[0]["params"]
         self._backup_taken = False
-        live = list(self._module.buffers())
+        live = [b for m in self._buffer_modules for b in m._buffers.values() if b is not None]
         with torch.no_grad():
             buffers = [b.clone() for b in live]
         return {"live": live, "buffers": buffers, "grads": [p.grad for p in params],
                 "state": {p: self.state[p] for p in params if p in self.state},
-                "meta": dict(self._meta), "generator": self.generator.get_state(),
+                "meta": dict(self._meta), "generator": self._generator_state,
                 "last_step": self.last_step}
 
     def _rollback(self, snap: dict[str, Any]) -> None:
