@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -366,7 +366,7 @@ def run_cmd(
     lowrank-kfac-fb) modes; on digits-fcn it takes about 1-2 minutes on 2 cores.
     """
     from .bench.problems import load
-    from .bench.protocols import RunSettings, lrs_from_sweep, steps_per_epoch, train_protocol
+    from .bench.protocols import RunSettings, lrs_from_sweep, train_protocol
 
     with usage_errors():
         prob = _problem(problem)
@@ -394,11 +394,22 @@ def run_cmd(
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
                            seeds=list(range(seeds)), split_seed=split_seed, subset=subset,
                            target=target, hp=hps)
-    total = len(specs) * seeds * settings.epochs * steps_per_epoch(len(data.y_fit),
-                                                                   settings.batch_size)
+    _train_like(f"train {prob.name}", prob.name, len(specs), seeds, settings, data, out, json_out,
+                lambda on_step, on_done: train_protocol(prob, data, specs, settings, out, lrs,
+                                                        on_step=on_step, on_done=on_done))
+
+
+def _train_like(label: str, problem: str, n_specs: int, seeds: int, settings: Any, data: Any,
+                out: Path, json_out: bool, run: Callable[..., Any]) -> None:
+    """Run a train-like protocol (``run(on_step, on_done)``) with the progress bar, keep the
+    finished runs on Ctrl-C (exit code 130) and print the train summary."""
+    from .bench.protocols import steps_per_epoch
+
+    total = n_specs * seeds * settings.epochs * steps_per_epoch(len(data.y_fit),
+                                                                settings.batch_size)
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
-    fb = Feedback(total, f"train {prob.name}", quiet=json_out)
+    fb = Feedback(total, label, quiet=json_out)
 
     def done(rec: dict[str, Any]) -> None:
         records.append(rec)
@@ -406,13 +417,13 @@ def run_cmd(
 
     try:
         with fb:
-            train_protocol(prob, data, specs, settings, out, lrs, on_step=fb.step, on_done=done)
+            run(fb.step, done)
     except KeyboardInterrupt:
-        _interrupted(records, len(specs) * seeds, out)
-        _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out,
+        _interrupted(records, n_specs * seeds, out)
+        _summarise_train(records, problem, out, time.perf_counter() - started, json_out,
                          "interrupted")
         raise typer.Exit(130) from None
-    _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out, "complete")
+    _summarise_train(records, problem, out, time.perf_counter() - started, json_out, "complete")
 
 
 def _summarise_train(records: list[dict[str, Any]], problem: str, out: Path, seconds: float,
@@ -668,7 +679,7 @@ def trace_cmd(
     |V_x| at the layer's output (a separate autograd pass) and ocnopt's |k_t|, saved in each
     result's `result.trace` (claim 2: vanishing gradients, e.g. on digits-deep)."""
     from .bench.problems import load
-    from .bench.protocols import RunSettings, steps_per_epoch, trace_protocol
+    from .bench.protocols import RunSettings, trace_protocol
 
     with usage_errors():
         prob = _problem(problem)
@@ -681,26 +692,10 @@ def trace_cmd(
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=prob.batch_size,
                            seeds=list(range(seeds)), subset=subset)
     data = load(prob, 0, subset)
-    total = len(specs) * seeds * settings.epochs * steps_per_epoch(len(data.y_fit),
-                                                                   settings.batch_size)
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    fb = Feedback(total, f"trace {prob.name}", quiet=json_out)
-
-    def done(rec: dict[str, Any]) -> None:
-        records.append(rec)
-        fb.done(rec)
-
-    try:
-        with fb:
-            trace_protocol(prob, data, specs, settings, out, every, _argv(), on_step=fb.step,
-                           on_done=done)
-    except KeyboardInterrupt:
-        _interrupted(records, len(specs) * seeds, out)
-        _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out,
-                         "interrupted")
-        raise typer.Exit(130) from None
-    _summarise_train(records, prob.name, out, time.perf_counter() - started, json_out, "complete")
+    _train_like(f"trace {prob.name}", prob.name, len(specs), seeds, settings, data, out, json_out,
+                lambda on_step, on_done: trace_protocol(prob, data, specs, settings, out, every,
+                                                        _argv(), on_step=on_step,
+                                                        on_done=on_done))
 
 
 @bench.command("robustness",
