@@ -399,14 +399,14 @@ def run_cmd(
                                                         on_step=on_step, on_done=on_done))
 
 
-def _train_like(label: str, problem: str, n_specs: int, seeds: int, settings: Any, data: Any,
-                out: Path, json_out: bool, run: Callable[..., Any]) -> None:
-    """Run a train-like protocol (``run(on_step, on_done)``) with the progress bar, keep the
-    finished runs on Ctrl-C (exit code 130) and print the train summary."""
+def _progress_run(label: str, n_runs: int, settings: Any, data: Any, out: Path, json_out: bool,
+                  run: Callable[..., Any]) -> tuple[list[dict[str, Any]], str, float]:
+    """Run a protocol (``run(on_step, on_done)``, ``n_runs`` runs of ``settings.epochs``
+    epochs) with the progress bar; Ctrl-C keeps the finished runs. Returns the records, the
+    status ("complete" or "interrupted") and the seconds taken."""
     from .bench.protocols import steps_per_epoch
 
-    total = n_specs * seeds * settings.epochs * steps_per_epoch(len(data.y_fit),
-                                                                settings.batch_size)
+    total = n_runs * settings.epochs * steps_per_epoch(len(data.y_fit), settings.batch_size)
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
     fb = Feedback(total, label, quiet=json_out)
@@ -415,15 +415,25 @@ def _train_like(label: str, problem: str, n_specs: int, seeds: int, settings: An
         records.append(rec)
         fb.done(rec)
 
+    status = "complete"
     try:
         with fb:
             run(fb.step, done)
     except KeyboardInterrupt:
-        _interrupted(records, n_specs * seeds, out)
-        _summarise_train(records, problem, out, time.perf_counter() - started, json_out,
-                         "interrupted")
-        raise typer.Exit(130) from None
-    _summarise_train(records, problem, out, time.perf_counter() - started, json_out, "complete")
+        _interrupted(records, n_runs, out)
+        status = "interrupted"
+    return records, status, time.perf_counter() - started
+
+
+def _train_like(label: str, problem: str, n_specs: int, seeds: int, settings: Any, data: Any,
+                out: Path, json_out: bool, run: Callable[..., Any]) -> None:
+    """A train-like protocol through ``_progress_run``, then the train summary (exit code 130
+    after Ctrl-C)."""
+    records, status, seconds = _progress_run(label, n_specs * seeds, settings, data, out,
+                                             json_out, run)
+    _summarise_train(records, problem, out, seconds, json_out, status)
+    if status == "interrupted":
+        raise typer.Exit(130)
 
 
 def _summarise_train(records: list[dict[str, Any]], problem: str, out: Path, seconds: float,
@@ -473,7 +483,7 @@ def sweep_cmd(
     choice. On digits-fcn the defaults (8 optimizers x 8 rates x 3 seeds = 192 runs) take
     about 4-5 minutes on one idle core, several times that on a loaded machine."""
     from .bench.problems import load
-    from .bench.protocols import RunSettings, steps_per_epoch, sweep_protocol, sweep_summary
+    from .bench.protocols import RunSettings, sweep_protocol, sweep_summary
 
     with usage_errors():
         prob = _problem(problem)
@@ -490,26 +500,11 @@ def sweep_cmd(
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
                            seeds=list(range(seeds)), split_seed=split_seed, subset=subset,
                            hp=hps)
-    n_runs = len(specs) * seeds * points
-    total = n_runs * settings.epochs * steps_per_epoch(len(data.y_fit), settings.batch_size)
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    fb = Feedback(total, f"sweep {prob.name}", quiet=json_out)
-
-    def done(rec: dict[str, Any]) -> None:
-        records.append(rec)
-        fb.done(rec)
-
-    status = "complete"
-    try:
-        with fb:
-            sweep_protocol(prob, data, specs, settings, out, points, decades, on_step=fb.step,
-                           on_done=done)
-    except KeyboardInterrupt:
-        _interrupted(records, n_runs, out)
-        status = "interrupted"
+    records, status, seconds = _progress_run(
+        f"sweep {prob.name}", len(specs) * seeds * points, settings, data, out, json_out,
+        lambda on_step, on_done: sweep_protocol(prob, data, specs, settings, out, points,
+                                                decades, on_step=on_step, on_done=on_done))
     rows = sweep_summary(records)
-    seconds = time.perf_counter() - started
     if json_out:
         _emit_json({"protocol": "sweep", "problem": prob.name, "status": status, "out": str(out),
                     "seconds": seconds, "rows": rows})
@@ -727,7 +722,6 @@ def robustness_cmd(
         RunSettings,
         robustness_protocol,
         robustness_summary,
-        steps_per_epoch,
     )
 
     with usage_errors():
@@ -750,26 +744,13 @@ def robustness_cmd(
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=prob.batch_size,
                            seeds=list(range(seeds)), subset=subset, target=target)
     data = load(prob, 0, subset)
-    n_runs = len(specs) * seeds * lr_points * len(scale_list)
-    total = n_runs * settings.epochs * steps_per_epoch(len(data.y_fit), settings.batch_size)
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    fb = Feedback(total, f"robustness {prob.name}", quiet=json_out)
-
-    def done(rec: dict[str, Any]) -> None:
-        records.append(rec)
-        fb.done(rec)
-
-    status = "complete"
-    try:
-        with fb:
-            robustness_protocol(prob, data, specs, settings, out, lr_points, lr_decades,
-                                scale_list, _argv(), on_step=fb.step, on_done=done)
-    except KeyboardInterrupt:
-        _interrupted(records, n_runs, out)
-        status = "interrupted"
+    records, status, seconds = _progress_run(
+        f"robustness {prob.name}", len(specs) * seeds * lr_points * len(scale_list), settings,
+        data, out, json_out,
+        lambda on_step, on_done: robustness_protocol(prob, data, specs, settings, out, lr_points,
+                                                     lr_decades, scale_list, _argv(),
+                                                     on_step=on_step, on_done=on_done))
     rows = robustness_summary(records)
-    seconds = time.perf_counter() - started
     if json_out:
         _emit_json({"protocol": "robustness", "problem": prob.name, "status": status,
                     "out": str(out), "seconds": seconds, "rows": rows})

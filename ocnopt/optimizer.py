@@ -262,7 +262,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.graph = build_graph(model, leaf_modules=leaf_modules)
         self.stages: list[Stage] = self.graph.stages
         #: the Neural ODE blocks among the steps (solver statistics, learned integration time)
-        self._ode_blocks = [st.module for st in self.stages
+        self._ode_blocks: list[Any] = [st.module for st in self.stages
                             if isinstance(st.derivatives, AdjointDerivatives)]
         if order == 1 and any(getattr(b, "learn_t1", False) for b in self._ode_blocks):
             raise ValueError(

@@ -337,7 +337,7 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
              "step); ocnopt's |k_t| is recorded too (`result.trace.k_norm`). The claim is "
              "tested on the final training loss: order 2 against its own order 1 and against "
              "torch SGD/Adam (paired seeds, lower is better).", ""]
-    verdicts = []
+    verdicts: list[dict[str, object]] = []
     recs = _trace_records(records, "digits-deep")
     if not recs:
         return lines + ["_No traced digits-deep results in this folder._", ""], verdicts
@@ -381,9 +381,9 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
             lines += ["At the default learning rate and initialisation nothing may train; the "
                       "robustness grid asks whether order 2 trains at more (learning rate, "
                       "initialisation scale) points than its order 1:", ""]
-            block, v = _robustness_block(records, sub, prob, images, rel, 2)
-            lines += block
-            verdicts += v
+            rob_lines, rob_verdicts = _robustness_block(records, sub, prob, images, rel, 2)
+            lines += rob_lines
+            verdicts += rob_verdicts
     return lines, verdicts
 
 

@@ -154,8 +154,8 @@ class EMSA:
         for _ in range(self.inner_steps):
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                total = sum(self.augmented_hamiltonian(t, xs[t], ps[t + 1], xs[t + 1], ps[t])
-                            for t in players)
+                total = torch.stack([self.augmented_hamiltonian(t, xs[t], ps[t + 1], xs[t + 1],
+                                                                ps[t]) for t in players]).sum()
                 (-total).backward()  # maximise: the inner optimizers minimise -Htilde
             opt.step()
         return float(loss)
