@@ -329,11 +329,13 @@ def _record(protocol: str, problem: Problem, data: Dataset, spec: OptimizerSpec,
 def _run_all(protocol: str, problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
              s: RunSettings, out: Path, manifest: Manifest,
              runs: Sequence[tuple[str, OptimizerSpec, float, str, int, dict[str, Any] | None]],
-             on_step: StepCallback | None, on_done: DoneCallback | None
+             on_step: StepCallback | None, on_done: DoneCallback | None,
+             finish: Callable[[OptimizerSpec, dict[str, Any]], None] | None = None
              ) -> list[dict[str, Any]]:
     """Run (file name, optimizer, lr, lr source, seed, extra config) one after the other after
     a warm-up; every finished run is written at once and ticked off in the manifest, which is
-    closed "complete" or, on an exception (Ctrl-C), "interrupted"."""
+    closed "complete" or, on an exception (Ctrl-C), "interrupted". ``finish(spec, result)``
+    may add to a run's result before it is written."""
     records = []
     status = "interrupted"
     try:
@@ -342,6 +344,8 @@ def _run_all(protocol: str, problem: Problem, data: Dataset, specs: Sequence[Opt
             timing_start = _now()
             result, timing = train_one(problem, data, spec, lr, seed, s.epochs, s.batch_size,
                                        on_step)
+            if finish is not None:
+                finish(spec, result)
             timing.update(started_at=timing_start, finished_at=_now())
             rec = _record(protocol, problem, data, spec, lr, source, seed, s, result, timing,
                           extra)
@@ -864,35 +868,25 @@ def trace_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
         "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset,
         "trace_every": every, "argv": argv,
         "lrs": {sp.name: sp.default_lr for sp in specs}})
-    records = []
-    status = "interrupted"
-    try:
-        warm_up(problem, data, specs, s.batch_size)
-        for (seed, spec), name in zip(plan, names):
-            tracers: list[NormTracer] = []
+    tracers: dict[int, list[NormTracer]] = {}
+    runs = []
+    for (seed, spec), name in zip(plan, names):
+        mine: list[NormTracer] = []
 
-            def make(m: nn.Module, loss: str, lr: float, sd: int,
-                     spec: OptimizerSpec = spec, tracers: list[NormTracer] = tracers) -> Any:
-                tracers.append(NormTracer(spec.make(m, loss, lr, sd), m, loss, every))
-                return tracers[-1]
+        def make(m: nn.Module, loss: str, lr: float, sd: int, spec: OptimizerSpec = spec,
+                 mine: list[NormTracer] = mine) -> Any:
+            mine.append(NormTracer(spec.make(m, loss, lr, sd), m, loss, every))
+            return mine[-1]
 
-            traced = dataclasses.replace(spec, factory=make)
-            started = _now()
-            result, timing = train_one(problem, data, traced, spec.default_lr, seed, s.epochs,
-                                       s.batch_size, on_step)
-            timing.update(started_at=started, finished_at=_now())
-            result["trace"] = tracers[-1].trace
-            rec = _record("train", problem, data, spec, spec.default_lr, "default", seed, s,
-                          result, timing, {"trace_every": every})
-            write_json(out / name, rec)
-            manifest.done(name)
-            records.append(rec)
-            if on_done is not None:
-                on_done(rec)
-        status = "complete"
-    finally:
-        manifest.close(status)
-    return records
+        traced = dataclasses.replace(spec, factory=make)
+        tracers[id(traced)] = mine
+        runs.append((name, traced, spec.default_lr, "default", seed, {"trace_every": every}))
+
+    def finish(spec: OptimizerSpec, result: dict[str, Any]) -> None:
+        result["trace"] = tracers[id(spec)][-1].trace
+
+    return _run_all("train", problem, data, specs, s, out, manifest, runs, on_step, on_done,
+                    finish)
 
 
 # ---- robustness: learning rate x initialisation scale -------------------------------------------
