@@ -50,12 +50,6 @@ _RANDOM_FUNCTIONS = {
     torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
     torch.nn.functional.rrelu, torch.nn.functional.gumbel_softmax, torch.dropout,
 }
-try:  # torchvision's stochastic depth is an fx leaf function (torch.fx.wrap)
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-
-    _RANDOM_FUNCTIONS.add(_stochastic_depth)
-except ImportError:  # pragma: no cover - torchvision is optional
-    pass
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
                    "geometric_", "log_normal_", "cauchy_", "multinomial"}
 _STATIC_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "type",
@@ -300,7 +294,14 @@ def _target(node: torch.fx.Node) -> Callable[..., Any]:
 def _is_random(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target) in _RANDOM_METHODS
-    return node.op == "call_function" and node.target in _RANDOM_FUNCTIONS
+    if node.op != "call_function":
+        return False
+    target = node.target
+    # torchvision's stochastic depth is an fx leaf function (torch.fx.wrap): known by name, so
+    # that importing ocnopt does not import torchvision
+    return target in _RANDOM_FUNCTIONS or (
+        getattr(target, "__name__", "") == "stochastic_depth"
+        and str(getattr(target, "__module__", "")).startswith("torchvision"))
 
 
 def _is_static(node: torch.fx.Node) -> bool:
