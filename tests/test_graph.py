@@ -531,3 +531,17 @@ def test_random_function_steps_replay_their_draws(backend):
         r.step()
     for p, q in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, **REL)
+
+
+def test_torchvision_stochastic_depth_is_a_random_step():
+    """efficientnet_b0's stochastic depth (an fx-wrapped torchvision function) is recognised:
+    one random function step per residual block that applies it."""
+    import torchvision
+
+    model = torchvision.models.efficientnet_b0(num_classes=3)
+    residual = sum(1 for m in model.modules()
+                   if type(m).__name__ == "MBConv" and m.use_res_connect)
+    g = build_graph(model)
+    random_steps = [st for st in g.stages if st.is_function and st.derivatives.random]
+    assert len(random_steps) == residual > 0
+    assert all("stochastic_depth" in repr(st) for st in random_steps)
