@@ -258,3 +258,21 @@ def test_summaries_split_configurations() -> None:
     assert ratio[("o", json.dumps({"*": {"momentum": 0.5}}), 1, (0,))] == 1.5
     assert ratio[("o", "{}", 1, (0, 1))] is None  # no torch-sgd in that configuration
     assert ratio[("o", "{}", 2, (0,))] is None
+
+
+def test_a_linalg_error_of_an_optimizer_ends_its_run_as_diverged():
+    """A peer whose factorisation fails on non-finite statistics (Shampoo's SVD after a
+    blow-up) ends that run as diverged; the invocation goes on."""
+    import dataclasses
+
+    class Broken:
+        skipped = 0
+
+        def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+            raise torch.linalg.LinAlgError("non-finite")
+
+    data = problems.load(WINE, subset=40)
+    spec = dataclasses.replace(registry.parse_optimizer("torch-sgd", WINE),
+                               factory=lambda m, loss, lr, seed: Broken())
+    result, _ = protocols.train_one(WINE, data, spec, 0.1, 0, 1, 16, None)
+    assert result["diverged"] is True
