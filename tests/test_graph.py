@@ -545,3 +545,27 @@ def test_torchvision_stochastic_depth_is_a_random_step():
     random_steps = [st for st in g.stages if st.is_function and st.derivatives.random]
     assert len(random_steps) == residual > 0
     assert all("stochastic_depth" in repr(st) for st in random_steps)
+
+
+@pytest.mark.parametrize("name", ["soap", "shampoo"])
+def test_soap_and_shampoo_on_a_graph_equal_their_twins(name):
+    """The curvature axis on graphs: order 1 with curvature soap / shampoo on a residual graph
+    equals pytorch-optimizer's SOAP / Shampoo (full-rank factors: 16 samples, widths <= 4, so
+    SOAP's eigenbases do not depend on rounding)."""
+    import pytorch_optimizer
+
+    torch.manual_seed(5)
+    ours, ref = Residual().double(), Residual().double()
+    ref.load_state_dict(ours.state_dict())
+    kw = {"precondition_frequency": 2} if name == "soap" else {}
+    opt = ocnopt.OCNOpt(ours, curvature=name, lr=3e-3, **kw)
+    twin = getattr(pytorch_optimizer, name.upper() if name == "soap" else "Shampoo")(
+        ref.parameters(), lr=3e-3, **kw)
+    for s in range(4):
+        x, y = batch(3, 3, 16, seed=s)
+        opt.step(x, y)
+        twin.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        twin.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
