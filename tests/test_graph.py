@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _chains import mlp_chains
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -178,24 +179,9 @@ def batch(d_in, classes, B, seed=0, shape=None):
 
 
 # ---- identity 9: a chain traced as a graph gives bit-identical steps ----------------------------
-@st.composite
-def chains(draw):
-    depth = draw(st.integers(1, 3))
-    widths = [draw(st.integers(1, 5)) for _ in range(depth + 1)]
-    widths[-1] = max(widths[-1], 2)
-    acts = [draw(st.sampled_from([nn.Tanh, nn.ReLU, nn.Sigmoid])) for _ in range(depth)]
-    seed = draw(st.integers(0, 2**16))
-
-    def build():
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-            if i < depth - 1:
-                layers.append(acts[i]())
-        return nn.Sequential(*layers).double()
-
-    return widths, build
+def chains():
+    """Random Linear chains with Tanh/ReLU/Sigmoid, at least two outputs (tests/_chains.py)."""
+    return mlp_chains(acts=[nn.Tanh, nn.ReLU, nn.Sigmoid], min_out=2)
 
 
 ORDER_BACKENDS = [(1, "autograd"), (1, "lowrank"), (1, "backpack"), (2, "autograd"),

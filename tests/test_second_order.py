@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _chains import mlp_chains
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ocnopt.backends import MemoryBudgetError
@@ -15,29 +16,10 @@ from torch.func import functional_call, hessian
 
 import ocnopt
 
-ACTS = [nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU]
 SETTINGS = settings(max_examples=12, deadline=None)
 
 
-@st.composite
-def chains(draw, max_depth=3, max_width=5, smooth=False):
-    """A random MLP chain (description, builder) of 1..max_depth Linear layers."""
-    depth = draw(st.integers(1, max_depth))
-    widths = [draw(st.integers(1, max_width)) for _ in range(depth + 1)]
-    acts = [draw(st.sampled_from(ACTS if smooth else ACTS + [nn.ReLU, nn.LeakyReLU]))
-            for _ in range(depth - 1)]
-    seed = draw(st.integers(0, 2**16))
-
-    def build() -> nn.Sequential:
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-            if i < depth - 1:
-                layers.append(acts[i]())
-        return nn.Sequential(*layers).double()
-
-    return widths, build
+chains = mlp_chains  # random MLP chains (tests/_chains.py)
 
 
 def batch(widths, B, loss, seed=0):
