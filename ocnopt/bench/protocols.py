@@ -332,20 +332,22 @@ def _run_all(protocol: str, problem: Problem, data: Dataset, specs: Sequence[Opt
              s: RunSettings, out: Path, manifest: Manifest,
              runs: Sequence[tuple[str, OptimizerSpec, float, str, int, dict[str, Any] | None]],
              on_step: StepCallback | None, on_done: DoneCallback | None,
-             finish: Callable[[OptimizerSpec, dict[str, Any]], None] | None = None
+             finish: Callable[[OptimizerSpec, dict[str, Any]], None] | None = None,
+             trained: Sequence[Problem] | None = None
              ) -> list[dict[str, Any]]:
     """Run (file name, optimizer, lr, lr source, seed, extra config) one after the other after
     a warm-up; every finished run is written at once and ticked off in the manifest, which is
     closed "complete" or, on an exception (Ctrl-C), "interrupted". ``finish(spec, result)``
-    may add to a run's result before it is written."""
+    may add to a run's result before it is written; ``trained[k]``, when given, is the problem
+    run k trains (e.g. a rescaled initialisation; the record names ``problem``)."""
     records = []
     status = "interrupted"
     try:
         warm_up(problem, data, specs, s.batch_size)
-        for name, spec, lr, source, seed, extra in runs:
+        for k, (name, spec, lr, source, seed, extra) in enumerate(runs):
             timing_start = _now()
-            result, timing = train_one(problem, data, spec, lr, seed, s.epochs, s.batch_size,
-                                       on_step)
+            result, timing = train_one(problem if trained is None else trained[k], data, spec,
+                                       lr, seed, s.epochs, s.batch_size, on_step)
             if finish is not None:
                 finish(spec, result)
             timing.update(started_at=timing_start, finished_at=_now())
@@ -955,27 +957,12 @@ def robustness_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimiz
         "scales": list(scales), "split_seed": s.split_seed, "subset": s.subset,
         "target": problem.target if s.target is None else s.target, "argv": argv})
     scaled = {j: scaled_problem(problem, c) for j, c in enumerate(scales)}
-    records = []
-    status = "interrupted"
-    try:
-        warm_up(problem, data, specs, s.batch_size)
-        for (seed, spec, i, lr, grid, j, scale), name in zip(plan, names):
-            started = _now()
-            result, timing = train_one(scaled[j], data, spec, lr, seed, s.epochs,
-                                       s.batch_size, on_step)
-            timing.update(started_at=started, finished_at=_now())
-            rec = _record("robustness", problem, data, spec, lr, f"grid point {i}", seed, s,
-                          result, timing, {"init_scale": scale, "scales": list(scales),
-                                           "scale_index": j, "grid": grid, "grid_index": i})
-            write_json(out / name, rec)
-            manifest.done(name)
-            records.append(rec)
-            if on_done is not None:
-                on_done(rec)
-        status = "complete"
-    finally:
-        manifest.close(status)
-    return records
+    runs = [(name, spec, lr, f"grid point {i}", seed,
+             {"init_scale": scale, "scales": list(scales), "scale_index": j, "grid": grid,
+              "grid_index": i})
+            for (seed, spec, i, lr, grid, j, scale), name in zip(plan, names)]
+    return _run_all("robustness", problem, data, specs, s, out, manifest, runs, on_step,
+                    on_done, trained=[scaled[j] for _, _, _, _, _, j, _ in plan])
 
 
 def robustness_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
