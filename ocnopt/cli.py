@@ -425,6 +425,16 @@ def _progress_run(label: str, n_runs: int, settings: Any, data: Any, out: Path, 
     return records, status, time.perf_counter() - started
 
 
+def _closing(status: str, records: list[dict[str, Any]], seconds: float, out: Path,
+             json_out: bool) -> None:
+    """The closing line of a table (not with --json), and exit code 130 after Ctrl-C."""
+    if not json_out:
+        _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out}",
+                         highlight=False)
+    if status != "complete":
+        raise typer.Exit(130)
+
+
 def _train_like(label: str, problem: str, n_specs: int, seeds: int, settings: Any, data: Any,
                 out: Path, json_out: bool, run: Callable[..., Any]) -> None:
     """A train-like protocol through ``_progress_run``, then the train summary (exit code 130
@@ -528,10 +538,7 @@ def sweep_cmd(
                       f"{100 * r['tunability']:.0f} ± {100 * (r['tunability_std'] or 0):.0f} %",
                       str(r["diverged"]))
         _console().print(t)
-        _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out}",
-                         highlight=False)
-    if status != "complete":
-        raise typer.Exit(130)
+    _closing(status, records, seconds, out, json_out)
 
 
 @bench.command("overhead", short_help="Protocol overhead: time and memory per step, ratios to torch SGD.")
@@ -765,10 +772,7 @@ def robustness_cmd(
                       f"{100 * r['share']:.0f} ± {100 * (r['share_std'] or 0):.0f} %",
                       f"{100 * r['share_all_seeds']:.0f} %", f"{r['diverged']}/{r['runs']}")
         _console().print(t)
-        _console().print(f"{status}: {len(records)} runs in {seconds:.0f} s; results in {out}",
-                         highlight=False)
-    if status != "complete":
-        raise typer.Exit(130)
+    _closing(status, records, seconds, out, json_out)
 
 
 @bench.command("claims", short_help="The study page of the papers' claims (docs/claims.md).")
