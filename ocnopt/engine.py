@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .curvature.base import Solver, StageStatistics
+from .distributed import NO_COMM, Collective
 from .losses import Loss
 from .stages import Stage
 
@@ -361,6 +362,9 @@ class BellmanEngine:
         #: per step, the control its curvature model sees (its own parameters)
         self.controls = [st.control_view() if st.has_control else st for st in self.stages]
         self._tied = any(st.shared for st in self.stages)
+        #: data-parallel communication (``ocnopt.distributed``; the identity on one process):
+        #: every batch mean below is made global by one of its calls (docs/method.md 7.3)
+        self.comm: Collective = NO_COMM
 
     # -- 1. nominal forward pass -----------------------------------------------------------------
     def nominal(self, inputs: Tensor, *, input_value: bool = False) -> Trajectory:
@@ -440,7 +444,8 @@ class BellmanEngine:
         backend = self.backend
         graph = self.graph
         T = len(self.stages)
-        B = terminal.V_x.shape[0]
+        B = self.comm.total(terminal.V_x.shape[0])  # the global batch (feedback, value update)
+        comm = self.comm
         backend.check_second_order(graph, traj, need_quu=need_quu)
         value = backend.terminal_value(self.loss, traj, terminal, targets=targets,
                                        generator=generator)
@@ -460,6 +465,8 @@ class BellmanEngine:
                                        need_stats=need_stats[t], keep=keep,
                                        stats_from_value=stats_from_value,
                                        skip_u=bool(skip_u and skip_u[t]))
+            if comm.active:  # hook: Qbar_u and E[Q_uu] are batch means (local ones here)
+                self._reduce_expansion(exp)
             if exp.Q_uu is not None and weight_decay:
                 exp.Q_uu = exp.Q_uu + weight_decay * torch.eye(
                     exp.Q_uu.shape[0], dtype=exp.Q_uu.dtype, device=exp.Q_uu.device)
@@ -475,6 +482,9 @@ class BellmanEngine:
                                for g, p in zip(exp.Q_u, stage.params)]
                 k, minv = policy_fn(stage, exp.Q_u, exp.stats)
                 quad = backend.quadratic(stage, exp, k)
+                if comm.active:  # hook: k^T Qbar_uu k (and k . Qbar_u when not formed): means
+                    quad, exp.kQ = self._reduce_quadratic(quad, exp.kQ if exp.Q_u is None
+                                                          else None)
                 if weight_decay:
                     quad = quad + weight_decay * sum(kk.square().sum() for kk in k)
                 kQ: Tensor
@@ -525,6 +535,9 @@ class BellmanEngine:
             raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model: {err}"
                              ) from err
         terminal = self.terminal(traj, targets, fisher_type=fisher, generator=controls.generator)
+        # hook: the global batch B and the global mean loss (a non-finite loss on any process
+        # is non-finite on every one: all skip)
+        B, terminal.loss = self.comm.begin(inputs.shape[0], terminal.loss)
         if not torch.isfinite(terminal.loss):
             return StepOutcome(terminal.loss, skipped="loss")
         # Qbar_u's tensors the curvature model will not read (its direction comes from the
@@ -532,7 +545,6 @@ class BellmanEngine:
         # (order 2 also needs M^-1 Qbar_u for the value correction: the direction when it is
         # that solve, i.e. without momentum)
         gradient_rows = config.fisher_type in (None, "empirical")
-        B = inputs.shape[0]
         may_skip = (not config.set_grad and config.max_grad_norm is None
                     and (config.order == 1 or curv.direction_is_solve(hp)))
         skip_u = [may_skip and need_stats[t] and st.kronecker
@@ -592,6 +604,8 @@ class BellmanEngine:
         else:
             expansions, _ = self.expand(traj, terminal, need_stats=need_stats, skip_u=skip_u)
             grads = [e.Q_u for e in expansions]
+            if self.comm.active:  # hook: Qbar_u of every step, one bucketed all-reduce
+                grads = self._reduce_gradients(grads)
             if self._tied:
                 grads = _gather_tied(stages, grads)
             players = [g for st, g in zip(stages, grads)
@@ -642,12 +656,16 @@ class BellmanEngine:
         scales, cut = [1.0] * n, [0.0] * n
         if second:  # the trust bound's diagnostics, converted at once
             one, zero = k_norms.new_ones(()), k_norms.new_zeros(())
-            values = torch.stack(
+            stacked = torch.stack(
                 [one if pol.feedback_scale is None else pol.feedback_scale.reshape(())
                  for _, pol in controlled]
                 + [zero if bounded is None or bounded[st.index] is None
                    else bounded[st.index].reshape(()).to(zero.dtype)  # type: ignore[union-attr]
-                   for st, _ in controlled]).tolist()
+                   for st, _ in controlled])
+            if self.comm.active:  # hook: the shares the trust bound cut are batch means
+                stacked = torch.cat([stacked[:n],
+                                     *self.comm.mean([stacked[n:]], tag="diagnostics")])
+            values = stacked.tolist()
             scales, cut = values[:n], values[n:]
         diagnostics = [StageDiagnostics(st.index, st.name, float(nk) ** 0.5, fb, sc, vb)
                        for (st, _), nk, fb, sc, vb in zip(controlled, k_norms.tolist(), fb_norms,
@@ -660,6 +678,34 @@ class BellmanEngine:
                                              grad_norm=float(_norm(player_norms))
                                              if player_norms else None),
                            grads=grads_out)
+
+    # -- data-parallel hooks (docs/method.md section 7.3) ----------------------------------------
+    def _reduce_gradients(self, grads: list[list[Tensor] | None]) -> list[list[Tensor] | None]:
+        """Qbar_u of every step (local batch means) -> global batch means, in one call."""
+        flat = [g for gs in grads if gs is not None for g in gs]
+        if not flat:
+            return grads
+        it = iter(self.comm.mean(flat, tag="gradient"))
+        return [None if gs is None else [next(it) for _ in gs] for gs in grads]
+
+    def _reduce_expansion(self, exp: QExpansion) -> None:
+        """Order 2: a step's Qbar_u and E[Q_uu] (local batch means) -> global ones."""
+        parts = (exp.Q_u or []) + ([exp.Q_uu] if exp.Q_uu is not None else [])
+        if not parts:
+            return
+        out = list(self.comm.mean(parts, tag="gradient"))
+        if exp.Q_uu is not None:
+            exp.Q_uu = out.pop()
+        if exp.Q_u is not None:
+            exp.Q_u = out
+
+    def _reduce_quadratic(self, quad: Tensor, kQ: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """k^T Qbar_uu k and (where Qbar_u was not formed) k . Qbar_u: global batch means."""
+        if kQ is None:
+            (quad,) = self.comm.mean([quad], tag="predicted change")
+            return quad, None
+        quad, kQ = self.comm.mean([quad, kQ.to(quad.dtype)], tag="predicted change")
+        return quad, kQ
 
     # -- 3. forward update pass ---------------------------------------------------------------
     @torch.no_grad()
@@ -677,7 +723,10 @@ class BellmanEngine:
         for stage, policy in zip(self.stages, policies):
             if policy is not None:
                 if policy.feedback is not None:  # before u changes: it may use the kept graph
-                    fb = policy.feedback.fn({j: live[j] - nominal[j] for j in policy.feedback.blocks})
+                    fb: Sequence[Tensor] = policy.feedback.fn(
+                        {j: live[j] - nominal[j] for j in policy.feedback.blocks})
+                    # hook: -lr M^-1 (1/B) sum_i Q_uX^(i) dX^(i), the sum over every process
+                    fb = self.comm.sum(fb, tag="feedback")
                     fb_norm = _norm(fb)
                     scale = torch.ones_like(fb_norm)
                     if trust is not None:
@@ -703,7 +752,9 @@ class BellmanEngine:
             states.append(z)
         loss_after = None
         if targets is not None:
-            loss_after = float(self.loss.per_sample(states[-1], targets).mean())
+            after = self.loss.per_sample(states[-1], targets).mean()
+            (after,) = self.comm.mean([after], tag="loss after")  # hook: the global mean
+            loss_after = float(after)
         norms = torch.stack(fb_norms).tolist() if fb_norms else []
         return states, loss_after, norms
 

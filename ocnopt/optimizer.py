@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from .backends.autograd import DEFAULT_MEMORY_BUDGET
 from .curvature import CURVATURES, CurvatureModel
 from .curvature.base import check_nonneg
 from .derivatives.ode import AdjointDerivatives
+from .distributed import Collective, make_collective
 from .engine import BellmanEngine, Controls, StepConfig, StepOutcome, StepResult
 from .graph import build_graph
 from .losses import Loss, make_loss
@@ -130,6 +131,23 @@ class OCNOpt(torch.optim.Optimizer):
             the sum over its uses. Skipped steps and failed steps leave ``.grad`` unchanged.
             ``False`` keeps ``.grad`` untouched and lets kfac skip forming Qbar_u where its
             direction comes from the statistics' rows (faster on wide layers, small batches).
+        process_group: data-parallel training (docs/method.md section 7.3, docs/distributed.md).
+            ``None`` (default): the default ``torch.distributed`` group when it is initialised
+            with more than one process (e.g. launched with torchrun), else one process;
+            ``False``: one process whatever torch.distributed says; or a ``ProcessGroup``.
+            Each process calls ``step(inputs, targets)`` with its own shard of the global batch
+            (shards may differ in size); the optimizer all-reduces the batch means (Qbar_u, the
+            curvature statistics, the feedback sums, the loss, the predicted change) so that
+            every process keeps the same parameters and optimizer state, equal to one process
+            on the concatenated batch. No DistributedDataParallel wrapper is needed: a
+            DDP-wrapped model is accepted and its ``.module`` optimized (DDP's own gradient
+            all-reduce never runs: the step does not call ``backward`` on the wrapper). The
+            parameters and buffers of rank 0 are broadcast at construction (as DDP does), and
+            the buffers (BatchNorm running statistics) after every step. ``self.comm`` counts
+            the bytes communicated (``comm.bytes_by_tag``).
+        split_inversions: data parallel, kfac/ekfac: the factors of stage t are inverted
+            (eigen-decomposed) on rank t % P only and broadcast, as kfac-pytorch does; False:
+            every process inverts every factor (no broadcast).
         max_grad_norm: a hyper-parameter in ``param_groups`` (default None: no clip): Qbar_u
             is scaled by min(1, max_grad_norm / (|Qbar_u| + 1e-6)) inside the step, before the
             curvature model sees it (as ``clip_grad_norm_`` before ``optimizer.step()``), weight
@@ -193,6 +211,8 @@ class OCNOpt(torch.optim.Optimizer):
         game: str = "cooperative",
         leaf_modules: tuple[type[nn.Module], ...] = (),
         set_grad: bool = True,
+        process_group: Any = None,
+        split_inversions: bool = True,
         **hyperparameters: Any,
     ):
         if not isinstance(curvature, str) or curvature not in CURVATURES:
@@ -204,11 +224,19 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError(f"invalid game={game!r}: accepted {GAMES}")
         for name, flag in (("feedback", feedback), ("value_correction", value_correction),
                            ("gauss_newton", gauss_newton), ("psd_clip", psd_clip),
-                           ("track_loss_after", track_loss_after), ("set_grad", set_grad)):
+                           ("track_loss_after", track_loss_after), ("set_grad", set_grad),
+                           ("split_inversions", split_inversions)):
             if not isinstance(flag, bool):
                 raise TypeError(f"invalid {name}={flag!r}: accepted True or False")
+        ddp_group = getattr(model, "process_group", None) if _is_ddp_wrapper(model) else None
+        if _is_ddp_wrapper(model):  # DDP's own all-reduce never runs (no backward on it)
+            model = cast(nn.Module, model.module)
+        self.comm: Collective = make_collective(
+            process_group if process_group is not None else ddp_group)
         self.curvature_name = curvature
         self.model_: CurvatureModel = CURVATURES[curvature]()
+        self.model_.comm = self.comm
+        self.model_.split_inversions = split_inversions
         if backend is None:
             backend = default_backend(order, needs_full=self.model_.needs_full,
                                       gauss_newton=gauss_newton, mu=mu)
@@ -271,8 +299,13 @@ class OCNOpt(torch.optim.Optimizer):
                 "yourself, or use order=2 (docs/method.md section 12)")
         if order == 2 or self.model_.needs_full:
             _refuse_tied(self.stages, order, curvature)
+        if self.comm.active and any(getattr(b, "learn_t1", False) for b in self._ode_blocks):
+            raise ValueError("ODEBlock(learn_t1=True) is not supported in data-parallel training "
+                             "(its s = dJ/dt1 is a per-process batch mean); use learn_t1=False or "
+                             "process_group=False")
         self.backend.prepare(self.graph, self.loss_fn)
         self.engine = BellmanEngine(self.graph, self.loss_fn, self.backend)
+        self.engine.comm = self.comm
 
         accepted = {"weight_decay": 0.0, "mu": 0.0, "trust": 0.5, "max_grad_norm": None,
                     **self.model_.defaults}
@@ -301,6 +334,18 @@ class OCNOpt(torch.optim.Optimizer):
         self._buffer_modules = [m for m in model.modules() if m._buffers]
         self._warned_nonfinite = False
         self.last_step: StepResult | None = None
+        if self.comm.active:  # every process starts from rank 0's parameters and buffers
+            self._broadcast_from_rank0(params, tag="setup")
+
+    def _broadcast_from_rank0(self, params: list[Tensor], tag: str) -> None:
+        """Parameters (``params``) and the model's buffers := rank 0's (data parallel)."""
+        live = params + [b for m in self._buffer_modules for b in m._buffers.values()
+                         if b is not None]
+        if not live:
+            return
+        with torch.no_grad():
+            for t, v in zip(live, self.comm.broadcast(live, src=0, tag=tag)):
+                t.copy_(v)
 
     # -- validation ---------------------------------------------------------------------------
     def _check(self, hp: dict[str, Any]) -> None:
@@ -434,6 +479,8 @@ class OCNOpt(torch.optim.Optimizer):
             if outcome.skipped is not None:
                 return self._skip(outcome.loss, outcome.skipped, snapshot)
             self._commit(outcome)
+            if self.comm.active and self._buffer_modules:  # rank 0's running statistics
+                self._broadcast_from_rank0([], tag="buffers")
         except BaseException:
             self._rollback(snapshot)
             raise
@@ -547,6 +594,10 @@ class _OptimizerControls(Controls):
         with torch.no_grad():
             for p, b in zip(self.opt.param_groups[0]["params"], backup):
                 p.copy_(b)
+
+
+def _is_ddp_wrapper(model: Any) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
 def _refuse_tied(stages: list[Stage], order: int, curvature: str) -> None:

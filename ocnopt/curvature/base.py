@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..distributed import NO_COMM, Collective
 from ..stages import Stage
 
 State = dict[str, Any]
@@ -59,6 +60,12 @@ class CurvatureModel:
     needs_full: ClassVar[bool] = False  # needs E[Q_uu] from the exact backend
     #: ``per_sample_gram`` takes ``cache=`` and leaves there what ``cached_feedback`` reuses
     caches_rows: ClassVar[bool] = False
+    #: data-parallel communication (``ocnopt.distributed``, set by ``OCNOpt``): a model whose
+    #: statistics are batch means makes them global with ``comm.mean`` (docs/method.md 7.3)
+    comm: Collective = NO_COMM
+    #: data parallel: invert the factors of stage t on rank t % P only and broadcast them
+    #: (False: every process inverts every factor)
+    split_inversions: bool = True
 
     def check(self, hp: dict[str, Any]) -> None:
         """Raise ``ValueError`` for an invalid hyper-parameter (named, with accepted values)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from einops import einsum
 from torch import Tensor
 
@@ -51,8 +52,7 @@ class EKFAC(KFAC):
     caches_rows = False  # its Gram is in the eigenbasis
     defaults = {**KFAC.defaults}
 
-    @classmethod
-    def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
+    def _direction_from_rows(self, stage: Stage, st: State, stats: StageStatistics | None,
                              hp: dict[str, Any]) -> list[Tensor] | None:
         return None  # the eigenvalue-corrected diagonal needs the dense gradient
 
@@ -65,12 +65,12 @@ class EKFAC(KFAC):
         new = dict(st)
         decay = hp["stat_decay"]
         if stats is not None:
-            A, G = kronecker_factors(stage, stats)
+            A, G = self.comm.mean(kronecker_factors(stage, stats), tag="statistics")
             new["A"] = ema(st.get("A"), A, decay)
             new["G"] = ema(st.get("G"), G, decay)
         rebased = False
         if step % hp["inv_every"] == 0 or "QA" not in st:
-            eigs = [eigh64(new["A"]), eigh64(new["G"])]
+            eigs = self._eigenbases(stage, new["A"], new["G"])
             if any(e is None for e in eigs) and "QA" in st:
                 warnings.warn(f"stage {stage.index}: eigen-decomposition of a K-FAC factor failed;"
                               " keeping the previous eigenbasis", CurvatureWarning, stacklevel=4)
@@ -82,12 +82,33 @@ class EKFAC(KFAC):
                 new["QG"] = eigs[1][1].to(new["G"].dtype)  # type: ignore[index]
                 rebased = True
         if stats is not None:
-            s_w, s_b = eigenbasis_scales(stats, new["QA"], new["QG"])
+            s_w, s_b = self.comm.mean(eigenbasis_scales(stats, new["QA"], new["QG"]),
+                                      tag="statistics")
             fresh = rebased or "scale" not in st
             new["scale"] = s_w if fresh else ema(st["scale"], s_w, decay)
             new["scale_bias"] = s_b if fresh else ema(st["scale_bias"], s_b, decay)
         new["damping"] = damping_at(hp, step)
         return new
+
+    def _eigenbases(self, stage: Stage, A: Tensor, G: Tensor
+                    ) -> list[tuple[Tensor, Tensor] | None]:
+        """float64 eigen-decompositions of A and G; with ``split_inversions`` on several
+        processes, computed on the owner rank (``inverts_here``) and broadcast (a failure,
+        marked by NaN eigenvalues, reaches every process alike)."""
+        if not (self.comm.active and self.split_inversions):
+            return [eigh64(A), eigh64(G)]
+        mine = self.inverts_here(stage)
+        parts: list[Tensor] = []
+        for M in (A, G):
+            e = eigh64(M) if mine else None
+            d = M.shape[0]
+            if e is None:
+                e = (M.new_full((d,), float("nan"), dtype=torch.float64),
+                     M.new_zeros((d, d), dtype=torch.float64))
+            parts += list(e)
+        parts = list(self.comm.broadcast(parts, src=self.comm.owner(stage.index), tag="inverses"))
+        return [None if not bool(torch.isfinite(parts[i]).all()) else (parts[i], parts[i + 1])
+                for i in (0, 2)]
 
     def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
         return self._scaled(stage, st, v, -1.0)

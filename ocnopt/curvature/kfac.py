@@ -173,14 +173,17 @@ class KFAC(CurvatureModel):
                  hp: dict[str, Any], step: int) -> State:
         new = dict(st)
         if stats is not None:
-            A, G = kronecker_factors(stage, stats)
+            A, G = self.comm.mean(kronecker_factors(stage, stats), tag="statistics")
             new["A"] = ema(st.get("A"), A, hp["stat_decay"])
             new["G"] = ema(st.get("G"), G, hp["stat_decay"])
         if step % hp["inv_every"] == 0 or "A_inv" not in st:
             damping = damping_at(hp, step)
+            mine = self.inverts_here(stage)
             for key in ("A", "G"):
-                inv = damped_inverse(new[key], damping)
-                if inv is None:
+                inv = damped_inverse(new[key], damping) if mine else None
+                if not mine:  # inverted by the owner rank, broadcast below
+                    inv = torch.empty_like(new[key])
+                elif inv is None:
                     warnings.warn(f"stage {stage.index}: eigen-decomposition of factor {key} "
                                   "failed; keeping the previous inverse", CurvatureWarning,
                                   stacklevel=4)
@@ -189,7 +192,17 @@ class KFAC(CurvatureModel):
                         inv = torch.diag(1.0 / (new[key].diagonal().clamp_min(0) + damping
                                                 + torch.finfo(new[key].dtype).tiny))
                 new[f"{key}_inv"] = inv
+            if self.comm.active and self.split_inversions:
+                new["A_inv"], new["G_inv"] = self.comm.broadcast(
+                    [new["A_inv"], new["G_inv"]], src=self.comm.owner(stage.index), tag="inverses")
         return new
+
+    def inverts_here(self, stage: Stage) -> bool:
+        """Whether this process inverts the factors of ``stage``: always on one process or
+        with ``split_inversions`` off, else on rank ``stage.index % P`` only (kfac-pytorch's
+        distribution of the inversions; the result is broadcast)."""
+        comm = self.comm
+        return not (comm.active and self.split_inversions) or comm.owner(stage.index) == comm.rank
 
     def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
         """K-FAC inverse applied to (weight, bias): G^-1 V A^-1 and G^-1 b; tensors may carry
@@ -245,18 +258,18 @@ class KFAC(CurvatureModel):
         # the diagonal fallback (no Kronecker factors) reads Qbar_u
         return self.kronecker(stage, hp) and gradient_rows and self._rows_cheaper(stage, hp, B, P)
 
-    @classmethod
-    def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
+    def _direction_from_rows(self, stage: Stage, st: State, stats: StageStatistics | None,
                              hp: dict[str, Any]) -> list[Tensor] | None:
         """G^-1 Qbar_u A^-1 = (g G^-1)^T (a A^-1) / B from the statistics' rows when they are
         the gradient's (empirical Fisher at a statistics step), Qbar_u has no weight-decay term,
         and B P (d_in^2 + d_out^2 + d_in d_out) < d_in d_out (d_in + d_out) (small batches,
-        wide layers: the dense products cost more). Leaves a A^-1 in ``stats.aA``."""
+        wide layers: the dense products cost more; B the global batch, so that every process
+        decides alike). Leaves a A^-1 in ``stats.aA``."""
         if stats is None or not stats.gradient_rows or stats.a is None or stats.g is None:
             return None
         a, g = stats.a, stats.g[:, 0]
         B, P = a.shape[:2]
-        if not cls._rows_cheaper(stage, hp, B, P):
+        if not self._rows_cheaper(stage, hp, self.comm.total(B), P):
             return None
         aA = _rows_times(a, st["A_inv"])
         gG = _rows_times(g, st["G_inv"])
@@ -268,7 +281,7 @@ class KFAC(CurvatureModel):
                 out.append((gG.T @ aA.flatten(0, 1)).div_(B).reshape(p.shape))
             else:
                 out.append(gG.sum(0).div_(B))
-        return out
+        return list(self.comm.mean(out, tag="gradient"))  # hook: the local mean -> global
 
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
         return hp["momentum"] == 0
