@@ -357,6 +357,11 @@ def run_cmd(
     split_seed: SplitSeedOption = 0,
     threads: ThreadsOption = 1,
     json_out: JsonOption = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", help="Data-parallel processes per run (torch.distributed, gloo on CPU): each "
+                        "steps on its shard of every minibatch and OCNOpt all-reduces the batch "
+                        "means; equals --nproc 1 up to float rounding. ocnopt optimizers "
+                        "only.")] = 1,
 ) -> None:
     """Protocol train: fixed epochs, several seeds; final training loss, test accuracy
     (mean ± std over seeds), wall-clock time and time to a target accuracy per optimizer.
@@ -371,11 +376,18 @@ def run_cmd(
     with usage_errors():
         prob = _problem(problem)
         for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--batch-size", batch_size),
-                        ("--subset", subset), ("--threads", threads)):
+                        ("--subset", subset), ("--threads", threads), ("--nproc", nproc)):
             _positive(name, v)
         _target(prob, target)
         hps = _hp(hp)
         specs = _optimizers(prob, optimizers, hps)
+        if nproc > 1:
+            from .bench.parallel import refuse_non_ocnopt
+
+            try:
+                refuse_non_ocnopt(specs, nproc)
+            except ValueError as err:
+                raise UsageError(str(err)) from err
         lrs = None
         if lr_from is not None:
             if not lr_from.is_dir():
@@ -394,9 +406,22 @@ def run_cmd(
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
                            seeds=list(range(seeds)), split_seed=split_seed, subset=subset,
                            target=target, hp=hps)
+
+    def run(on_step: Any, on_done: Any) -> Any:
+        if nproc == 1:
+            return train_protocol(prob, data, specs, settings, out, lrs, on_step=on_step,
+                                  on_done=on_done)
+        from .bench.parallel import Job, run_data_parallel
+
+        names = [s.name for s in specs]
+        job = Job(prob.name, names, hps, settings, lrs, threads)
+        return run_data_parallel(
+            nproc, job, specs, lambda sharded: train_protocol(
+                prob, data, sharded, settings, out, lrs, on_step=on_step, on_done=on_done),
+            device=data.X_fit.device)
+
     _train_like(f"train {prob.name}", prob.name, len(specs), seeds, settings, data, out, json_out,
-                lambda on_step, on_done: train_protocol(prob, data, specs, settings, out, lrs,
-                                                        on_step=on_step, on_done=on_done))
+                run)
 
 
 def _progress_run(label: str, n_runs: int, settings: Any, data: Any, out: Path, json_out: bool,

@@ -152,3 +152,47 @@ def test_one_process_has_no_communication():
         make_collective("gloo")
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         OCNOpt(T.mlp(), process_group=True)
+
+
+# ---- ocnopt bench run --nproc ---------------------------------------------------------------------
+def _bench(*args: str):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from ocnopt.cli import app
+
+    return CliRunner().invoke(app, ["bench", "run", *map(str, args)])
+
+
+def test_nproc_refuses_optimizers_that_are_not_ocnopt(tmp_path):
+    res = _bench("wine-fcn", "-o", "torch-sgd,autograd-kfac", "--nproc", "2", "--out", tmp_path)
+    assert res.exit_code == 2, res.output
+    assert "--nproc 2 runs ocnopt optimizers only" in res.stderr and "torch-sgd" in res.stderr
+    res = _bench("wine-fcn", "--nproc", "0", "--out", tmp_path)
+    assert res.exit_code == 2 and "--nproc must be positive" in res.stderr
+
+
+@pytest.mark.slow
+def test_nproc_two_equals_one_process(tmp_path):
+    """``--nproc 2`` (gloo, shards of each minibatch) trains as ``--nproc 1`` up to float32
+    rounding: the same minibatch losses and the same final test loss, and records nproc."""
+    import json
+
+    names = ["autograd-kfac", "lowrank-kfac-fb"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        res = _bench("wine-fcn", "-o", ",".join(names), "--epochs", "1", "--seeds", "1",
+                     "--subset", "60", "--nproc", str(n), "--out", out, "--json")
+        assert res.exit_code == 0, res.output
+        runs[n] = {name: json.loads((out / f"train-wine-fcn-{name}-seed0.json").read_text())
+                   for name in names}
+    for name in names:
+        one, two = runs[1][name], runs[2][name]
+        assert two["config"]["optimizer"]["nproc"] == 2 and "nproc" not in one["config"]["optimizer"]
+        a, b = one["result"]["batch_loss"], two["result"]["batch_loss"]
+        assert len(a) == len(b) > 1
+        assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5, name
+        fa, fb = one["result"]["final"]["test_loss"], two["result"]["final"]["test_loss"]
+        assert abs(fa - fb) < 1e-5 * abs(fa), name

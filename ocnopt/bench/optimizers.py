@@ -223,6 +223,8 @@ class OptimizerSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: peers with their own limits: problem -> None when it runs there, else the reason
     refusal: Callable[[Problem], str | None] | None = None
+    #: data-parallel processes the stepper runs on (``bench.parallel``; recorded when > 1)
+    nproc: int = 1
 
     @property
     def exact(self) -> bool:
@@ -246,6 +248,8 @@ class OptimizerSpec:
         if self.family == "ocnopt":
             out.update(order=self.order, backend=self.backend, curvature=self.curvature,
                        options=dict(self.options))
+        if self.nproc > 1:
+            out["nproc"] = self.nproc
         return out
 
     def fits(self, problem: Problem) -> str | None:

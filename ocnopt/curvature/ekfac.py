@@ -19,6 +19,7 @@ import torch
 from einops import einsum
 from torch import Tensor
 
+from ..distributed import NO_COMM, Collective
 from ..stages import Stage
 from .base import StageStatistics, State, damping_at, diagonal_gram, eigh64
 from .fallback import DiagonalFallback
@@ -52,8 +53,10 @@ class EKFAC(KFAC):
     caches_rows = False  # its Gram is in the eigenbasis
     defaults = {**KFAC.defaults}
 
-    def _direction_from_rows(self, stage: Stage, st: State, stats: StageStatistics | None,
-                             hp: dict[str, Any]) -> list[Tensor] | None:
+    @classmethod
+    def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
+                             hp: dict[str, Any], comm: Collective = NO_COMM
+                             ) -> list[Tensor] | None:
         return None  # the eigenvalue-corrected diagonal needs the dense gradient
 
     def gradient_unused(self, stage: Stage, hp: dict[str, Any], B: int, P: int, *,

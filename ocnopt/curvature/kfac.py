@@ -35,6 +35,7 @@ import torch
 from einops import einsum
 from torch import Tensor
 
+from ..distributed import NO_COMM, Collective
 from ..stages import Stage
 from .base import (
     CurvatureModel,
@@ -224,7 +225,7 @@ class KFAC(CurvatureModel):
         if not self.kronecker(stage, hp):
             return DiagonalFallback.update(stage, states, grads, hp, step)
         head = self._refresh(stage, states[0], stats, hp, step)
-        dirs = self._direction_from_rows(stage, head, stats, hp)
+        dirs = self._direction_from_rows(stage, head, stats, hp, self.comm)
         if dirs is None:
             if not grads:
                 raise RuntimeError(f"{stage}: Qbar_u was not formed but the direction needs it")
@@ -258,18 +259,21 @@ class KFAC(CurvatureModel):
         # the diagonal fallback (no Kronecker factors) reads Qbar_u
         return self.kronecker(stage, hp) and gradient_rows and self._rows_cheaper(stage, hp, B, P)
 
-    def _direction_from_rows(self, stage: Stage, st: State, stats: StageStatistics | None,
-                             hp: dict[str, Any]) -> list[Tensor] | None:
+    @classmethod
+    def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,
+                             hp: dict[str, Any], comm: Collective = NO_COMM
+                             ) -> list[Tensor] | None:
         """G^-1 Qbar_u A^-1 = (g G^-1)^T (a A^-1) / B from the statistics' rows when they are
         the gradient's (empirical Fisher at a statistics step), Qbar_u has no weight-decay term,
         and B P (d_in^2 + d_out^2 + d_in d_out) < d_in d_out (d_in + d_out) (small batches,
-        wide layers: the dense products cost more; B the global batch, so that every process
-        decides alike). Leaves a A^-1 in ``stats.aA``."""
+        wide layers: the dense products cost more; B the global batch of ``comm``, so that
+        every process decides alike, and the local means are made global by ``comm``). Leaves
+        a A^-1 in ``stats.aA``."""
         if stats is None or not stats.gradient_rows or stats.a is None or stats.g is None:
             return None
         a, g = stats.a, stats.g[:, 0]
         B, P = a.shape[:2]
-        if not self._rows_cheaper(stage, hp, self.comm.total(B), P):
+        if not cls._rows_cheaper(stage, hp, comm.total(B), P):
             return None
         aA = _rows_times(a, st["A_inv"])
         gG = _rows_times(g, st["G_inv"])
@@ -281,7 +285,7 @@ class KFAC(CurvatureModel):
                 out.append((gG.T @ aA.flatten(0, 1)).div_(B).reshape(p.shape))
             else:
                 out.append(gG.sum(0).div_(B))
-        return list(self.comm.mean(out, tag="gradient"))  # hook: the local mean -> global
+        return list(comm.mean(out, tag="gradient"))  # hook: the local mean -> global
 
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
         return hp["momentum"] == 0
