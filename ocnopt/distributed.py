@@ -65,6 +65,11 @@ class Collective:
         """sum_p s_p (terms already divided by the global B)."""
         return tensors
 
+    def mean_symmetric(self, matrices: Sequence[Tensor], tag: str = "other") -> Sequence[Tensor]:
+        """``mean`` of symmetric (d, d) matrices, communicating their upper triangles only
+        (d (d + 1) / 2 entries each); the results are exactly symmetric."""
+        return matrices
+
     def broadcast(self, tensors: Sequence[Tensor], src: int, tag: str = "other") -> Sequence[Tensor]:
         """The tensors of rank ``src`` on every rank (same shapes and dtypes everywhere)."""
         return tensors
@@ -150,6 +155,17 @@ class ProcessGroupCollective(Collective):
 
     def sum(self, tensors: Sequence[Tensor], tag: str = "other") -> list[Tensor]:
         return self._reduce(tensors, None, tag)
+
+    def mean_symmetric(self, matrices: Sequence[Tensor], tag: str = "other") -> list[Tensor]:
+        upper = [torch.triu_indices(M.shape[0], M.shape[0], device=M.device) for M in matrices]
+        packed = self.mean([M[i, j] for M, (i, j) in zip(matrices, upper)], tag=tag)
+        out = []
+        for M, (i, j), v in zip(matrices, upper, packed):
+            S = M.new_empty(M.shape)
+            S[i, j] = v
+            S[j, i] = v
+            out.append(S)
+        return out
 
     def broadcast(self, tensors: Sequence[Tensor], src: int, tag: str = "other") -> list[Tensor]:
         out: list[Tensor] = list(tensors)

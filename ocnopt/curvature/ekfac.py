@@ -68,7 +68,8 @@ class EKFAC(KFAC):
         new = dict(st)
         decay = hp["stat_decay"]
         if stats is not None:
-            A, G = self.comm.mean(kronecker_factors(stage, stats), tag="statistics")
+            A, G = self.comm.mean_symmetric(kronecker_factors(stage, stats),
+                                            tag="statistics")
             new["A"] = ema(st.get("A"), A, decay)
             new["G"] = ema(st.get("G"), G, decay)
         rebased = False

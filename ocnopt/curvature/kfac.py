@@ -174,7 +174,8 @@ class KFAC(CurvatureModel):
                  hp: dict[str, Any], step: int) -> State:
         new = dict(st)
         if stats is not None:
-            A, G = self.comm.mean(kronecker_factors(stage, stats), tag="statistics")
+            A, G = self.comm.mean_symmetric(kronecker_factors(stage, stats),
+                                            tag="statistics")
             new["A"] = ema(st.get("A"), A, hp["stat_decay"])
             new["G"] = ema(st.get("G"), G, hp["stat_decay"])
         if step % hp["inv_every"] == 0 or "A_inv" not in st:
@@ -225,7 +226,10 @@ class KFAC(CurvatureModel):
         if not self.kronecker(stage, hp):
             return DiagonalFallback.update(stage, states, grads, hp, step)
         head = self._refresh(stage, states[0], stats, hp, step)
-        dirs = self._direction_from_rows(stage, head, stats, hp, self.comm)
+        # data parallel with Qbar_u formed (global already): preconditioning it costs no
+        # communication, the rows' direction one more all-reduce of the parameter's size
+        dirs = None if self.comm.active and grads else \
+            self._direction_from_rows(stage, head, stats, hp, self.comm)
         if dirs is None:
             if not grads:
                 raise RuntimeError(f"{stage}: Qbar_u was not formed but the direction needs it")
