@@ -1,4 +1,4 @@
-"""Data-parallel communication of ``OCNOpt`` (docs/method.md section 7.3, docs/distributed.md).
+"""Data-parallel communication of ``OCNOpt`` (docs/method.md section 13, docs/distributed.md).
 
 P processes hold the same parameters and each a shard of the global batch, B = sum_p B_p.
 Per-sample quantities (Q_x, V_x, the V_xx factors, dx) stay on their process; every batch

@@ -363,7 +363,7 @@ class BellmanEngine:
         self.controls = [st.control_view() if st.has_control else st for st in self.stages]
         self._tied = any(st.shared for st in self.stages)
         #: data-parallel communication (``ocnopt.distributed``; the identity on one process):
-        #: every batch mean below is made global by one of its calls (docs/method.md 7.3)
+        #: every batch mean below is made global by one of its calls (docs/method.md section 13)
         self.comm: Collective = NO_COMM
 
     # -- 1. nominal forward pass -----------------------------------------------------------------
@@ -679,7 +679,7 @@ class BellmanEngine:
                                              if player_norms else None),
                            grads=grads_out)
 
-    # -- data-parallel hooks (docs/method.md section 7.3) ----------------------------------------
+    # -- data-parallel hooks (docs/method.md section 13) ----------------------------------------
     def _reduce_gradients(self, grads: list[list[Tensor] | None]) -> list[list[Tensor] | None]:
         """Qbar_u of every step (local batch means) -> global batch means, in one call."""
         flat = [g for gs in grads if gs is not None for g in gs]

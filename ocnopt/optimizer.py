@@ -131,7 +131,7 @@ class OCNOpt(torch.optim.Optimizer):
             the sum over its uses. Skipped steps and failed steps leave ``.grad`` unchanged.
             ``False`` keeps ``.grad`` untouched and lets kfac skip forming Qbar_u where its
             direction comes from the statistics' rows (faster on wide layers, small batches).
-        process_group: data-parallel training (docs/method.md section 7.3, docs/distributed.md).
+        process_group: data-parallel training (docs/method.md section 13, docs/distributed.md).
             ``None`` (default): the default ``torch.distributed`` group when it is initialised
             with more than one process (e.g. launched with torchrun), else one process;
             ``False``: one process whatever torch.distributed says; or a ``ProcessGroup``.

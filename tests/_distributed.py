@@ -1,4 +1,4 @@
-"""Data-parallel runs for identity 8.8 (docs/method.md section 7.3): one spawn of P processes
+"""Data-parallel runs (docs/method.md section 13): one spawn of P processes
 (gloo, file:// rendezvous) runs every configuration of ``CASES`` on its shard of each global
 batch and saves, per rank, the parameters, the optimizer state and the losses; ``run_case``
 with ``shards=None`` is the single-process reference on the whole batch."""

@@ -1,10 +1,10 @@
-"""Identity 8.8 (docs/method.md section 7.3): data-parallel training on P processes (gloo, CPU)
+"""Data-parallel training (docs/method.md section 13) on P processes (gloo, CPU)
 with the global batch split unevenly gives the parameters, the optimizer state and the losses
 of one process on the whole batch, float64, over several steps: every curvature model at order
 1, order 2 with the lowrank, autograd and backpack backends, a residual graph, an ODE block; a
 non-finite loss on one process skips the step on all; a checkpoint saved by rank 0 resumes on
 another number of processes; inversions split across processes equal inversions everywhere;
-the bytes counted by the reducer are those of the quantities of section 7.3.
+the bytes counted by the reducer are those of the quantities of docs/method.md section 13.
 
 One spawn per world size runs every configuration (``_distributed.CASES``) and returns the
 results of every rank."""

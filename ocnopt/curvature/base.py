@@ -61,7 +61,7 @@ class CurvatureModel:
     #: ``per_sample_gram`` takes ``cache=`` and leaves there what ``cached_feedback`` reuses
     caches_rows: ClassVar[bool] = False
     #: data-parallel communication (``ocnopt.distributed``, set by ``OCNOpt``): a model whose
-    #: statistics are batch means makes them global with ``comm.mean`` (docs/method.md 7.3)
+    #: statistics are batch means makes them global with ``comm.mean`` (docs/method.md section 13)
     comm: Collective = NO_COMM
     #: data parallel: invert the factors of stage t on rank t % P only and broadcast them
     #: (False: every process inverts every factor)
