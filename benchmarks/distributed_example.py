@@ -8,7 +8,7 @@
 (``python -m torch.distributed.run`` where the ``torchrun`` script is not on the PATH.) Each
 process builds the same model (the optimizer broadcasts rank 0's parameters anyway), draws the
 same global batch and steps on its own shard of it: sharding the data is the user's job, the
-optimizer all-reduces what the step needs (docs/method.md section 7.3). The backend is NCCL when
+optimizer all-reduces what the step needs (docs/method.md section 13). The backend is NCCL when
 CUDA is available (one GPU per process, ``LOCAL_RANK``), gloo otherwise.
 
 ``--model``: ``mlp`` (784-512-512-10, ReLU, batches of random MNIST-shaped data), a problem of
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--inv-every", type=int, default=None, help="kfac/ekfac inv_every")
     ap.add_argument("--invert-everywhere", action="store_true",
                     help="every process inverts every K-FAC factor (no broadcast)")
     args = ap.parse_args()
@@ -76,8 +77,9 @@ def main() -> None:
     rank = dist.get_rank() if world > 1 else 0
 
     model, X, y = build(args.model, device)
+    extra = {} if args.inv_every is None else {"inv_every": args.inv_every}
     opt = OCNOpt(model, curvature=args.curvature, order=args.order, backend=args.backend,
-                 lr=args.lr, split_inversions=not args.invert_everywhere)
+                 lr=args.lr, split_inversions=not args.invert_everywhere, **extra)
     gen = torch.Generator(device="cpu").manual_seed(1)
     times: list[float] = []
     opt.comm.reset_counts()  # the setup broadcast is not a step's
@@ -105,7 +107,8 @@ def main() -> None:
         print(json.dumps({
             "processes": world, "threads": args.threads, "model": args.model,
             "curvature": args.curvature, "order": args.order, "backend": opt.backend_name,
-            "global_batch": args.batch, "median_step_s": statistics.median(times),
+            "global_batch": args.batch, "split_inversions": not args.invert_everywhere,
+            "inv_every": args.inv_every, "median_step_s": statistics.median(times),
             "loss": float(loss), "parameters": params,
             "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "bytes_per_step": per_step, "bytes_per_step_total": sum(per_step.values())}))

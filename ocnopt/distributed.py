@@ -25,7 +25,7 @@ payload bytes it all-reduces and broadcasts, by what they carry (``bytes_by_tag`
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -73,6 +73,12 @@ class Collective:
     def broadcast(self, tensors: Sequence[Tensor], src: int, tag: str = "other") -> Sequence[Tensor]:
         """The tensors of rank ``src`` on every rank (same shapes and dtypes everywhere)."""
         return tensors
+
+    def broadcast_async(self, tensors: Sequence[Tensor], src: int, tag: str = "other"
+                        ) -> Callable[[], list[Tensor]]:
+        """Start ``broadcast``; the returned function waits for it and returns its result.
+        Calls are matched in the order they are started on every process."""
+        return lambda: list(tensors)
 
     def owner(self, index: int) -> int:
         """The rank that computes the factor inversions of stage ``index``: index % P."""
@@ -177,6 +183,28 @@ class ProcessGroupCollective(Collective):
             for i, piece in zip(idx, flat.split([p.numel() for p in parts])):
                 out[i] = piece.view(tensors[i].shape)
         return out
+
+    def broadcast_async(self, tensors: Sequence[Tensor], src: int, tag: str = "other"
+                        ) -> Callable[[], list[Tensor]]:
+        out: list[Tensor] = list(tensors)
+        started = []
+        for idx in _buckets(tensors).values():
+            parts = [tensors[i].detach().reshape(-1) for i in idx]
+            flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+            self._count(tag, [flat])
+            work = self.dist.broadcast(flat, src=self._global_rank(src), group=self.group,
+                                       async_op=True)
+            started.append((idx, parts, flat, work))
+
+        def wait() -> list[Tensor]:
+            for idx, parts, flat, work in started:
+                assert work is not None  # async_op=True returns the work
+                work.wait()
+                for i, piece in zip(idx, flat.split([p.numel() for p in parts])):
+                    out[i] = piece.view(tensors[i].shape)
+            return out
+
+        return wait
 
     def _global_rank(self, rank: int) -> int:
         if self.group is None:

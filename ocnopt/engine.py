@@ -616,6 +616,10 @@ class BellmanEngine:
                     player_norms.append(norm)
                     c = clip_factor(norm, config.max_grad_norm)
                     grads = [None if g is None else [t * c for t in g] for g in grads]
+            if self.comm.active:  # hook: the model may start its communication for all players
+                curv.prefetch([(views[st.index], controls.states(views[st.index]), exp.stats)
+                               for st, exp in zip(stages, expansions)
+                               if st.has_control and views[st.index].params], hp, k)
             policies = []
             for st, exp, Q_u in zip(stages, expansions, grads):
                 view = views[st.index]

@@ -177,7 +177,8 @@ def run_case(name: str, sizes: list[int] | None, rank: int = 0, steps: int = STE
     return {"params": [p.detach().clone() for p in model.parameters()],
             "state": flat_state(opt), "losses": losses, "steps": snapshots,
             "skipped": opt.skipped_steps, "step_count": opt.step_count,
-            "bytes": dict(opt.comm.bytes_by_tag), "param_bytes":
+            "bytes": dict(opt.comm.bytes_by_tag), "calls": dict(opt.comm.calls_by_tag),
+            "param_bytes":
                 sum(p.numel() * p.element_size() for p in model.parameters()),
             "checkpoint": {"model": model.state_dict(), "opt": opt.state_dict()}}
 

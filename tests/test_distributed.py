@@ -114,11 +114,15 @@ def test_bytes_counted_are_the_reduced_quantities(two):
     res = results[1]["o1-adam"]
     pb = res["param_bytes"]
     assert res["bytes"] == {"gradient": steps * pb, "batch and loss": steps * 16, "setup": pb}
-    kfac = results[0]["o1-kfac-everywhere"]["bytes"]
-    # the upper triangles of A, G of Linear(4, 6) and Linear(6, 3)
-    factors = (4 * 5 + 6 * 7 + 6 * 7 + 3 * 4) // 2 * 8
-    assert kfac["statistics"] == steps * factors
-    assert kfac["gradient"] == steps * pb
+    factors = (4 * 5 + 6 * 7 + 6 * 7 + 3 * 4) // 2 * 8  # upper triangles of A, G per layer
+    for name in ("o1-kfac", "o1-kfac-everywhere"):
+        kfac = results[0][name]
+        assert kfac["bytes"]["statistics"] == steps * factors
+        assert kfac["bytes"]["gradient"] == steps * pb
+    # order 1 with split inversions: every layer's factors in one all-reduce per step
+    # (``KFAC.prefetch``), else one per layer
+    assert results[0]["o1-kfac"]["calls"]["statistics"] == steps
+    assert results[0]["o1-kfac-everywhere"]["calls"]["statistics"] == 2 * steps
 
 
 def test_three_processes_and_resume_from_two(two, tmp_path):

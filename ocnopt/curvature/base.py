@@ -70,6 +70,12 @@ class CurvatureModel:
     def check(self, hp: dict[str, Any]) -> None:
         """Raise ``ValueError`` for an invalid hyper-parameter (named, with accepted values)."""
 
+    def prefetch(self, items: Sequence[tuple[Stage, list[State], StageStatistics | None]],
+                 hp: dict[str, Any], step: int) -> None:
+        """Data parallel, order 1: called once per step with every player's (stage, state,
+        statistics) before their ``update`` calls, so a model can start its communication for
+        all of them at once (K-FAC's split inversions). Default: nothing."""
+
     def coupled_weight_decay(self, hp: dict[str, Any]) -> bool:
         """Whether weight decay belongs to the objective (l_u = wd*u in Q_u, as torch does for
         SGD/RMSprop/Adam) rather than being applied decoupled (AdamW)."""

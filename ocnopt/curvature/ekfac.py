@@ -13,6 +13,7 @@ Stages without Kronecker factors use kfac's diagonal fallback (``curvature/fallb
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from ..distributed import NO_COMM, Collective
 from ..stages import Stage
 from .base import StageStatistics, State, damping_at, diagonal_gram, eigh64
 from .fallback import DiagonalFallback
-from .kfac import KFAC, CurvatureWarning, ema, kronecker_factors
+from .kfac import KFAC, CurvatureWarning, ema
 
 _CHUNK_ELEMENTS = 2**24  # bound on B_chunk * r * d_out * d_in for per-sample gradients
 
@@ -63,27 +64,45 @@ class EKFAC(KFAC):
                         gradient_rows: bool) -> bool:
         return False
 
-    def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
-                 hp: dict[str, Any], step: int) -> State:
-        new = dict(st)
+    def _due(self, st: State, hp: dict[str, Any], step: int) -> bool:
+        return step % hp["inv_every"] == 0 or "QA" not in st
+
+    def _decomposition(self, stage: Stage, new: State, st: State, hp: dict[str, Any],
+                       step: int) -> list[Tensor]:
+        """[eigenvalues of A, Q_A, eigenvalues of G, Q_G] in float64; a failed decomposition
+        is marked by NaN eigenvalues (so the mark reaches every process with a broadcast)."""
+        parts: list[Tensor] = []
+        for M in (new["A"], new["G"]):
+            e = eigh64(M)
+            if e is None:
+                d = M.shape[0]
+                e = (M.new_full((d,), float("nan"), dtype=torch.float64),
+                     M.new_zeros((d, d), dtype=torch.float64))
+            parts += list(e)
+        return parts
+
+    def _placeholders(self, new: State) -> list[Tensor]:
+        out = []
+        for M in (new["A"], new["G"]):
+            d = M.shape[0]
+            out += [M.new_empty((d,), dtype=torch.float64), M.new_empty((d, d), dtype=torch.float64)]
+        return out
+
+    def _finish(self, stage: Stage, st: State, new: State, parts: Sequence[Tensor] | None,
+                stats: StageStatistics | None, hp: dict[str, Any], step: int) -> State:
         decay = hp["stat_decay"]
-        if stats is not None:
-            A, G = self.comm.mean_symmetric(kronecker_factors(stage, stats),
-                                            tag="statistics")
-            new["A"] = ema(st.get("A"), A, decay)
-            new["G"] = ema(st.get("G"), G, decay)
         rebased = False
-        if step % hp["inv_every"] == 0 or "QA" not in st:
-            eigs = self._eigenbases(stage, new["A"], new["G"])
-            if any(e is None for e in eigs) and "QA" in st:
+        if parts is not None:
+            failed = not all(bool(torch.isfinite(parts[i]).all()) for i in (0, 2))
+            if failed and "QA" in st:
                 warnings.warn(f"stage {stage.index}: eigen-decomposition of a K-FAC factor failed;"
-                              " keeping the previous eigenbasis", CurvatureWarning, stacklevel=4)
-            elif any(e is None for e in eigs):
+                              " keeping the previous eigenbasis", CurvatureWarning, stacklevel=5)
+            elif failed:
                 raise RuntimeError(f"stage {stage.index}: eigen-decomposition of the first K-FAC "
                                    "factors failed and there is no previous basis to keep")
             else:
-                new["QA"] = eigs[0][1].to(new["A"].dtype)  # type: ignore[index]
-                new["QG"] = eigs[1][1].to(new["G"].dtype)  # type: ignore[index]
+                new["QA"] = parts[1].to(new["A"].dtype)
+                new["QG"] = parts[3].to(new["G"].dtype)
                 rebased = True
         if stats is not None:
             s_w, s_b = self.comm.mean(eigenbasis_scales(stats, new["QA"], new["QG"]),
@@ -93,26 +112,6 @@ class EKFAC(KFAC):
             new["scale_bias"] = s_b if fresh else ema(st["scale_bias"], s_b, decay)
         new["damping"] = damping_at(hp, step)
         return new
-
-    def _eigenbases(self, stage: Stage, A: Tensor, G: Tensor
-                    ) -> list[tuple[Tensor, Tensor] | None]:
-        """float64 eigen-decompositions of A and G; with ``split_inversions`` on several
-        processes, computed on the owner rank (``inverts_here``) and broadcast (a failure,
-        marked by NaN eigenvalues, reaches every process alike)."""
-        if not (self.comm.active and self.split_inversions):
-            return [eigh64(A), eigh64(G)]
-        mine = self.inverts_here(stage)
-        parts: list[Tensor] = []
-        for M in (A, G):
-            e = eigh64(M) if mine else None
-            d = M.shape[0]
-            if e is None:
-                e = (M.new_full((d,), float("nan"), dtype=torch.float64),
-                     M.new_zeros((d, d), dtype=torch.float64))
-            parts += list(e)
-        parts = list(self.comm.broadcast(parts, src=self.comm.owner(stage.index), tag="inverses"))
-        return [None if not bool(torch.isfinite(parts[i]).all()) else (parts[i], parts[i + 1])
-                for i in (0, 2)]
 
     def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
         return self._scaled(stage, st, v, -1.0)

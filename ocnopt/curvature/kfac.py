@@ -28,7 +28,7 @@ ekfac), in the parameter's dtype, plus the float64 workspace of the larger side'
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -117,6 +117,12 @@ def factor_bytes(stage: Stage) -> int:
 
 class KFAC(CurvatureModel):
     name = "kfac"
+    #: (step, stage index) -> (state with the new averages, wait for the decomposition), from
+    #: ``prefetch`` (data parallel, order 1)
+    _pending: dict[tuple[int, int], tuple[State, Callable[[], list[Tensor]] | None]]
+
+    def __init__(self) -> None:
+        self._pending = {}
     needs_kronecker = True
     defaults = {"damping": 1e-1, "stat_every": 1, "inv_every": 10, "stat_decay": 0.95,
                 "momentum": 0.0, "fisher_type": "empirical", "kfac_max_dim": None}
@@ -170,34 +176,95 @@ class KFAC(CurvatureModel):
         return step % hp["stat_every"] == 0 or "A" not in states[0]
 
     # -- statistics and inverses --------------------------------------------------------------
-    def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
-                 hp: dict[str, Any], step: int) -> State:
+    def _factors(self, stage: Stage, st: State, stats: StageStatistics | None,
+                 hp: dict[str, Any], reduced: tuple[Tensor, Tensor] | None = None) -> State:
+        """The state with the running averages of A and G updated from ``stats`` (their
+        global batch means: ``reduced`` when ``prefetch`` all-reduced them already)."""
         new = dict(st)
         if stats is not None:
-            A, G = self.comm.mean_symmetric(kronecker_factors(stage, stats),
-                                            tag="statistics")
+            A, G = reduced if reduced is not None else self.comm.mean_symmetric(
+                kronecker_factors(stage, stats), tag="statistics")
             new["A"] = ema(st.get("A"), A, hp["stat_decay"])
             new["G"] = ema(st.get("G"), G, hp["stat_decay"])
-        if step % hp["inv_every"] == 0 or "A_inv" not in st:
-            damping = damping_at(hp, step)
-            mine = self.inverts_here(stage)
-            for key in ("A", "G"):
-                inv = damped_inverse(new[key], damping) if mine else None
-                if not mine:  # inverted by the owner rank, broadcast below
-                    inv = torch.empty_like(new[key])
-                elif inv is None:
-                    warnings.warn(f"stage {stage.index}: eigen-decomposition of factor {key} "
-                                  "failed; keeping the previous inverse", CurvatureWarning,
-                                  stacklevel=4)
-                    inv = st.get(f"{key}_inv")
-                    if inv is None:  # nothing to keep: damped diagonal
-                        inv = torch.diag(1.0 / (new[key].diagonal().clamp_min(0) + damping
-                                                + torch.finfo(new[key].dtype).tiny))
-                new[f"{key}_inv"] = inv
-            if self.comm.active and self.split_inversions:
-                new["A_inv"], new["G_inv"] = self.comm.broadcast(
-                    [new["A_inv"], new["G_inv"]], src=self.comm.owner(stage.index), tag="inverses")
         return new
+
+    def _due(self, st: State, hp: dict[str, Any], step: int) -> bool:
+        """Whether the inverses are recomputed at this step."""
+        return step % hp["inv_every"] == 0 or "A_inv" not in st
+
+    def _decomposition(self, stage: Stage, new: State, st: State, hp: dict[str, Any],
+                       step: int) -> list[Tensor]:
+        """[(A + damping I)^-1, (G + damping I)^-1] of the averages in ``new`` (the previous
+        inverse, else a damped diagonal, where an inversion fails)."""
+        damping = damping_at(hp, step)
+        out = []
+        for key in ("A", "G"):
+            inv = damped_inverse(new[key], damping)
+            if inv is None:
+                warnings.warn(f"stage {stage.index}: eigen-decomposition of factor {key} "
+                              "failed; keeping the previous inverse", CurvatureWarning,
+                              stacklevel=5)
+                inv = st.get(f"{key}_inv")
+                if inv is None:  # nothing to keep: damped diagonal
+                    inv = torch.diag(1.0 / (new[key].diagonal().clamp_min(0) + damping
+                                            + torch.finfo(new[key].dtype).tiny))
+            out.append(inv)
+        return out
+
+    def _placeholders(self, new: State) -> list[Tensor]:
+        """Buffers shaped like ``_decomposition``'s result (a non-owner's broadcast target)."""
+        return [torch.empty_like(new["A"]), torch.empty_like(new["G"])]
+
+    def _finish(self, stage: Stage, st: State, new: State, parts: Sequence[Tensor] | None,
+                stats: StageStatistics | None, hp: dict[str, Any], step: int) -> State:
+        """The new state from the averages and (when refreshed) the decomposition's parts."""
+        if parts is not None:
+            new["A_inv"], new["G_inv"] = parts
+        return new
+
+    def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
+                 hp: dict[str, Any], step: int) -> State:
+        pending = self._pending.pop((step, stage.index), None)
+        if pending is not None:  # started by ``prefetch``: wait for the owner's broadcast
+            new, wait = pending
+            parts = wait() if wait is not None else None
+        else:
+            new = self._factors(stage, st, stats, hp)
+            parts = None
+            if self._due(st, hp, step):
+                parts = self._decomposition(stage, new, st, hp, step) \
+                    if self.inverts_here(stage) else self._placeholders(new)
+                if self.comm.active and self.split_inversions:
+                    parts = list(self.comm.broadcast(parts, src=self.comm.owner(stage.index),
+                                                     tag="inverses"))
+        return self._finish(stage, st, new, parts, stats, hp, step)
+
+    def prefetch(self, items: Sequence[tuple[Stage, list[State], StageStatistics | None]],
+                 hp: dict[str, Any], step: int) -> None:
+        """Data parallel with ``split_inversions``, before the directions of a step (order 1,
+        where every player's statistics are known at once): all-reduce every player's A and G
+        in one call, then every process decomposes the factors of the stages it owns while the
+        broadcasts of the others' are in flight (asynchronous, in stage order on every
+        process), so the inversions of different stages run in parallel; ``update`` waits for
+        a stage's broadcast when it needs it."""
+        self._pending = {}
+        if not (self.comm.active and self.split_inversions):
+            return
+        heads = [(st, states[0], stats) for st, states, stats in items
+                 if self.kronecker(st, hp)]
+        flat = [f for st, _, stats in heads if stats is not None
+                for f in kronecker_factors(st, stats)]
+        reduced = iter(self.comm.mean_symmetric(flat, tag="statistics")) if flat else iter(())
+        for stage, head, stats in heads:
+            pair = (next(reduced), next(reduced)) if stats is not None else None
+            new = self._factors(stage, head, stats, hp, reduced=pair)
+            wait = None
+            if self._due(head, hp, step):
+                parts = self._decomposition(stage, new, head, hp, step) \
+                    if self.inverts_here(stage) else self._placeholders(new)
+                wait = self.comm.broadcast_async(parts, src=self.comm.owner(stage.index),
+                                                 tag="inverses")
+            self._pending[(step, stage.index)] = (new, wait)
 
     def inverts_here(self, stage: Stage) -> bool:
         """Whether this process inverts the factors of ``stage``: always on one process or
