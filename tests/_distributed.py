@@ -23,6 +23,11 @@ def mlp(seed: int = 0, hidden: int = 6) -> nn.Module:
     return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3)).to(D)
 
 
+def batchnorm(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+
+
 def square(seed: int = 0) -> nn.Module:
     """4 x 4 weights: full-rank gradients, so Shampoo's factors have distinct eigenvalues
     (SOAP's bases are otherwise not determined by the numbers to rounding)."""
@@ -61,7 +66,8 @@ def ode(seed: int = 0) -> nn.Module:
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "square": square, "wide": wide,
-                                              "residual": residual, "ode": ode}
+                                              "residual": residual, "ode": ode,
+                                              "batchnorm": batchnorm}
 
 #: name -> (model, OCNOpt keyword arguments)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -103,6 +109,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "o2-residual-lowrank-kfac": ("residual", dict(curvature="kfac", lr=0.1, order=2,
                                                   backend="lowrank")),
     "o2-ode-lowrank-adam": ("ode", dict(curvature="adam", lr=1e-2, order=2, backend="lowrank")),
+    # BatchNorm normalises each shard by its own statistics: not one process's result, but the
+    # same parameters, state and (rank 0's) running statistics on every process
+    "shardwise-batchnorm-kfac": ("batchnorm", dict(curvature="kfac", lr=0.1)),
     # a non-finite input in the last sample of the global batch at step 1 (on the last rank)
     "nonfinite-o1-kfac": ("mlp", dict(curvature="kfac", lr=0.1)),
     "nonfinite-o2-lowrank-kfac": ("mlp", dict(curvature="kfac", lr=0.1, order=2,
@@ -175,6 +184,7 @@ def run_case(name: str, sizes: list[int] | None, rank: int = 0, steps: int = STE
                               "loss_after": after.loss_after,
                               "predicted": after.predicted_change})
     return {"params": [p.detach().clone() for p in model.parameters()],
+            "buffers": [b.detach().clone() for b in model.buffers()],
             "state": flat_state(opt), "losses": losses, "steps": snapshots,
             "skipped": opt.skipped_steps, "step_count": opt.step_count,
             "bytes": dict(opt.comm.bytes_by_tag), "calls": dict(opt.comm.calls_by_tag),
