@@ -276,3 +276,32 @@ def test_a_linalg_error_of_an_optimizer_ends_its_run_as_diverged():
                                factory=lambda m, loss, lr, seed: Broken())
     result, _ = protocols.train_one(WINE, data, spec, 0.1, 0, 1, 16, None)
     assert result["diverged"] is True
+
+
+def test_train_in_worker_processes_equals_the_serial_train(tmp_path: Path) -> None:
+    """train_protocol(jobs=2): the records come back in the serial order with the serial
+    results (everything but the timing), and on_done sees them in that order."""
+    data = problems.load(WINE, subset=32)
+    specs = [registry.parse_optimizer(n) for n in ("torch-sgd", "lowrank-kfac-fb")]
+    settings = protocols.RunSettings(epochs=1, batch_size=16, seeds=[0, 1], subset=32)
+    serial = protocols.train_protocol(WINE, data, specs, settings, tmp_path / "a")
+    seen: list[str] = []
+    parallel = protocols.train_protocol(WINE, data, specs, settings, tmp_path / "b",
+                                        on_done=lambda r: seen.append(r["optimizer"]), jobs=2)
+    assert [(r["optimizer"], r["seed"]) for r in parallel] == \
+        [(r["optimizer"], r["seed"]) for r in serial] == \
+        [("torch-sgd", 0), ("lowrank-kfac-fb", 0), ("torch-sgd", 1), ("lowrank-kfac-fb", 1)]
+    assert seen == [r["optimizer"] for r in serial]
+    for a, b in zip(serial, parallel):
+        assert strip_timing(a) == strip_timing(b)
+
+
+def test_worker_processes_refuse_an_unregistered_problem(tmp_path: Path) -> None:
+    import dataclasses
+
+    other = dataclasses.replace(WINE, epochs=1)
+    data = problems.load(WINE, subset=32)
+    settings = protocols.RunSettings(epochs=1, batch_size=16, seeds=[0], subset=32)
+    with pytest.raises(ValueError, match="jobs > 1 needs a problem of the registry"):
+        protocols.train_protocol(other, data, [registry.parse_optimizer("torch-sgd")], settings,
+                                 tmp_path, jobs=2)

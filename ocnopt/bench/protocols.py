@@ -26,15 +26,18 @@ Splits: every protocol trains on the ``fit`` split; ``sweep`` chooses the learni
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -333,63 +336,180 @@ def _run_all(protocol: str, problem: Problem, data: Dataset, specs: Sequence[Opt
              runs: Sequence[tuple[str, OptimizerSpec, float, str, int, dict[str, Any] | None]],
              on_step: StepCallback | None, on_done: DoneCallback | None,
              finish: Callable[[OptimizerSpec, dict[str, Any]], None] | None = None,
-             trained: Sequence[Problem] | None = None
+             trained: Sequence[Problem] | None = None, jobs: int = 1, worker_threads: int = 1
              ) -> list[dict[str, Any]]:
-    """Run (file name, optimizer, lr, lr source, seed, extra config) one after the other after
-    a warm-up; every finished run is written at once and ticked off in the manifest, which is
-    closed "complete" or, on an exception (Ctrl-C), "interrupted". ``finish(spec, result)``
-    may add to a run's result before it is written; ``trained[k]``, when given, is the problem
-    run k trains (e.g. a rescaled initialisation; the record names ``problem``)."""
+    """Run (file name, optimizer, lr, lr source, seed, extra config) after a warm-up; every
+    finished run is written at once and ticked off in the manifest, which is closed "complete"
+    or, on an exception (Ctrl-C), "interrupted". ``finish(spec, result)`` may add to a run's
+    result before it is written; ``trained[k]``, when given, is the problem run k trains (e.g.
+    a rescaled initialisation; the record names ``problem``).
+
+    ``jobs`` > 1 trains the runs in that many worker processes (``run_parallel``, each with
+    ``worker_threads`` torch threads); the records, ``on_done`` and the returned list keep the
+    order of ``runs``, and every result is the one the serial loop gives (a run depends only on
+    its seed, its optimizer and the thread count)."""
     records = []
     status = "interrupted"
+
+    def record(k: int, result: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+        name, spec, lr, source, seed, extra = runs[k]
+        if finish is not None:
+            finish(spec, result)
+        timing["jobs"] = jobs
+        rec = _record(protocol, problem, data, spec, lr, source, seed, s, result, timing, extra)
+        write_json(out / name, rec)
+        manifest.done(name)
+        return rec
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        if on_done is not None:
+            on_done(rec)
+
     try:
-        warm_up(problem, data, specs, s.batch_size)
-        for k, (name, spec, lr, source, seed, extra) in enumerate(runs):
-            timing_start = _now()
-            result, timing = train_one(problem if trained is None else trained[k], data, spec,
-                                       lr, seed, s.epochs, s.batch_size, on_step)
-            if finish is not None:
-                finish(spec, result)
-            timing.update(started_at=timing_start, finished_at=_now())
-            rec = _record(protocol, problem, data, spec, lr, source, seed, s, result, timing,
-                          extra)
-            write_json(out / name, rec)
-            manifest.done(name)
-            records.append(rec)
-            if on_done is not None:
-                on_done(rec)
+        if jobs > 1:
+            if trained is not None or finish is not None:
+                raise ValueError("jobs > 1 runs the protocols train and sweep only (runs of one "
+                                 "registered problem, optimizers from the registry)")
+            run_parallel(problem, data, specs, s, runs, jobs, worker_threads, record, done,
+                         on_step)
+        else:
+            warm_up(problem, data, specs, s.batch_size)
+            for k, (_, spec, lr, _, seed, _) in enumerate(runs):
+                timing_start = _now()
+                result, timing = train_one(problem if trained is None else trained[k], data,
+                                           spec, lr, seed, s.epochs, s.batch_size, on_step)
+                timing.update(started_at=timing_start, finished_at=_now())
+                done(record(k, result, timing))
         status = "complete"
     finally:
         manifest.close(status)
     return records
 
 
+# ---- worker processes (--jobs) ------------------------------------------------------------------
+#: what a worker process keeps between its runs (set by ``_worker_start``)
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(problem: str, data: Dataset, threads: int,
+                  optimizers: list[tuple[str, dict[str, Any]]], batch_size: int) -> None:
+    """Initialise a worker: Ctrl-C left to the parent, ``threads`` torch threads, the data
+    (pickled from the parent, so every worker trains on the parent's exact tensors) and the
+    same warm-up as the serial loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    from .problems import PROBLEMS
+
+    prob = PROBLEMS[problem]
+    specs = [parse_optimizer(name, prob, hp) for name, hp in optimizers]
+    _WORKER.update(problem=prob, data=data)
+    warm_up(prob, data, specs, batch_size)
+
+
+def _worker_run(optimizer: str, hp: dict[str, Any], lr: float, seed: int, epochs: int,
+                batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One ``train_one`` in a worker: the optimizer rebuilt from its name and ``--hp``."""
+    prob = _WORKER["problem"]
+    spec = parse_optimizer(optimizer, prob, hp)
+    started = _now()
+    result, timing = train_one(prob, _WORKER["data"], spec, lr, seed, epochs, batch_size)
+    timing.update(started_at=started, finished_at=_now())
+    return result, timing
+
+
+def _rebuildable(problem: Problem, specs: Sequence[OptimizerSpec]) -> None:
+    """A worker rebuilds the problem from its name and each optimizer from its name and
+    ``overrides``: ``ValueError`` unless that gives the same objects."""
+    from .problems import PROBLEMS
+
+    if PROBLEMS.get(problem.name) is not problem:
+        raise ValueError(f"jobs > 1 needs a problem of the registry (ocnopt.bench.problems."
+                         f"PROBLEMS), got {problem.name!r}, which is not registered under its name")
+    for spec in specs:
+        if parse_optimizer(spec.name, problem, spec.overrides).config() != spec.config():
+            raise ValueError(f"jobs > 1 needs optimizers of the registry (parse_optimizer); "
+                             f"{spec.name!r} differs from the registry's")
+
+
+def run_parallel(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
+                 s: RunSettings,
+                 runs: Sequence[tuple[str, OptimizerSpec, float, str, int, dict[str, Any] | None]],
+                 jobs: int, threads: int,
+                 record: Callable[[int, dict[str, Any], dict[str, Any]], dict[str, Any]],
+                 done: DoneCallback, on_step: StepCallback | None = None) -> None:
+    """Train ``runs`` in ``jobs`` worker processes (``concurrent.futures.ProcessPoolExecutor``,
+    spawn context, ``threads`` torch threads each). ``record(k, result, timing)`` is called in
+    this process as soon as run k finishes (it writes the file); ``done(record)`` in the order
+    of ``runs``; ``on_step(steps)`` once per finished run. Ctrl-C (or any exception) cancels
+    the runs not started and ends the workers; finished runs stay recorded."""
+    _rebuildable(problem, specs)
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+    ctx = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(jobs, max(len(runs), 1)), mp_context=ctx, initializer=_worker_start,
+        initargs=(problem.name, data, threads, [(sp.name, dict(sp.overrides)) for sp in specs],
+                  s.batch_size))
+    ok = False
+    try:
+        futures = {pool.submit(_worker_run, spec.name, dict(spec.overrides), lr, seed, s.epochs,
+                               s.batch_size): k
+                   for k, (_, spec, lr, _, seed, _) in enumerate(runs)}
+        ready: dict[int, dict[str, Any]] = {}
+        nxt = 0
+        for fut in concurrent.futures.as_completed(futures):
+            k = futures[fut]
+            result, timing = fut.result()
+            ready[k] = record(k, result, timing)
+            if on_step is not None:
+                on_step(int(result["steps"]))
+            while nxt in ready:
+                done(ready.pop(nxt))
+                nxt += 1
+        ok = True
+    finally:
+        if ok:
+            pool.shutdown(wait=True)
+        else:
+            # the executor has no public way to stop a running call (Python < 3.14)
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.terminate()
+
+
 def train_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
                    s: RunSettings, out: Path, lrs: dict[str, tuple[float, str]] | None = None,
-                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None
-                   ) -> list[dict[str, Any]]:
+                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None,
+                   jobs: int = 1, worker_threads: int = 1) -> list[dict[str, Any]]:
     """Protocol ``train``: every optimizer x seed, seed-major (the optimizers of a seed run
     back to back, so drift of the machine hits them alike). ``lrs``: name -> (lr, source);
-    otherwise the optimizer's default learning rate."""
+    otherwise the optimizer's default learning rate. ``jobs`` > 1: the runs in that many
+    worker processes of ``worker_threads`` torch threads each (``run_parallel``; same results,
+    same order; the timings then share the machine)."""
     lrs = lrs or {}
     plan = [(seed, spec) for seed in s.seeds for spec in specs]
     names = [f"train-{problem.name}-{spec.name}-seed{seed}.json" for seed, spec in plan]
     manifest = Manifest(out, "train", problem.name, names, {
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
         "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp,
-        "lrs": {sp.name: lrs.get(sp.name, (sp.default_lr, "default"))[0] for sp in specs}})
+        "lrs": {sp.name: lrs.get(sp.name, (sp.default_lr, "default"))[0] for sp in specs},
+        "jobs": jobs})
     runs = [(name, spec, *lrs.get(spec.name, (spec.default_lr, "default")), seed, None)
             for (seed, spec), name in zip(plan, names)]
-    return _run_all("train", problem, data, specs, s, out, manifest, runs, on_step, on_done)
+    return _run_all("train", problem, data, specs, s, out, manifest, runs, on_step, on_done,
+                    jobs=jobs, worker_threads=worker_threads)
 
 
 def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
                    s: RunSettings, out: Path, points: int = 9, decades: float = 4.0,
-                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None
-                   ) -> list[dict[str, Any]]:
+                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None,
+                   jobs: int = 1, worker_threads: int = 1) -> list[dict[str, Any]]:
     """Protocol ``sweep``: for every optimizer a grid of ``points`` learning rates log-spaced
     over ``decades`` decades around its default; every grid point x seed is one run. The
-    choice (``sweep_summary``) looks at the validation split only."""
+    choice (``sweep_summary``) looks at the validation split only. ``jobs``,
+    ``worker_threads``: as in ``train_protocol``."""
     plan = []
     for seed in s.seeds:
         for spec in specs:
@@ -401,12 +521,13 @@ def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
     manifest = Manifest(out, "sweep", problem.name, names, {
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
         "batch_size": s.batch_size, "points": points, "decades": decades,
-        "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp})
+        "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp, "jobs": jobs})
     runs = [(name, spec, lr, f"grid point {i}", seed,
              {"grid": grid, "grid_index": i, "points": points, "decades": decades,
               "selection": "val split"})
             for (seed, spec, i, lr, grid), name in zip(plan, names)]
-    return _run_all("sweep", problem, data, specs, s, out, manifest, runs, on_step, on_done)
+    return _run_all("sweep", problem, data, specs, s, out, manifest, runs, on_step, on_done,
+                    jobs=jobs, worker_threads=worker_threads)
 
 
 # ---- summaries ----------------------------------------------------------------------------------
