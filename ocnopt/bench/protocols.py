@@ -30,30 +30,24 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import multiprocessing
 import os
-import platform
-import random
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .measure import cpu_model, quantile
+from .measure import environment, interleaved_times, loadavg, peak_memory, quantile
 from .optimizers import OptimizerSpec, hp_label, lr_grid, parse_optimizer, torch_loss
 from .problems import Dataset, Problem
 
@@ -64,61 +58,7 @@ StepCallback = Callable[[int], None]
 DoneCallback = Callable[[dict[str, Any]], None]
 
 
-# ---- environment and files --------------------------------------------------------------------
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-@functools.lru_cache(maxsize=1)
-def source_state() -> dict[str, Any]:
-    """The commit of the ocnopt checkout and its uncommitted changes to the library (ocnopt/,
-    backends/), taken once, at the first call of the process: the code this process imported
-    (a source tree edited later does not change a running process)."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", "ocnopt", "backends")
-    dirty = None if status is None else sorted(
-        line[3:] for line in status.splitlines() if line.strip() and not line.startswith("??"))
-    return {"commit": commit.strip() if commit else None, "uncommitted_library_changes": dirty}
-
-
-def environment() -> dict[str, Any]:
-    """Library versions, thread counts and the machine (no dates: those go to ``timing``)."""
-    import ocnopt
-
-    versions: dict[str, str | None] = {"ocnopt": ocnopt.__version__,
-                                       "python": platform.python_version(),
-                                       "torch": torch.__version__}
-    for dist in ("numpy", "scikit-learn", "mnist1d", "curvlinops-for-pytorch",
-                 "backpack-for-pytorch", "matplotlib", "typer", "rich"):
-        versions[dist] = _version(dist)
-    return {
-        "versions": versions,
-        "ocnopt_git_commit": source_state()["commit"],
-        "ocnopt_uncommitted": source_state()["uncommitted_library_changes"],
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "machine": {"platform": platform.platform(), "arch": platform.machine(),
-                    "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                    "hostname": platform.node()},
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-    }
-
-
+# ---- files --------------------------------------------------------------------------------------
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -355,7 +295,7 @@ def _run_all(protocol: str, problem: Problem, data: Dataset, specs: Sequence[Opt
         name, spec, lr, source, seed, extra = runs[k]
         if finish is not None:
             finish(spec, result)
-        timing["jobs"] = jobs
+        timing.update(jobs=jobs, loadavg=loadavg())
         rec = _record(protocol, problem, data, spec, lr, source, seed, s, result, timing, extra)
         write_json(out / name, rec)
         manifest.done(name)
@@ -744,47 +684,6 @@ def lrs_from_sweep(folder: Path, problem: str) -> dict[str, tuple[float, str]]:
 
 
 # ---- overhead -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (the profiler's C++ logging writes there)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory(run: Callable[[], None]) -> int | None:
-    """Peak of live bytes handed out by torch's CPU allocator while ``run()`` executes, above
-    what was live when it started (from ``torch.profiler`` memory events); None if the
-    profiler cannot tell."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with _quiet_stderr(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                run()
-            events = sorted((e.start_ns(), int(e.nbytes()))
-                            for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
-    except Exception:  # noqa: BLE001 - any profiler failure: no number rather than a crash
-        return None
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak if events else None
-
-
 def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec], out: Path,
                       batch_size: int, seed: int = 0, warmup: int = 10, rounds: int = 20,
                       block: int = 5, memory_steps: int = 11, split_seed: int = 0,
@@ -812,28 +711,19 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
         for spec in specs:
             model = problem.model(seed)
             runners[spec.name] = {"stepper": spec.make(model, problem.loss, spec.default_lr, seed),
-                                  "k": 0, "ns": [], "spec": spec}
+                                  "k": 0, "spec": spec}
 
-        def one(r: dict[str, Any], timed: bool) -> None:
-            x, y = pool[r["k"] % len(pool)]
-            r["k"] += 1
-            t0 = time.perf_counter_ns()
-            r["stepper"].step(x, y)
-            if timed:
-                r["ns"].append(time.perf_counter_ns() - t0)
-            if on_step is not None:
-                on_step(1)
+        def stepper(r: dict[str, Any]) -> Callable[[], None]:
+            def one() -> None:
+                x, y = pool[r["k"] % len(pool)]
+                r["k"] += 1
+                r["stepper"].step(x, y)
+            return one
 
-        for r in runners.values():
-            for _ in range(warmup):
-                one(r, False)
-        rng = random.Random(seed)
-        order = list(runners)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for name in order:
-                for _ in range(block):
-                    one(runners[name], True)
+        times = interleaved_times({name: stepper(r) for name, r in runners.items()}, warmup,
+                                  rounds, block, seed, on_step)
+        for name, r in runners.items():
+            r["ns"] = times[name]
         memory: dict[str, int | None] = {}
         for spec in specs:
             model = problem.model(seed)
@@ -877,7 +767,7 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
         # an overhead result is made of timings: all of it is machine- and load-dependent
         "result": {"rows": rows},
         "timing": {"started_at": started, "finished_at": _now(),
-                   "total_seconds": time.perf_counter() - t_start},
+                   "total_seconds": time.perf_counter() - t_start, "loadavg": loadavg()},
     }
     write_json(Path(out) / f"overhead-{problem.name}.json", rec)
     return rec
