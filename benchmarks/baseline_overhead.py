@@ -114,10 +114,10 @@ def main() -> None:
                 r["opt"].step(x, y)
             return one
 
-        times = interleaved_times({key: stepper(r) for key, r in runners.items()}, args.warmup,
-                                  args.rounds, args.block, seed=0)
+        times = interleaved_times({"|".join(key): stepper(r) for key, r in runners.items()},
+                                  args.warmup, args.rounds, args.block, seed=0)
         for key, r in runners.items():
-            r["ns"] = times[key]
+            r["ns"] = times["|".join(key)]
     rows = []
     boot = random.Random(1)
     for (pname, cname, version), r in runners.items():
