@@ -8,8 +8,8 @@ optimizer x version) gets its own copy of the same initial model; the timing is
 ``ocnopt.bench.measure.interleaved_times`` (the ``overhead`` protocol's: warm-up, then rounds of
 ``block`` timed steps in an order reshuffled every round). Prints per configuration the median
 step time of both versions and the ratio after / before, with a 95 % bootstrap interval of the
-ratio of medians. Problems: digits-fcn (the registry's, B = 32) and the MLP 784-512-512-10 of
-``benchmarks/scaling.py`` (random data, B = 256).
+ratio of medians. Problems: digits-fcn (the registry's, B = 32) and the MLP 784-512-512-10 on
+random data (``ocnopt.bench.problems.random_mlp``, B = 256).
 
     python benchmarks/baseline_overhead.py --baseline c7932e0 --json baseline.json
     python benchmarks/baseline_overhead.py --baseline 377091c --after 8e427e3 --problems digits-fcn
@@ -35,10 +35,7 @@ from torch import nn
 
 import ocnopt
 from ocnopt.bench.measure import environment, interleaved_times, quantile
-from ocnopt.bench.problems import get_problem, load
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import mlp_problem  # noqa: E402  (benchmarks/scaling.py)
+from ocnopt.bench.problems import get_problem, load, random_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,10 +66,10 @@ def export_baseline(commit: str, folder: Path, package: str = "ocnopt_baseline")
 
 
 def problems(seed: int) -> dict[str, tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]]:
-    """digits-fcn at its batch (32; 8 batches of the fit split) and the MLP 784-512-512-10 of
-    benchmarks/scaling.py at batch 256 (its 4 random batches)."""
+    """digits-fcn at its batch (32; 8 batches of the fit split) and the MLP 784-512-512-10 on
+    random data at batch 256 (its 4 batches)."""
     out = {}
-    for problem, batch in ((get_problem("digits-fcn"), 32), (mlp_problem(512, 256, seed), 256)):
+    for problem, batch in ((get_problem("digits-fcn"), 32), (random_mlp(512, 256, seed), 256)):
         data = load(problem)
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(data.y_fit), generator=g)[: batch * 8].split(batch)

@@ -6,11 +6,12 @@ A thin configuration of ``ocnopt.bench``: the optimizers are the registry's (``o
 list``, their default hyper-parameters), the timing and the memory are
 ``ocnopt.bench.protocols.overhead_protocol`` (one process, interleaved shuffled rounds, the
 allocator's peak from ``torch.profiler``), every set writes ordinary ``overhead-*.json`` result
-files that ``ocnopt bench report`` renders. What this script adds is one problem and the sets:
+files that ``ocnopt bench report`` renders. What this script adds is the sets:
 
-* problem ``mlp784-w<W>``: MLP 784-W-W-10 with ReLU, random N(0, 1) inputs and random labels
-  (no download; 4 minibatches of the chosen batch size, cycled); the timing problem of
-  docs/performance.md. ``digits-cnn`` is the registry's (docs/benchmarks.md).
+* problem ``mlp784-w<W>`` (``ocnopt.bench.problems.random_mlp``): MLP 784-W-W-10 with ReLU,
+  random N(0, 1) inputs and random labels (no download; 4 minibatches of the chosen batch
+  size, cycled); the timing problem of docs/performance.md. ``digits-cnn`` is the registry's
+  (docs/benchmarks.md).
 * sets (``--sets``):
   - ``order1``: MLP W = 512, B = 256, ocnopt's order-1 modes beside their torch.optim twins and
     curvlinops' K-FAC;
@@ -40,7 +41,7 @@ import torch
 
 from ocnopt.bench.measure import environment
 from ocnopt.bench.optimizers import parse_optimizer
-from ocnopt.bench.problems import Dataset, Problem, fcn, get_problem, load
+from ocnopt.bench.problems import Dataset, Problem, get_problem, load, random_mlp
 from ocnopt.bench.protocols import overhead_protocol, write_json
 from ocnopt.profiling import REGIONS
 
@@ -49,25 +50,6 @@ ORDER1 = ["torch-sgd", "torch-rmsprop", "torch-adam", "autograd-sgd", "autograd-
 ORDER2 = ["torch-sgd", "torch-adam", "autograd-kfac", "lowrank-kfac-fb", "backpack-kfac-fb"]
 BATCHES = (64, 128, 256, 512)
 WIDTHS = (128, 256, 512, 1024)
-N_BATCHES = 4
-
-
-def mlp_problem(width: int = 512, batch: int = 256, seed: int = 0) -> Problem:
-    """MLP 784-W-W-10 (ReLU) on random data: ``N_BATCHES`` batches of random N(0, 1) inputs
-    and random labels in the fit split (val and test: one batch each, never used here)."""
-
-    def data(_split_seed: int) -> Dataset:
-        g = torch.Generator().manual_seed(seed + 1)
-        n = N_BATCHES * batch
-        X, y = torch.randn(n + 2 * batch, 784, generator=g), torch.randint(0, 10, (n + 2 * batch,),
-                                                                           generator=g)
-        return Dataset(f"mlp784-w{width}", X[:n], y[:n], X[n:n + batch], y[n:n + batch],
-                       X[n + batch:], y[n + batch:], 10, {"random": True})
-
-    return Problem(f"mlp784-w{width}", "random N(0, 1) inputs, random labels (timing only)",
-                   f"MLP 784-{width}-{width}-10, ReLU", "cross_entropy", data,
-                   lambda: fcn(784, width, 10, layers=3, activation=torch.nn.ReLU),
-                   epochs=1, batch_size=batch, target=1.0, exact="no")
 
 
 def plan(sets: list[str]) -> list[tuple[str, str, Problem, int, list[str]]]:
@@ -75,14 +57,14 @@ def plan(sets: list[str]) -> list[tuple[str, str, Problem, int, list[str]]]:
     out: list[tuple[str, str, Problem, int, list[str]]] = []
     for s in sets:
         if s == "order1":
-            out.append((s, "order1", mlp_problem(), 256, ORDER1))
+            out.append((s, "order1", random_mlp(), 256, ORDER1))
         elif s == "order2":
-            out.append((s, "order2", mlp_problem(), 256, ORDER2))
+            out.append((s, "order2", random_mlp(), 256, ORDER2))
             out.append((s, "order2", get_problem("digits-cnn"), 256, ORDER2))
         elif s == "batch":
-            out += [(s, f"batch/B{b}", mlp_problem(512, b), b, ORDER2) for b in BATCHES]
+            out += [(s, f"batch/B{b}", random_mlp(512, b), b, ORDER2) for b in BATCHES]
         elif s == "width":
-            out += [(s, f"width/W{w}", mlp_problem(w), 256, ORDER2) for w in WIDTHS]
+            out += [(s, f"width/W{w}", random_mlp(w), 256, ORDER2) for w in WIDTHS]
         else:
             raise SystemExit(f"unknown set {s!r}; accepted: order1, order2, batch, width")
     return out

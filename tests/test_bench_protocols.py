@@ -168,6 +168,30 @@ def test_report_says_when_a_run_did_not_finish(result_dir: Path, tmp_path: Path)
     assert "train wine-fcn did not run to completion" in md and "5 of 6 planned runs" in md
 
 
+def test_report_states_the_load_and_the_jobs(result_dir: Path, tmp_path: Path) -> None:
+    """The header gives the range of the 1-minute load averages recorded when the runs ended
+    and says when train/sweep runs shared the cores (--jobs > 1)."""
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(result_dir, part)
+    loads = {"train-wine-fcn-torch-sgd-seed0.json": 0.5, "train-wine-fcn-torch-sgd-seed1.json": 7.25}
+    for path in part.glob("*.json"):
+        rec = json.loads(path.read_text())
+        if rec.get("kind") == "run":
+            rec["timing"]["loadavg"] = [loads.get(path.name, 3.0), 1.0, 1.0]
+            path.write_text(json.dumps(rec))
+    md, _ = report.render(part, tmp_path / "img")
+    assert "1-minute load average when the runs ended: 0.5 to 7.2 (median 3.0)" in md
+    assert "--jobs" not in md
+    path = part / "train-wine-fcn-torch-sgd-seed0.json"
+    rec = json.loads(path.read_text())
+    rec["timing"]["jobs"] = 2
+    path.write_text(json.dumps(rec))
+    md, _ = report.render(part, tmp_path / "img")
+    assert "ran with `--jobs` 2 (their times share the cores)" in md
+
+
 def test_splice_keeps_other_sections(tmp_path: Path) -> None:
     doc = tmp_path / "bench.md"
     doc.write_text("# Benchmarks\n\n## Order 1 overhead\n\ntheirs\n")

@@ -168,26 +168,6 @@ def peak_memory(run: Callable[[], None]) -> int | None:
     return peak if events else None
 
 
-def allocator_peak(prof: Any, mark: str) -> tuple[int, int | None, int]:
-    """Replay the CPU allocation events of a ``torch.profiler`` run (``profile_memory=True``):
-    (peak live bytes, live bytes when the ``record_function(mark)`` region began (None if the
-    marker is missing), number of memory events)."""
-    events, start = [], None
-    for e in prof.profiler.kineto_results.events():
-        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"):
-            events.append((e.start_ns(), int(e.nbytes())))
-        elif e.name() == mark:
-            start = e.start_ns()
-    events.sort()
-    live, peak, base = 0, 0, None
-    for t, nb in events:
-        if base is None and start is not None and t >= start:
-            base = live
-        live += nb
-        peak = max(peak, live)
-    return peak, base, len(events)
-
-
 def status_kib(field: str) -> int | None:
     """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``), or None off Linux."""
     try:
