@@ -1,19 +1,24 @@
 """Step time of this library against an earlier commit of itself, in one process, interleaved.
 
 The earlier commit's ``ocnopt/`` and ``backends/`` are exported with ``git archive`` into a
-scratch folder as the package ``ocnopt_baseline`` (imports renamed), so both versions run side
-by side in this process on the same models, batches and thread count. Every configuration
-(problem x optimizer x version) gets its own copy of the same initial model; after a warm-up,
-rounds of ``block`` timed steps run in an order reshuffled every round (the ``overhead``
-protocol of ``ocnopt.bench``). Prints per configuration the median step time of both versions
-and the ratio after / before, with a 95 % bootstrap interval of the ratio of medians.
+scratch folder as the package ``ocnopt_baseline`` (imports renamed; ``--after`` exports a second
+commit the same way instead of using this working tree), so both versions run side by side in
+this process on the same models, batches and thread count. Every configuration (problem x
+optimizer x version) gets its own copy of the same initial model; the timing is
+``ocnopt.bench.measure.interleaved_times`` (the ``overhead`` protocol's: warm-up, then rounds of
+``block`` timed steps in an order reshuffled every round). Prints per configuration the median
+step time of both versions and the ratio after / before, with a 95 % bootstrap interval of the
+ratio of medians. Problems: digits-fcn (the registry's, B = 32) and the MLP 784-512-512-10 on
+random data (``ocnopt.bench.problems.random_mlp``, B = 256).
 
     python benchmarks/baseline_overhead.py --baseline c7932e0 --json baseline.json
+    python benchmarks/baseline_overhead.py --baseline 377091c --after 8e427e3 --problems digits-fcn
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import random
@@ -22,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +34,8 @@ import torch
 from torch import nn
 
 import ocnopt
-from ocnopt.bench.measure import quantile
-from ocnopt.bench.problems import get_problem, load
-from ocnopt.bench.protocols import environment
+from ocnopt.bench.measure import environment, interleaved_times, quantile
+from ocnopt.bench.problems import get_problem, load, random_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,19 +66,15 @@ def export_baseline(commit: str, folder: Path, package: str = "ocnopt_baseline")
 
 
 def problems(seed: int) -> dict[str, tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]]:
-    """digits-fcn at its batch (32) and the 784-512-512-10 MLP at batch 256 (random data)."""
+    """digits-fcn at its batch (32; 8 batches of the fit split) and the MLP 784-512-512-10 on
+    random data at batch 256 (its 4 batches)."""
     out = {}
-    problem = get_problem("digits-fcn")
-    data = load(problem)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data.y_fit), generator=g)[: 32 * 8].split(32)
-    out["digits-fcn (B 32)"] = (problem.model(seed), [(data.X_fit[i], data.y_fit[i]) for i in idx])
-    torch.manual_seed(seed)
-    mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                        nn.Linear(512, 10))
-    batches = [(torch.randn(256, 784, generator=g), torch.randint(0, 10, (256,), generator=g))
-               for _ in range(4)]
-    out["mlp 784-512-512-10 (B 256)"] = (mlp, batches)
+    for problem, batch in ((get_problem("digits-fcn"), 32), (random_mlp(512, 256, seed), 256)):
+        data = load(problem)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data.y_fit), generator=g)[: batch * 8].split(batch)
+        out[f"{problem.name} (B {batch})"] = (problem.model(seed),
+                                              [(data.X_fit[i], data.y_fit[i]) for i in idx])
     return out
 
 
@@ -97,35 +96,25 @@ def main() -> None:
             export_baseline(args.after, Path(tmp), package="ocnopt_after")
         libs: dict[str, Any] = {"before": export_baseline(args.baseline, Path(tmp)), "after": after}
         runners: dict[tuple[str, str, str], dict[str, Any]] = {}
-        import copy
-
         for pname, (model, batches) in problems(0).items():
             if args.problems != "all" and not any(p in pname for p in args.problems.split(",")):
                 continue
             for cname, kw in CONFIGS.items():
                 for version, lib in libs.items():
-                    m = copy.deepcopy(model)
                     runners[(pname, cname, version)] = {
-                        "opt": lib.OCNOpt(m, **kw), "batches": batches, "k": 0, "ns": []}
+                        "opt": lib.OCNOpt(copy.deepcopy(model), **kw), "batches": batches, "k": 0}
 
-        def one(r: dict[str, Any], timed: bool) -> None:
-            x, y = r["batches"][r["k"] % len(r["batches"])]
-            r["k"] += 1
-            t0 = time.perf_counter_ns()
-            r["opt"].step(x, y)
-            if timed:
-                r["ns"].append(time.perf_counter_ns() - t0)
+        def stepper(r: dict[str, Any]) -> Any:
+            def one() -> None:
+                x, y = r["batches"][r["k"] % len(r["batches"])]
+                r["k"] += 1
+                r["opt"].step(x, y)
+            return one
 
-        for r in runners.values():
-            for _ in range(args.warmup):
-                one(r, False)
-        rng = random.Random(0)
-        order = list(runners)
-        for _ in range(args.rounds):
-            rng.shuffle(order)
-            for key in order:
-                for _ in range(args.block):
-                    one(runners[key], True)
+        times = interleaved_times({"|".join(key): stepper(r) for key, r in runners.items()},
+                                  args.warmup, args.rounds, args.block, seed=0)
+        for key, r in runners.items():
+            r["ns"] = times["|".join(key)]
     rows = []
     boot = random.Random(1)
     for (pname, cname, version), r in runners.items():

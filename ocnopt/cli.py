@@ -290,13 +290,19 @@ HpOption = Annotated[list[str] | None, typer.Option(
 OutOption = Annotated[Path, typer.Option(
     "--out", help="Folder for the JSON results (one file per run, written when it finishes).")]
 ThreadsOption = Annotated[int, typer.Option(
-    "--threads", help="torch.set_num_threads, fixed and recorded (timings depend on it).")]
+    "--threads", help="torch.set_num_threads (of each worker with --jobs), fixed and recorded "
+                      "(timings depend on it).")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print machine-readable JSON on stdout instead of the table and progress.")]
 SubsetOption = Annotated[int | None, typer.Option(
     "--subset", help="Use only the first N samples of each split (quick checks).")]
 SplitSeedOption = Annotated[int, typer.Option(
     "--split-seed", help="Seed of the fit/val/test split (fixed by default).")]
+JobsOption = Annotated[int, typer.Option(
+    "--jobs", "-j",
+    help="Train the independent runs (seeds, grid points, optimizers) in N worker processes, "
+         "each with --threads torch threads: the same results, files and table order as "
+         "`--jobs 1`, but the runs share the cores, so measure times with `--jobs 1`.")]
 
 
 @bench.command("list", short_help="List the problems and the optimizers.")
@@ -356,6 +362,7 @@ def run_cmd(
     subset: SubsetOption = None,
     split_seed: SplitSeedOption = 0,
     threads: ThreadsOption = 1,
+    jobs: JobsOption = 1,
     json_out: JsonOption = False,
     nproc: Annotated[int, typer.Option(
         "--nproc", help="Data-parallel processes per run (torch.distributed, gloo on CPU): each "
@@ -376,11 +383,15 @@ def run_cmd(
     with usage_errors():
         prob = _problem(problem)
         for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--batch-size", batch_size),
-                        ("--subset", subset), ("--threads", threads), ("--nproc", nproc)):
+                        ("--subset", subset), ("--threads", threads), ("--nproc", nproc),
+                        ("--jobs", jobs)):
             _positive(name, v)
         _target(prob, target)
         hps = _hp(hp)
         specs = _optimizers(prob, optimizers, hps)
+        if nproc > 1 and jobs > 1:
+            raise UsageError(f"--nproc {nproc} with --jobs {jobs}: choose one (a data-parallel "
+                             "run uses the processes; independent runs use the workers)")
         if nproc > 1:
             from .bench.parallel import refuse_non_ocnopt
 
@@ -410,7 +421,7 @@ def run_cmd(
     def run(on_step: Any, on_done: Any) -> Any:
         if nproc == 1:
             return train_protocol(prob, data, specs, settings, out, lrs, on_step=on_step,
-                                  on_done=on_done)
+                                  on_done=on_done, jobs=jobs, worker_threads=threads)
         from .bench.parallel import Job, run_data_parallel
 
         names = [s.name for s in specs]
@@ -508,6 +519,7 @@ def sweep_cmd(
     subset: SubsetOption = None,
     split_seed: SplitSeedOption = 0,
     threads: ThreadsOption = 1,
+    jobs: JobsOption = 1,
     json_out: JsonOption = False,
 ) -> None:
     """Protocol sweep: a log-spaced learning-rate grid per optimizer, trained on the fit split
@@ -516,14 +528,16 @@ def sweep_cmd(
     (read once), and the tunability: the share of the grid within 2 points of the optimizer's
     best, computed per seed, as mean ± std over the seeds. `run --lr-from DIR` reuses the
     choice. On digits-fcn the defaults (8 optimizers x 8 rates x 3 seeds = 192 runs) take
-    about 4-5 minutes on one idle core, several times that on a loaded machine."""
+    about 4-5 minutes on one idle core, several times that on a loaded machine; `--jobs N`
+    spreads the runs over N processes with the same results."""
     from .bench.problems import load
     from .bench.protocols import RunSettings, sweep_protocol, sweep_summary
 
     with usage_errors():
         prob = _problem(problem)
         for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--batch-size", batch_size),
-                        ("--subset", subset), ("--threads", threads), ("--decades", decades)):
+                        ("--subset", subset), ("--threads", threads), ("--decades", decades),
+                        ("--jobs", jobs)):
             _positive(name, v)
         if points < 2:
             raise UsageError(f"--points must be at least 2, got {points}")
@@ -538,7 +552,8 @@ def sweep_cmd(
     records, status, seconds = _progress_run(
         f"sweep {prob.name}", len(specs) * seeds * points, settings, data, out, json_out,
         lambda on_step, on_done: sweep_protocol(prob, data, specs, settings, out, points,
-                                                decades, on_step=on_step, on_done=on_done))
+                                                decades, on_step=on_step, on_done=on_done,
+                                                jobs=jobs, worker_threads=threads))
     rows = sweep_summary(records)
     if json_out:
         _emit_json({"protocol": "sweep", "problem": prob.name, "status": status, "out": str(out),

@@ -31,6 +31,7 @@ from torch import Tensor
 from .curvature.base import Solver, StageStatistics
 from .distributed import NO_COMM, Collective
 from .losses import Loss
+from .profiling import profiled, region
 from .stages import Stage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -367,12 +368,14 @@ class BellmanEngine:
         self.comm: Collective = NO_COMM
 
     # -- 1. nominal forward pass -----------------------------------------------------------------
+    @profiled("ocnopt.nominal")
     def nominal(self, inputs: Tensor, *, input_value: bool = False) -> Trajectory:
         """Forward pass recording the states; ``input_value`` also records what V_x at the
         network input needs (its block is tracked)."""
         return self.backend.forward(self.graph, inputs, input_value=input_value)
 
     # -- terminal cost -----------------------------------------------------------------------
+    @profiled("ocnopt.terminal")
     def terminal(self, traj: Trajectory, targets: Tensor, *, fisher_type: str | None = None,
                  generator: torch.Generator | None = None, hessian: bool = False) -> Terminal:
         """V_T = phi at x_T: loss, per-sample gradient, and (``hessian``) V_xx = d^2 phi."""
@@ -391,6 +394,7 @@ class BellmanEngine:
         return Terminal(loss, V_x, factor, V_xx)
 
     # -- 2. backward value recursion ----------------------------------------------------------
+    @profiled("ocnopt.backward")
     def expand(self, traj: Trajectory, terminal: Terminal, *, need_stats: Sequence[bool],
                keep_values: bool = False, skip_u: Sequence[bool] | None = None
                ) -> tuple[list[QExpansion], list[Tensor | None]]:
@@ -400,6 +404,7 @@ class BellmanEngine:
         return self.backend.backward(self.graph, traj, terminal, need_stats=need_stats,
                                      keep_values=keep_values, skip_u=skip_u)
 
+    @profiled("ocnopt.backward")
     def second_order(
         self,
         traj: Trajectory,
@@ -570,7 +575,7 @@ class BellmanEngine:
         def policy_fn(stage: Stage, Q_u: list[Tensor] | None, stats: Any) -> tuple[list[Tensor], Any]:
             view = views[stage.index]
             states = controls.states(view)
-            with torch.no_grad():  # Q_u None: not formed, the model's direction needs no grads
+            with torch.no_grad(), region("ocnopt.curvature"):  # Q_u None: not formed, no grads
                 upd, dirs = curv.update(view, states, Q_u if Q_u is not None else [],
                                         view.params, stats, hp, k)
             new_states[stage.index] = upd
@@ -712,6 +717,7 @@ class BellmanEngine:
         return quad, kQ
 
     # -- 3. forward update pass ---------------------------------------------------------------
+    @profiled("ocnopt.update")
     @torch.no_grad()
     def update_pass(self, traj: Trajectory, policies: Sequence[Policy | None],
                     targets: Tensor | None = None, trust: float | None = None
@@ -762,6 +768,7 @@ class BellmanEngine:
         norms = torch.stack(fb_norms).tolist() if fb_norms else []
         return states, loss_after, norms
 
+    @profiled("ocnopt.update")
     @torch.no_grad()
     def apply_open_loop(self, policies: Sequence[Policy | None]) -> None:
         """u_t <- u_t + k_t for every player (order 1: no feedback, no forward pass needed)."""

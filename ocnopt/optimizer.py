@@ -25,6 +25,7 @@ from .distributed import Collective, make_collective
 from .engine import BellmanEngine, Controls, StepConfig, StepOutcome, StepResult
 from .graph import build_graph
 from .losses import Loss, make_loss
+from .profiling import profiled
 from .stages import Stage
 
 GAMES = ("cooperative", "nash")
@@ -416,6 +417,7 @@ class OCNOpt(torch.optim.Optimizer):
             self.generator.set_state(meta["generator"])
 
     # -- the step -----------------------------------------------------------------------------
+    @profiled("ocnopt.step")
     def step(self, inputs: Tensor | None = None, targets: Tensor | None = None  # type: ignore[override]
              ) -> Tensor:
         """One Bellman step on the batch (inputs, targets); returns the loss before the step.

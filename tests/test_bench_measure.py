@@ -28,3 +28,25 @@ def test_peak_rss_after_reset_sees_a_new_allocation_and_not_an_older_peak():
 
 def test_status_kib_of_an_unknown_field_is_none():
     assert status_kib("NoSuchField") is None
+
+
+def test_interleaved_times_counts_and_order() -> None:
+    """Every step gets warmup untimed then rounds x block timed calls, run in blocks, in an
+    order reshuffled every round from the seed (the same seed, the same sequence)."""
+    from ocnopt.bench.measure import interleaved_times
+
+    def sequence(seed: int) -> tuple[list[str], dict[str, list[int]]]:
+        calls: list[str] = []
+        steps = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+        return calls, interleaved_times(steps, warmup=2, rounds=6, block=3, seed=seed)
+
+    calls, times = sequence(0)
+    assert {n: len(t) for n, t in times.items()} == {"a": 18, "b": 18, "c": 18}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up, in the given order
+    timed = calls[6:]
+    blocks = [timed[i:i + 3] for i in range(0, len(timed), 3)]
+    assert all(len(set(b)) == 1 for b in blocks)  # block consecutive calls
+    rounds = [tuple(b[0] for b in blocks[i:i + 3]) for i in range(0, len(blocks), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len(set(rounds)) > 1
+    assert sequence(0)[0] == calls and sequence(1)[0] != calls

@@ -395,3 +395,16 @@ def test_nash_equals_cooperative_on_a_chain() -> None:
         assert math.isclose(steppers[0].step(x, y), steppers[1].step(x, y), rel_tol=1e-12)
     for q, r in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(q, r, rtol=1e-10, atol=1e-12)
+
+
+def test_random_mlp_timing_problem() -> None:
+    """random_mlp: MLP 784-W-W-10 on `batches` random minibatches, drawn from the seed."""
+    p = problems.random_mlp(width=16, batch=8, seed=3, batches=4)
+    d = problems.load(p)
+    assert p.name == "mlp784-w16" and p.name not in problems.PROBLEMS
+    assert d.X_fit.shape == (32, 784) and d.y_fit.shape == (32,) and len(d.y_test) == 8
+    assert int(d.y_fit.min()) >= 0 and int(d.y_fit.max()) < 10
+    assert torch.equal(d.X_fit, problems.load(problems.random_mlp(16, 8, 3)).X_fit)
+    assert not torch.equal(d.X_fit, problems.load(problems.random_mlp(16, 8, 4)).X_fit)
+    widths = [m.weight.shape for m in p.model(0) if isinstance(m, torch.nn.Linear)]
+    assert widths == [(16, 784), (16, 16), (10, 16)]

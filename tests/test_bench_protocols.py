@@ -168,6 +168,30 @@ def test_report_says_when_a_run_did_not_finish(result_dir: Path, tmp_path: Path)
     assert "train wine-fcn did not run to completion" in md and "5 of 6 planned runs" in md
 
 
+def test_report_states_the_load_and_the_jobs(result_dir: Path, tmp_path: Path) -> None:
+    """The header gives the range of the 1-minute load averages recorded when the runs ended
+    and says when train/sweep runs shared the cores (--jobs > 1)."""
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(result_dir, part)
+    loads = {"train-wine-fcn-torch-sgd-seed0.json": 0.5, "train-wine-fcn-torch-sgd-seed1.json": 7.25}
+    for path in part.glob("*.json"):
+        rec = json.loads(path.read_text())
+        if rec.get("kind") == "run":
+            rec["timing"]["loadavg"] = [loads.get(path.name, 3.0), 1.0, 1.0]
+            path.write_text(json.dumps(rec))
+    md, _ = report.render(part, tmp_path / "img")
+    assert "1-minute load average when the runs ended: 0.5 to 7.2 (median 3.0)" in md
+    assert "--jobs" not in md
+    path = part / "train-wine-fcn-torch-sgd-seed0.json"
+    rec = json.loads(path.read_text())
+    rec["timing"]["jobs"] = 2
+    path.write_text(json.dumps(rec))
+    md, _ = report.render(part, tmp_path / "img")
+    assert "ran with `--jobs` 2 (their times share the cores)" in md
+
+
 def test_splice_keeps_other_sections(tmp_path: Path) -> None:
     doc = tmp_path / "bench.md"
     doc.write_text("# Benchmarks\n\n## Order 1 overhead\n\ntheirs\n")
@@ -276,3 +300,32 @@ def test_a_linalg_error_of_an_optimizer_ends_its_run_as_diverged():
                                factory=lambda m, loss, lr, seed: Broken())
     result, _ = protocols.train_one(WINE, data, spec, 0.1, 0, 1, 16, None)
     assert result["diverged"] is True
+
+
+def test_train_in_worker_processes_equals_the_serial_train(tmp_path: Path) -> None:
+    """train_protocol(jobs=2): the records come back in the serial order with the serial
+    results (everything but the timing), and on_done sees them in that order."""
+    data = problems.load(WINE, subset=32)
+    specs = [registry.parse_optimizer(n) for n in ("torch-sgd", "lowrank-kfac-fb")]
+    settings = protocols.RunSettings(epochs=1, batch_size=16, seeds=[0, 1], subset=32)
+    serial = protocols.train_protocol(WINE, data, specs, settings, tmp_path / "a")
+    seen: list[str] = []
+    parallel = protocols.train_protocol(WINE, data, specs, settings, tmp_path / "b",
+                                        on_done=lambda r: seen.append(r["optimizer"]), jobs=2)
+    assert [(r["optimizer"], r["seed"]) for r in parallel] == \
+        [(r["optimizer"], r["seed"]) for r in serial] == \
+        [("torch-sgd", 0), ("lowrank-kfac-fb", 0), ("torch-sgd", 1), ("lowrank-kfac-fb", 1)]
+    assert seen == [r["optimizer"] for r in serial]
+    for a, b in zip(serial, parallel):
+        assert strip_timing(a) == strip_timing(b)
+
+
+def test_worker_processes_refuse_an_unregistered_problem(tmp_path: Path) -> None:
+    import dataclasses
+
+    other = dataclasses.replace(WINE, epochs=1)
+    data = problems.load(WINE, subset=32)
+    settings = protocols.RunSettings(epochs=1, batch_size=16, seeds=[0], subset=32)
+    with pytest.raises(ValueError, match="jobs > 1 needs a problem of the registry"):
+        protocols.train_protocol(other, data, [registry.parse_optimizer("torch-sgd")], settings,
+                                 tmp_path, jobs=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -471,3 +472,46 @@ def test_lr_from_refuses_a_folder_with_several_sweep_configurations(tmp_path: Pa
     res = invoke("bench", "run", "wine-fcn", "-o", "torch-sgd", "--lr-from", tmp_path,
                  "--out", tmp_path / "t")
     assert res.exit_code == 2 and "several configurations" in res.stderr
+
+
+def _losses(folder: Path) -> dict[str, Any]:
+    """Per result file: the recorded losses (per step, and every evaluation point)."""
+    out = {}
+    for path in sorted(folder.glob("*-seed*.json")):
+        rec = json.loads(path.read_text())
+        out[path.name] = (rec["result"]["batch_loss"], rec["result"]["curve"], rec["config"])
+    return out
+
+
+def test_sweep_with_two_jobs_equals_the_serial_sweep(tmp_path: Path) -> None:
+    """--jobs 2 trains the grid points in two worker processes: the same files with exactly the
+    same losses, and the table rows in the same order, as the serial sweep."""
+    args = ("bench", "sweep", "wine-fcn", "-o", "torch-sgd,autograd-adam", "--epochs", "1",
+            "--points", "3", "--seeds", "2", "--subset", "32", "--json")
+    serial = invoke(*args, "--out", tmp_path / "serial")
+    assert serial.exit_code == 0, serial.output
+    parallel = invoke(*args, "--jobs", "2", "--out", tmp_path / "jobs2")
+    assert parallel.exit_code == 0, parallel.output
+    a, b = _losses(tmp_path / "serial"), _losses(tmp_path / "jobs2")
+    assert len(a) == 2 * 3 * 2 and list(a) == list(b)
+    for name in a:
+        assert a[name] == b[name], name
+    rows = [json.loads(r.stdout)["rows"] for r in (serial, parallel)]
+    assert [(r["optimizer"], r["best_lr"], r["best_val"]) for r in rows[0]] == \
+        [(r["optimizer"], r["best_lr"], r["best_val"]) for r in rows[1]]
+    rec = json.loads(next((tmp_path / "jobs2").glob("sweep-*-seed1.json")).read_text())
+    assert rec["timing"]["jobs"] == 2 and rec["environment"]["threads"] == 1
+    manifest = json.loads((tmp_path / "jobs2" / "sweep-wine-fcn.manifest.json").read_text())
+    assert manifest["status"] == "complete" and sorted(manifest["finished"]) == sorted(b)
+
+
+def test_jobs_must_be_positive(tmp_path: Path) -> None:
+    res = invoke("bench", "run", "wine-fcn", "--jobs", "0", "--out", tmp_path)
+    assert res.exit_code == 2 and "--jobs must be positive, got 0" in res.output
+
+
+def test_jobs_and_nproc_together_are_refused(tmp_path: Path) -> None:
+    res = invoke("bench", "run", "wine-fcn", "-o", "autograd-adam", "--jobs", "2", "--nproc", "2",
+                 "--out", tmp_path)
+    assert res.exit_code == 2 and "--nproc 2 with --jobs 2: choose one" in res.output
+    assert not list(tmp_path.glob("*.json"))

@@ -418,6 +418,28 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in [
 ]}
 
 
+def random_mlp(width: int = 512, batch: int = 256, seed: int = 0, batches: int = 4) -> Problem:
+    """``mlp784-w<width>``: MLP 784-width-width-10 (ReLU) on random data, for timing only (not
+    in ``PROBLEMS``: random labels make its accuracy meaningless). The fit split holds
+    ``batches`` minibatches of ``batch`` N(0, 1) inputs with uniform random labels (drawn from
+    ``seed`` + 1); val and test one minibatch each. Used by ``benchmarks/scaling.py`` and
+    ``benchmarks/baseline_overhead.py`` (docs/performance.md)."""
+    name = f"mlp784-w{width}"
+
+    def data(_split_seed: int) -> Dataset:
+        g = torch.Generator().manual_seed(seed + 1)
+        n = batches * batch
+        X = torch.randn(n + 2 * batch, 784, generator=g)
+        y = torch.randint(0, 10, (n + 2 * batch,), generator=g)
+        return Dataset(name, X[:n], y[:n], X[n:n + batch], y[n:n + batch], X[n + batch:],
+                       y[n + batch:], 10, {"random": True})
+
+    return Problem(name, "random N(0, 1) inputs, random labels (timing only)",
+                   f"MLP 784-{width}-{width}-10, ReLU", "cross_entropy", data,
+                   lambda: fcn(784, width, 10, layers=3, activation=nn.ReLU), epochs=1,
+                   batch_size=batch, target=1.0, exact="no")
+
+
 def get_problem(name: str) -> Problem:
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}: accepted {', '.join(PROBLEMS)}")

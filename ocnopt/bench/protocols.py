@@ -26,31 +26,28 @@ Splits: every protocol trains on the ``fit`` split; ``sweep`` chooses the learni
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import math
+import multiprocessing
 import os
-import platform
-import random
+import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .measure import cpu_model, quantile
+from .measure import environment, interleaved_times, loadavg, peak_memory, quantile
 from .optimizers import OptimizerSpec, hp_label, lr_grid, parse_optimizer, torch_loss
 from .problems import Dataset, Problem
 
@@ -61,61 +58,7 @@ StepCallback = Callable[[int], None]
 DoneCallback = Callable[[dict[str, Any]], None]
 
 
-# ---- environment and files --------------------------------------------------------------------
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-@functools.lru_cache(maxsize=1)
-def source_state() -> dict[str, Any]:
-    """The commit of the ocnopt checkout and its uncommitted changes to the library (ocnopt/,
-    backends/), taken once, at the first call of the process: the code this process imported
-    (a source tree edited later does not change a running process)."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", "ocnopt", "backends")
-    dirty = None if status is None else sorted(
-        line[3:] for line in status.splitlines() if line.strip() and not line.startswith("??"))
-    return {"commit": commit.strip() if commit else None, "uncommitted_library_changes": dirty}
-
-
-def environment() -> dict[str, Any]:
-    """Library versions, thread counts and the machine (no dates: those go to ``timing``)."""
-    import ocnopt
-
-    versions: dict[str, str | None] = {"ocnopt": ocnopt.__version__,
-                                       "python": platform.python_version(),
-                                       "torch": torch.__version__}
-    for dist in ("numpy", "scikit-learn", "mnist1d", "curvlinops-for-pytorch",
-                 "backpack-for-pytorch", "matplotlib", "typer", "rich"):
-        versions[dist] = _version(dist)
-    return {
-        "versions": versions,
-        "ocnopt_git_commit": source_state()["commit"],
-        "ocnopt_uncommitted": source_state()["uncommitted_library_changes"],
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "machine": {"platform": platform.platform(), "arch": platform.machine(),
-                    "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                    "hostname": platform.node()},
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-    }
-
-
+# ---- files --------------------------------------------------------------------------------------
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -333,63 +276,180 @@ def _run_all(protocol: str, problem: Problem, data: Dataset, specs: Sequence[Opt
              runs: Sequence[tuple[str, OptimizerSpec, float, str, int, dict[str, Any] | None]],
              on_step: StepCallback | None, on_done: DoneCallback | None,
              finish: Callable[[OptimizerSpec, dict[str, Any]], None] | None = None,
-             trained: Sequence[Problem] | None = None
+             trained: Sequence[Problem] | None = None, jobs: int = 1, worker_threads: int = 1
              ) -> list[dict[str, Any]]:
-    """Run (file name, optimizer, lr, lr source, seed, extra config) one after the other after
-    a warm-up; every finished run is written at once and ticked off in the manifest, which is
-    closed "complete" or, on an exception (Ctrl-C), "interrupted". ``finish(spec, result)``
-    may add to a run's result before it is written; ``trained[k]``, when given, is the problem
-    run k trains (e.g. a rescaled initialisation; the record names ``problem``)."""
+    """Run (file name, optimizer, lr, lr source, seed, extra config) after a warm-up; every
+    finished run is written at once and ticked off in the manifest, which is closed "complete"
+    or, on an exception (Ctrl-C), "interrupted". ``finish(spec, result)`` may add to a run's
+    result before it is written; ``trained[k]``, when given, is the problem run k trains (e.g.
+    a rescaled initialisation; the record names ``problem``).
+
+    ``jobs`` > 1 trains the runs in that many worker processes (``run_parallel``, each with
+    ``worker_threads`` torch threads); the records, ``on_done`` and the returned list keep the
+    order of ``runs``, and every result is the one the serial loop gives (a run depends only on
+    its seed, its optimizer and the thread count)."""
     records = []
     status = "interrupted"
+
+    def record(k: int, result: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+        name, spec, lr, source, seed, extra = runs[k]
+        if finish is not None:
+            finish(spec, result)
+        timing.update(jobs=jobs, loadavg=loadavg())
+        rec = _record(protocol, problem, data, spec, lr, source, seed, s, result, timing, extra)
+        write_json(out / name, rec)
+        manifest.done(name)
+        return rec
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        if on_done is not None:
+            on_done(rec)
+
     try:
-        warm_up(problem, data, specs, s.batch_size)
-        for k, (name, spec, lr, source, seed, extra) in enumerate(runs):
-            timing_start = _now()
-            result, timing = train_one(problem if trained is None else trained[k], data, spec,
-                                       lr, seed, s.epochs, s.batch_size, on_step)
-            if finish is not None:
-                finish(spec, result)
-            timing.update(started_at=timing_start, finished_at=_now())
-            rec = _record(protocol, problem, data, spec, lr, source, seed, s, result, timing,
-                          extra)
-            write_json(out / name, rec)
-            manifest.done(name)
-            records.append(rec)
-            if on_done is not None:
-                on_done(rec)
+        if jobs > 1:
+            if trained is not None or finish is not None:
+                raise ValueError("jobs > 1 runs the protocols train and sweep only (runs of one "
+                                 "registered problem, optimizers from the registry)")
+            run_parallel(problem, data, specs, s, runs, jobs, worker_threads, record, done,
+                         on_step)
+        else:
+            warm_up(problem, data, specs, s.batch_size)
+            for k, (_, spec, lr, _, seed, _) in enumerate(runs):
+                timing_start = _now()
+                result, timing = train_one(problem if trained is None else trained[k], data,
+                                           spec, lr, seed, s.epochs, s.batch_size, on_step)
+                timing.update(started_at=timing_start, finished_at=_now())
+                done(record(k, result, timing))
         status = "complete"
     finally:
         manifest.close(status)
     return records
 
 
+# ---- worker processes (--jobs) ------------------------------------------------------------------
+#: what a worker process keeps between its runs (set by ``_worker_start``)
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(problem: str, data: Dataset, threads: int,
+                  optimizers: list[tuple[str, dict[str, Any]]], batch_size: int) -> None:
+    """Initialise a worker: Ctrl-C left to the parent, ``threads`` torch threads, the data
+    (pickled from the parent, so every worker trains on the parent's exact tensors) and the
+    same warm-up as the serial loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    from .problems import PROBLEMS
+
+    prob = PROBLEMS[problem]
+    specs = [parse_optimizer(name, prob, hp) for name, hp in optimizers]
+    _WORKER.update(problem=prob, data=data)
+    warm_up(prob, data, specs, batch_size)
+
+
+def _worker_run(optimizer: str, hp: dict[str, Any], lr: float, seed: int, epochs: int,
+                batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One ``train_one`` in a worker: the optimizer rebuilt from its name and ``--hp``."""
+    prob = _WORKER["problem"]
+    spec = parse_optimizer(optimizer, prob, hp)
+    started = _now()
+    result, timing = train_one(prob, _WORKER["data"], spec, lr, seed, epochs, batch_size)
+    timing.update(started_at=started, finished_at=_now())
+    return result, timing
+
+
+def _rebuildable(problem: Problem, specs: Sequence[OptimizerSpec]) -> None:
+    """A worker rebuilds the problem from its name and each optimizer from its name and
+    ``overrides``: ``ValueError`` unless that gives the same objects."""
+    from .problems import PROBLEMS
+
+    if PROBLEMS.get(problem.name) is not problem:
+        raise ValueError(f"jobs > 1 needs a problem of the registry (ocnopt.bench.problems."
+                         f"PROBLEMS), got {problem.name!r}, which is not registered under its name")
+    for spec in specs:
+        if parse_optimizer(spec.name, problem, spec.overrides).config() != spec.config():
+            raise ValueError(f"jobs > 1 needs optimizers of the registry (parse_optimizer); "
+                             f"{spec.name!r} differs from the registry's")
+
+
+def run_parallel(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
+                 s: RunSettings,
+                 runs: Sequence[tuple[str, OptimizerSpec, float, str, int, dict[str, Any] | None]],
+                 jobs: int, threads: int,
+                 record: Callable[[int, dict[str, Any], dict[str, Any]], dict[str, Any]],
+                 done: DoneCallback, on_step: StepCallback | None = None) -> None:
+    """Train ``runs`` in ``jobs`` worker processes (``concurrent.futures.ProcessPoolExecutor``,
+    spawn context, ``threads`` torch threads each). ``record(k, result, timing)`` is called in
+    this process as soon as run k finishes (it writes the file); ``done(record)`` in the order
+    of ``runs``; ``on_step(steps)`` once per finished run. Ctrl-C (or any exception) cancels
+    the runs not started and ends the workers; finished runs stay recorded."""
+    _rebuildable(problem, specs)
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+    ctx = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(jobs, max(len(runs), 1)), mp_context=ctx, initializer=_worker_start,
+        initargs=(problem.name, data, threads, [(sp.name, dict(sp.overrides)) for sp in specs],
+                  s.batch_size))
+    ok = False
+    try:
+        futures = {pool.submit(_worker_run, spec.name, dict(spec.overrides), lr, seed, s.epochs,
+                               s.batch_size): k
+                   for k, (_, spec, lr, _, seed, _) in enumerate(runs)}
+        ready: dict[int, dict[str, Any]] = {}
+        nxt = 0
+        for fut in concurrent.futures.as_completed(futures):
+            k = futures[fut]
+            result, timing = fut.result()
+            ready[k] = record(k, result, timing)
+            if on_step is not None:
+                on_step(int(result["steps"]))
+            while nxt in ready:
+                done(ready.pop(nxt))
+                nxt += 1
+        ok = True
+    finally:
+        if ok:
+            pool.shutdown(wait=True)
+        else:
+            # the executor has no public way to stop a running call (Python < 3.14)
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.terminate()
+
+
 def train_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
                    s: RunSettings, out: Path, lrs: dict[str, tuple[float, str]] | None = None,
-                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None
-                   ) -> list[dict[str, Any]]:
+                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None,
+                   jobs: int = 1, worker_threads: int = 1) -> list[dict[str, Any]]:
     """Protocol ``train``: every optimizer x seed, seed-major (the optimizers of a seed run
     back to back, so drift of the machine hits them alike). ``lrs``: name -> (lr, source);
-    otherwise the optimizer's default learning rate."""
+    otherwise the optimizer's default learning rate. ``jobs`` > 1: the runs in that many
+    worker processes of ``worker_threads`` torch threads each (``run_parallel``; same results,
+    same order; the timings then share the machine)."""
     lrs = lrs or {}
     plan = [(seed, spec) for seed in s.seeds for spec in specs]
     names = [f"train-{problem.name}-{spec.name}-seed{seed}.json" for seed, spec in plan]
     manifest = Manifest(out, "train", problem.name, names, {
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
         "batch_size": s.batch_size, "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp,
-        "lrs": {sp.name: lrs.get(sp.name, (sp.default_lr, "default"))[0] for sp in specs}})
+        "lrs": {sp.name: lrs.get(sp.name, (sp.default_lr, "default"))[0] for sp in specs},
+        "jobs": jobs})
     runs = [(name, spec, *lrs.get(spec.name, (spec.default_lr, "default")), seed, None)
             for (seed, spec), name in zip(plan, names)]
-    return _run_all("train", problem, data, specs, s, out, manifest, runs, on_step, on_done)
+    return _run_all("train", problem, data, specs, s, out, manifest, runs, on_step, on_done,
+                    jobs=jobs, worker_threads=worker_threads)
 
 
 def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec],
                    s: RunSettings, out: Path, points: int = 9, decades: float = 4.0,
-                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None
-                   ) -> list[dict[str, Any]]:
+                   on_step: StepCallback | None = None, on_done: DoneCallback | None = None,
+                   jobs: int = 1, worker_threads: int = 1) -> list[dict[str, Any]]:
     """Protocol ``sweep``: for every optimizer a grid of ``points`` learning rates log-spaced
     over ``decades`` decades around its default; every grid point x seed is one run. The
-    choice (``sweep_summary``) looks at the validation split only."""
+    choice (``sweep_summary``) looks at the validation split only. ``jobs``,
+    ``worker_threads``: as in ``train_protocol``."""
     plan = []
     for seed in s.seeds:
         for spec in specs:
@@ -401,12 +461,13 @@ def sweep_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpe
     manifest = Manifest(out, "sweep", problem.name, names, {
         "optimizers": [sp.name for sp in specs], "seeds": list(s.seeds), "epochs": s.epochs,
         "batch_size": s.batch_size, "points": points, "decades": decades,
-        "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp})
+        "split_seed": s.split_seed, "subset": s.subset, "hp": s.hp, "jobs": jobs})
     runs = [(name, spec, lr, f"grid point {i}", seed,
              {"grid": grid, "grid_index": i, "points": points, "decades": decades,
               "selection": "val split"})
             for (seed, spec, i, lr, grid), name in zip(plan, names)]
-    return _run_all("sweep", problem, data, specs, s, out, manifest, runs, on_step, on_done)
+    return _run_all("sweep", problem, data, specs, s, out, manifest, runs, on_step, on_done,
+                    jobs=jobs, worker_threads=worker_threads)
 
 
 # ---- summaries ----------------------------------------------------------------------------------
@@ -623,47 +684,6 @@ def lrs_from_sweep(folder: Path, problem: str) -> dict[str, tuple[float, str]]:
 
 
 # ---- overhead -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (the profiler's C++ logging writes there)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory(run: Callable[[], None]) -> int | None:
-    """Peak of live bytes handed out by torch's CPU allocator while ``run()`` executes, above
-    what was live when it started (from ``torch.profiler`` memory events); None if the
-    profiler cannot tell."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with _quiet_stderr(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                run()
-            events = sorted((e.start_ns(), int(e.nbytes()))
-                            for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
-    except Exception:  # noqa: BLE001 - any profiler failure: no number rather than a crash
-        return None
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak if events else None
-
-
 def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[OptimizerSpec], out: Path,
                       batch_size: int, seed: int = 0, warmup: int = 10, rounds: int = 20,
                       block: int = 5, memory_steps: int = 11, split_seed: int = 0,
@@ -691,28 +711,19 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
         for spec in specs:
             model = problem.model(seed)
             runners[spec.name] = {"stepper": spec.make(model, problem.loss, spec.default_lr, seed),
-                                  "k": 0, "ns": [], "spec": spec}
+                                  "k": 0, "spec": spec}
 
-        def one(r: dict[str, Any], timed: bool) -> None:
-            x, y = pool[r["k"] % len(pool)]
-            r["k"] += 1
-            t0 = time.perf_counter_ns()
-            r["stepper"].step(x, y)
-            if timed:
-                r["ns"].append(time.perf_counter_ns() - t0)
-            if on_step is not None:
-                on_step(1)
+        def stepper(r: dict[str, Any]) -> Callable[[], None]:
+            def one() -> None:
+                x, y = pool[r["k"] % len(pool)]
+                r["k"] += 1
+                r["stepper"].step(x, y)
+            return one
 
-        for r in runners.values():
-            for _ in range(warmup):
-                one(r, False)
-        rng = random.Random(seed)
-        order = list(runners)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for name in order:
-                for _ in range(block):
-                    one(runners[name], True)
+        times = interleaved_times({name: stepper(r) for name, r in runners.items()}, warmup,
+                                  rounds, block, seed, on_step)
+        for name, r in runners.items():
+            r["ns"] = times[name]
         memory: dict[str, int | None] = {}
         for spec in specs:
             model = problem.model(seed)
@@ -756,7 +767,7 @@ def overhead_protocol(problem: Problem, data: Dataset, specs: Sequence[Optimizer
         # an overhead result is made of timings: all of it is machine- and load-dependent
         "result": {"rows": rows},
         "timing": {"started_at": started, "finished_at": _now(),
-                   "total_seconds": time.perf_counter() - t_start},
+                   "total_seconds": time.perf_counter() - t_start, "loadavg": loadavg()},
     }
     write_json(Path(out) / f"overhead-{problem.name}.json", rec)
     return rec
