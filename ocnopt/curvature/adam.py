@@ -17,7 +17,10 @@ from .base import (
     State,
     buffer_or_zeros,
     check_nonneg,
+    flatten_stages,
+    foreach_ready,
     require,
+    split_stages,
 )
 
 
@@ -67,6 +70,36 @@ class Adam(DiagonalCurvature):
             new_states.append(new)
             dirs.append(d)
         return new_states, dirs
+
+    def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
+                    grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
+                    hp: dict[str, Any], step: int
+                    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update``'s arithmetic over every tensor of ``stages`` with ``_foreach`` ops (same
+        elementwise operations in the same order: the same results); per stage otherwise
+        (amsgrad, or tensors at different step counts)."""
+        flat_states, flat_g, counts = flatten_stages(states, grads)
+        ks = {float(st["step"]) + 1 if "step" in st else 1.0 for st in flat_states}
+        if hp["amsgrad"] or len(ks) != 1 or not foreach_ready(flat_g):
+            return super().update_many(stages, states, grads, stats, hp, step)
+        (k,) = ks
+        beta1, beta2 = hp["betas"]
+        wd = hp["weight_decay"]
+        m = torch._foreach_lerp([buffer_or_zeros(st, "exp_avg", g)
+                                 for st, g in zip(flat_states, flat_g)], flat_g, 1 - beta1)
+        v = torch._foreach_mul([buffer_or_zeros(st, "exp_avg_sq", g)
+                                for st, g in zip(flat_states, flat_g)], beta2)
+        torch._foreach_addcmul_(v, flat_g, flat_g, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** k))
+        torch._foreach_add_(denom, hp["eps"])
+        d = torch._foreach_div(m, 1 - beta1**k)
+        torch._foreach_div_(d, denom)
+        if self.decoupled and wd != 0:
+            torch._foreach_add_(d, [p for st in stages for p in st.params], alpha=wd)
+        step_t = torch.scalar_tensor(k)  # one 0-dim tensor for all (states are never mutated)
+        new = [{"step": step_t, "exp_avg": mi, "exp_avg_sq": vi} for mi, vi in zip(m, v)]
+        return split_stages(new, counts), split_stages(d, counts)
 
 
 

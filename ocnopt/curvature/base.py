@@ -97,6 +97,25 @@ class CurvatureModel:
     ) -> tuple[list[State], list[Tensor]]:
         raise NotImplementedError
 
+    def update_many(
+        self,
+        stages: Sequence[Stage],
+        states: Sequence[list[State]],
+        grads: Sequence[list[Tensor]],
+        stats: Sequence[StageStatistics | None],
+        hp: dict[str, Any],
+        step: int,
+    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update`` of several stages at once (order 1: every player of a step), per stage
+        (new states, directions). The default calls ``update`` per stage; the diagonal models
+        run the same arithmetic over all tensors with torch's multi-tensor (``_foreach``) ops."""
+        out_states, out_dirs = [], []
+        for stage, st, g, s in zip(stages, states, grads, stats):
+            new, dirs = self.update(stage, st, g, stage.params, s, hp, step)
+            out_states.append(new)
+            out_dirs.append(dirs)
+        return out_states, out_dirs
+
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         """M^{-1} v for the current state (no moment buffers). Each tensor of ``v`` may carry
         leading column dimensions: (..., *param.shape)."""
@@ -286,6 +305,29 @@ def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> T
     ``CurvatureModel.per_sample_gram``): ``diagonal_weight_gram`` plus the bias term."""
     return weight_bias_gram(stage, a, g, lambda a, g: diagonal_weight_gram(a, g, D["weight"]),
                             lambda gs: (gs / D["bias"]) @ gs.transpose(1, 2))
+
+
+def flatten_stages(states: Sequence[list[State]], grads: Sequence[list[Tensor]]
+                   ) -> tuple[list[State], list[Tensor], list[int]]:
+    """The states and gradients of several stages as two flat lists, and the count per stage
+    (``split_stages`` undoes it)."""
+    return ([s for ss in states for s in ss], [g for gs in grads for g in gs],
+            [len(gs) for gs in grads])
+
+
+def split_stages(flat: Sequence[Any], counts: Sequence[int]) -> list[list[Any]]:
+    """A flat list back into one list per stage (``counts`` from ``flatten_stages``)."""
+    out, i = [], 0
+    for n in counts:
+        out.append(list(flat[i:i + n]))
+        i += n
+    return out
+
+
+def foreach_ready(grads: Sequence[Tensor]) -> bool:
+    """Whether the multi-tensor path applies: some tensors, all real floating point (the
+    ``_foreach`` ops give the same elementwise results as the per-tensor ones)."""
+    return bool(grads) and all(g.is_floating_point() for g in grads)
 
 
 def buffer_or_zeros(state: State, key: str, like: Tensor) -> Tensor:

@@ -15,7 +15,10 @@ from .base import (
     State,
     buffer_or_zeros,
     check_nonneg,
+    flatten_stages,
+    foreach_ready,
     require,
+    split_stages,
 )
 
 
@@ -54,6 +57,33 @@ class RMSprop(DiagonalCurvature):
             new_states.append(new)
             dirs.append(d)
         return new_states, dirs
+
+    def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
+                    grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
+                    hp: dict[str, Any], step: int
+                    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update``'s arithmetic over every tensor of ``stages`` with ``_foreach`` ops (the
+        same results); per stage where ``centered``."""
+        flat_states, flat_g, counts = flatten_stages(states, grads)
+        if hp["centered"] or not foreach_ready(flat_g):
+            return super().update_many(stages, states, grads, stats, hp, step)
+        alpha, momentum = hp["alpha"], hp["momentum"]
+        sq = torch._foreach_mul([buffer_or_zeros(st, "square_avg", g)
+                                 for st, g in zip(flat_states, flat_g)], alpha)
+        torch._foreach_addcmul_(sq, flat_g, flat_g, value=1 - alpha)
+        denom = torch._foreach_sqrt(sq)
+        torch._foreach_add_(denom, hp["eps"])
+        d = torch._foreach_div(flat_g, denom)
+        new: list[State] = [{"step": st.get("step", 0) + 1, "square_avg": s}
+                            for st, s in zip(flat_states, sq)]
+        if momentum > 0:
+            buf = torch._foreach_mul([buffer_or_zeros(st, "momentum_buffer", g)
+                                      for st, g in zip(flat_states, flat_g)], momentum)
+            torch._foreach_add_(buf, d)
+            for n, b in zip(new, buf):
+                n["momentum_buffer"] = b
+            d = buf
+        return split_stages(new, counts), split_stages(d, counts)
 
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
         return hp["momentum"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..stages import Stage
@@ -13,8 +14,11 @@ from .base import (
     StageStatistics,
     State,
     check_nonneg,
+    flatten_stages,
+    foreach_ready,
     require,
     rows_gram,
+    split_stages,
     weight_bias_gram,
 )
 
@@ -51,6 +55,25 @@ class SGD(CurvatureModel):
             new_states.append({} if buf is None else {"momentum_buffer": buf})
             dirs.append(d)
         return new_states, dirs
+
+    def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
+                    grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
+                    hp: dict[str, Any], step: int
+                    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update``'s arithmetic over every tensor of ``stages`` with ``_foreach`` ops (the
+        same results); per stage while some momentum buffers are still absent."""
+        flat_states, flat_g, counts = flatten_stages(states, grads)
+        momentum = hp["momentum"]
+        if momentum == 0:
+            return [[{} for _ in gs] for gs in grads], [list(gs) for gs in grads]
+        bufs = [st.get("momentum_buffer") for st in flat_states]
+        if not foreach_ready(flat_g) or any(b is None for b in bufs):
+            return super().update_many(stages, states, grads, stats, hp, step)
+        new = torch._foreach_mul(bufs, momentum)  # type: ignore[arg-type]
+        torch._foreach_add_(new, flat_g, alpha=1 - hp["dampening"])
+        d = torch._foreach_add(flat_g, new, alpha=momentum) if hp["nesterov"] else new
+        return (split_stages([{"momentum_buffer": b} for b in new], counts),
+                split_stages(d, counts))
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return list(v)
