@@ -637,16 +637,14 @@ class BellmanEngine:
                 # every player's curvature update at once (one multi-tensor pass for the
                 # diagonal models), then k = -lr d
                 with torch.no_grad():
-                    upds, dirs = curv.update_many(
+                    upds, steps = curv.update_many(
                         [v for v, _, _ in players_1],
                         [controls.states(v) for v, _, _ in players_1],
-                        [g for _, g, _ in players_1], [s for _, _, s in players_1], hp, k)
-                    flat_k = torch._foreach_mul([d for ds in dirs for d in ds], -lr)
-                i = 0
-                for (view, _, _), upd, ds in zip(players_1, upds, dirs):
+                        [g for _, g, _ in players_1], [s for _, _, s in players_1], hp, k,
+                        scale=-lr)
+                for (view, _, _), upd, k_t in zip(players_1, upds, steps):
                     new_states[view.index] = upd
-                    policies[view.index] = Policy(k=flat_k[i:i + len(ds)], params=view.params)
-                    i += len(ds)
+                    policies[view.index] = Policy(k=k_t, params=view.params)
         controlled = [(st, pol) for st, pol in zip(stages, policies) if pol is not None]
         update_pass = config.order == 2 or config.track_loss_after
         with torch.no_grad():

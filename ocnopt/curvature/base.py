@@ -105,16 +105,38 @@ class CurvatureModel:
         stats: Sequence[StageStatistics | None],
         hp: dict[str, Any],
         step: int,
+        *,
+        scale: float | None = None,
     ) -> tuple[list[list[State]], list[list[Tensor]]]:
         """``update`` of several stages at once (order 1: every player of a step), per stage
-        (new states, directions). The default calls ``update`` per stage; the diagonal models
-        run the same arithmetic over all tensors with torch's multi-tensor (``_foreach``) ops."""
+        (new states, directions d; with ``scale``, the steps scale * d instead, which may live
+        in the model's workspace, ``workspace``: valid until the next call). The default calls
+        ``update`` per stage; the diagonal models run the same arithmetic over all tensors with
+        torch's multi-tensor (``_foreach``) ops when they are small (``FOREACH_MAX_NUMEL``),
+        else per tensor into kept workspaces (no allocation per step for the temporaries)."""
         out_states, out_dirs = [], []
         for stage, st, g, s in zip(stages, states, grads, stats):
             new, dirs = self.update(stage, st, g, stage.params, s, hp, step)
             out_states.append(new)
             out_dirs.append(dirs)
+        if scale is not None:
+            flat = torch._foreach_mul([d for ds in out_dirs for d in ds], scale)
+            out_dirs = split_stages(flat, [len(ds) for ds in out_dirs])
         return out_states, out_dirs
+
+    def workspace_or_none(self, keep: bool, slot: int, i: int, like: Tensor) -> Tensor | None:
+        """``workspace(slot, i, like)`` when ``keep``, else None (an ``out=`` that allocates)."""
+        return self.workspace(slot, i, like) if keep else None
+
+    def workspace(self, slot: int, i: int, like: Tensor) -> Tensor:
+        """A tensor shaped like ``like`` kept by this model between steps (``slot``: which
+        temporary, ``i``: which parameter), for results of ``update_many`` that do not
+        outlive the step (temporaries, the scaled steps)."""
+        ws: dict[tuple[int, int], Tensor] = self.__dict__.setdefault("_workspace", {})
+        t = ws.get((slot, i))
+        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+            t = ws[(slot, i)] = torch.empty_like(like)
+        return t
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         """M^{-1} v for the current state (no moment buffers). Each tensor of ``v`` may carry
@@ -324,10 +346,18 @@ def split_stages(flat: Sequence[Any], counts: Sequence[int]) -> list[list[Any]]:
     return out
 
 
+#: the multi-tensor path of ``update_many`` takes the tensors of a step up to this many
+#: entries in all (there Python per operation dominates); larger ones go per tensor into kept
+#: workspaces (there allocating and first touching the temporaries dominates)
+FOREACH_MAX_NUMEL = 1 << 16
+
+
 def foreach_ready(grads: Sequence[Tensor]) -> bool:
     """Whether the multi-tensor path applies: some tensors, all real floating point (the
-    ``_foreach`` ops give the same elementwise results as the per-tensor ones)."""
-    return bool(grads) and all(g.is_floating_point() for g in grads)
+    ``_foreach`` ops give the same elementwise results as the per-tensor ones), at most
+    ``FOREACH_MAX_NUMEL`` entries in all."""
+    return (bool(grads) and all(g.is_floating_point() for g in grads)
+            and sum(g.numel() for g in grads) <= FOREACH_MAX_NUMEL)
 
 
 def buffer_or_zeros(state: State, key: str, like: Tensor) -> Tensor:

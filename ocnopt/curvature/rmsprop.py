@@ -60,29 +60,48 @@ class RMSprop(DiagonalCurvature):
 
     def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
                     grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
-                    hp: dict[str, Any], step: int
+                    hp: dict[str, Any], step: int, *, scale: float | None = None
                     ) -> tuple[list[list[State]], list[list[Tensor]]]:
-        """``update``'s arithmetic over every tensor of ``stages`` with ``_foreach`` ops (the
-        same results); per stage where ``centered``."""
+        """``update``'s arithmetic (the same results) over every tensor of ``stages``: with
+        ``_foreach`` ops when they are small, else per tensor with the temporaries in kept
+        workspaces; per stage where ``centered``."""
         flat_states, flat_g, counts = flatten_stages(states, grads)
-        if hp["centered"] or not foreach_ready(flat_g):
-            return super().update_many(stages, states, grads, stats, hp, step)
-        alpha, momentum = hp["alpha"], hp["momentum"]
-        sq = torch._foreach_mul([buffer_or_zeros(st, "square_avg", g)
-                                 for st, g in zip(flat_states, flat_g)], alpha)
-        torch._foreach_addcmul_(sq, flat_g, flat_g, value=1 - alpha)
-        denom = torch._foreach_sqrt(sq)
-        torch._foreach_add_(denom, hp["eps"])
-        d = torch._foreach_div(flat_g, denom)
+        if hp["centered"] or not all(g.is_floating_point() for g in flat_g):
+            return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+        alpha, momentum, eps = hp["alpha"], hp["momentum"], hp["eps"]
+        sq_old = [buffer_or_zeros(st, "square_avg", g) for st, g in zip(flat_states, flat_g)]
+        buf_old = [buffer_or_zeros(st, "momentum_buffer", g) for st, g in zip(flat_states, flat_g)
+                   ] if momentum > 0 else []
+        buf: list[Tensor] = []
+        keep = scale is not None
+        if foreach_ready(flat_g):
+            sq = torch._foreach_mul(sq_old, alpha)
+            torch._foreach_addcmul_(sq, flat_g, flat_g, value=1 - alpha)
+            denom = torch._foreach_sqrt(sq)
+            torch._foreach_add_(denom, eps)
+            d = torch._foreach_div(flat_g, denom)
+            if momentum > 0:
+                buf = torch._foreach_mul(buf_old, momentum)
+                torch._foreach_add_(buf, d)
+                d = torch._foreach_mul(buf, scale) if keep else buf  # type: ignore[arg-type]
+            elif keep:
+                torch._foreach_mul_(d, scale)  # type: ignore[arg-type]  # (d is fresh)
+        else:
+            sq, d = [], []
+            for i, g in enumerate(flat_g):
+                sq.append(sq_old[i].mul(alpha).addcmul_(g, g, value=1 - alpha))
+                den = torch.sqrt(sq[-1], out=self.workspace_or_none(keep, 0, i, g)).add_(eps)
+                di = torch.div(g, den, out=den)
+                if momentum > 0:
+                    buf.append(buf_old[i].mul(momentum).add_(di))
+                    di = torch.mul(buf[-1], scale, out=den) if keep else buf[-1]
+                elif keep:
+                    di.mul_(scale)
+                d.append(di)
         new: list[State] = [{"step": st.get("step", 0) + 1, "square_avg": s}
                             for st, s in zip(flat_states, sq)]
-        if momentum > 0:
-            buf = torch._foreach_mul([buffer_or_zeros(st, "momentum_buffer", g)
-                                      for st, g in zip(flat_states, flat_g)], momentum)
-            torch._foreach_add_(buf, d)
-            for n, b in zip(new, buf):
-                n["momentum_buffer"] = b
-            d = buf
+        for n, b in zip(new, buf):
+            n["momentum_buffer"] = b
         return split_stages(new, counts), split_stages(d, counts)
 
     def direction_is_solve(self, hp: dict[str, Any]) -> bool:
