@@ -434,7 +434,8 @@ class OCNOpt(torch.optim.Optimizer):
             trust=hp.get("trust"), game=self.game, fisher_type=hp.get("fisher_type"),
             track_loss_after=self.track_loss_after, set_grad=self.set_grad,
             max_grad_norm=hp.get("max_grad_norm"))
-        self._generator_state = None  # taken when the engine first asks for the generator
+        #: taken when the engine first asks for the generator (``_OptimizerControls``)
+        self._generator_state: Tensor | None = None
         snapshot = self._snapshot()
         for block in self._ode_blocks:
             block.reset_nfe()
@@ -547,7 +548,7 @@ class _OptimizerControls(Controls):
         self.step = int(opt._meta["step"])
 
     @property  # type: ignore[override]
-    def generator(self) -> torch.Generator:
+    def generator(self) -> torch.Generator:  # type: ignore[override]
         """The sampling generator; its state is kept (restored by a skipped or failed step)
         from the first time the step asks for it."""
         opt = self.opt

@@ -51,6 +51,7 @@ class Adam(DiagonalCurvature):
                ) -> tuple[list[State], list[Tensor]]:
         beta1, beta2 = hp["betas"]
         wd = hp["weight_decay"]
+        self.new_step(step)
         new_states, dirs = [], []
         for st, g, p in zip(states, grads, params):
             k = float(st["step"]) + 1 if "step" in st else 1.0
@@ -64,7 +65,7 @@ class Adam(DiagonalCurvature):
                 new["max_exp_avg_sq"] = torch.maximum(
                     buffer_or_zeros(st, "max_exp_avg_sq", g), new["exp_avg_sq"])
             # (m / bc1) / denominator as before, into one fresh tensor
-            d = torch.div(new["exp_avg"], 1 - beta1**k).div_(self._denominator(new, hp))
+            d = torch.div(new["exp_avg"], 1 - beta1**k).div_(self.denominator(new, hp))
             if self.decoupled and wd != 0:
                 d = d.add_(p, alpha=wd)  # u <- u(1 - lr wd) - lr d (d is fresh)
             new_states.append(new)
@@ -90,14 +91,17 @@ class Adam(DiagonalCurvature):
         params = [p for st in stages for p in st.params]
         m_old = [buffer_or_zeros(st, "exp_avg", g) for st, g in zip(flat_states, flat_g)]
         v_old = [buffer_or_zeros(st, "exp_avg_sq", g) for st, g in zip(flat_states, flat_g)]
+        m: list[Tensor]
+        v: list[Tensor]
+        d: list[Tensor]
         if foreach_ready(flat_g):
-            m = torch._foreach_lerp(m_old, flat_g, 1 - beta1)
-            v = torch._foreach_mul(v_old, beta2)
+            m = list(torch._foreach_lerp(m_old, flat_g, 1 - beta1))
+            v = list(torch._foreach_mul(v_old, beta2))
             torch._foreach_addcmul_(v, flat_g, flat_g, value=1 - beta2)
             denom = torch._foreach_sqrt(v)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
-            d = torch._foreach_div(m, bc1)
+            d = list(torch._foreach_div(m, bc1))
             torch._foreach_div_(d, denom)
             if self.decoupled and wd != 0:
                 torch._foreach_add_(d, params, alpha=wd)

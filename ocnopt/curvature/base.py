@@ -374,16 +374,39 @@ class DiagonalCurvature(CurvatureModel):
     def _denominator(self, state: State, hp: dict[str, Any]) -> Tensor:
         raise NotImplementedError
 
+    def denominator(self, state: State, hp: dict[str, Any]) -> Tensor:
+        """``_denominator(state, hp)``, computed once per state dict and setting (states are
+        never mutated: order 2 asks for D several times per stage, in M^-1 of the direction,
+        the Gram matrices, the feedback and the value correction). Read only: the tensor is
+        shared between the calls. The kept values are dropped when a new step begins
+        (``new_step``)."""
+        cache: dict[Any, tuple[State, Tensor]] = self.__dict__.setdefault("_denominators", {})
+        betas = hp.get("betas")
+        key = (id(state), hp["eps"], None if betas is None else tuple(betas), hp.get("amsgrad"),
+               hp.get("centered"))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is state:
+            return hit[1]
+        den = self._denominator(state, hp)
+        cache[key] = (state, den)  # (holding the state: its id is not reused meanwhile)
+        return den
+
+    def new_step(self, step: int) -> None:
+        """Drop the denominators kept for earlier steps (``denominator``)."""
+        if self.__dict__.get("_denominators_step") != step:
+            self.__dict__["_denominators"] = {}
+            self.__dict__["_denominators_step"] = step
+
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        return [x / self._denominator(st, hp) for st, x in zip(states, v)]
+        return [x / self.denominator(st, hp) for st, x in zip(states, v)]
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        return [x * self._denominator(st, hp) for st, x in zip(states, v)]
+        return [x * self.denominator(st, hp) for st, x in zip(states, v)]
 
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                         g: Tensor) -> Tensor | None:
         """w_c^T D^{-1} w_d with D the diagonal of M (weight (d_out, d_in), bias (d_out,))."""
         if stage.kronecker and stage.derivatives.exact_rows(stage.module):
-            D = {n: self._denominator(st, hp) for n, st in zip(stage.param_names, states)}
+            D = {n: self.denominator(st, hp) for n, st in zip(stage.param_names, states)}
             return diagonal_gram(stage, a, g, D)
         return None

@@ -42,6 +42,7 @@ class RMSprop(DiagonalCurvature):
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         alpha, new_states, dirs = hp["alpha"], [], []
+        self.new_step(step)
         for st, g in zip(states, grads):
             sq = buffer_or_zeros(st, "square_avg", g)
             new: State = {"step": st.get("step", 0) + 1,
@@ -73,29 +74,30 @@ class RMSprop(DiagonalCurvature):
         buf_old = [buffer_or_zeros(st, "momentum_buffer", g) for st, g in zip(flat_states, flat_g)
                    ] if momentum > 0 else []
         buf: list[Tensor] = []
-        keep = scale is not None
+        sq: list[Tensor]
+        d: list[Tensor]
         if foreach_ready(flat_g):
-            sq = torch._foreach_mul(sq_old, alpha)
+            sq = list(torch._foreach_mul(sq_old, alpha))
             torch._foreach_addcmul_(sq, flat_g, flat_g, value=1 - alpha)
             denom = torch._foreach_sqrt(sq)
             torch._foreach_add_(denom, eps)
-            d = torch._foreach_div(flat_g, denom)
+            d = list(torch._foreach_div(flat_g, denom))
             if momentum > 0:
-                buf = torch._foreach_mul(buf_old, momentum)
+                buf = list(torch._foreach_mul(buf_old, momentum))
                 torch._foreach_add_(buf, d)
-                d = torch._foreach_mul(buf, scale) if keep else buf  # type: ignore[arg-type]
-            elif keep:
-                torch._foreach_mul_(d, scale)  # type: ignore[arg-type]  # (d is fresh)
+                d = list(torch._foreach_mul(buf, scale)) if scale is not None else buf
+            elif scale is not None:
+                torch._foreach_mul_(d, scale)  # (d is fresh)
         else:
             sq, d = [], []
             for i, g in enumerate(flat_g):
                 sq.append(sq_old[i].mul(alpha).addcmul_(g, g, value=1 - alpha))
-                den = torch.sqrt(sq[-1], out=self.workspace_or_none(keep, 0, i, g)).add_(eps)
-                di = torch.div(g, den, out=den)
+                den = torch.sqrt(sq[-1], out=self.workspace_or_none(scale is not None, 0, i, g))
+                di = torch.div(g, den.add_(eps), out=den)
                 if momentum > 0:
                     buf.append(buf_old[i].mul(momentum).add_(di))
-                    di = torch.mul(buf[-1], scale, out=den) if keep else buf[-1]
-                elif keep:
+                    di = torch.mul(buf[-1], scale, out=den) if scale is not None else buf[-1]
+                elif scale is not None:
                     di.mul_(scale)
                 d.append(di)
         new: list[State] = [{"step": st.get("step", 0) + 1, "square_avg": s}

@@ -68,23 +68,26 @@ class SGD(CurvatureModel):
         if not all(g.is_floating_point() for g in flat_g):
             return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
         new_states: list[State]
+        d: list[Tensor]
         if momentum == 0:
             d, new_states = list(flat_g), [{} for _ in flat_g]
         else:
             bufs = [st.get("momentum_buffer") for st in flat_states]
             if any(b is None for b in bufs):
                 return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+            old = [b for b in bufs if b is not None]
+            new: list[Tensor]
             if foreach_ready(flat_g):
-                new = torch._foreach_mul(bufs, momentum)  # type: ignore[arg-type]
+                new = list(torch._foreach_mul(old, momentum))
                 torch._foreach_add_(new, flat_g, alpha=1 - hp["dampening"])
             else:
-                new = [b.mul(momentum).add_(g, alpha=1 - hp["dampening"])  # type: ignore[union-attr]
-                       for b, g in zip(bufs, flat_g)]
-            d = torch._foreach_add(flat_g, new, alpha=momentum) if hp["nesterov"] else new
+                new = [b.mul(momentum).add_(g, alpha=1 - hp["dampening"])
+                       for b, g in zip(old, flat_g)]
+            d = list(torch._foreach_add(flat_g, new, alpha=momentum)) if hp["nesterov"] else new
             new_states = [{"momentum_buffer": b} for b in new]
         if scale is not None:  # (d may be Qbar_u or a state: scaled into new tensors)
             if foreach_ready(flat_g):
-                d = torch._foreach_mul(d, scale)
+                d = list(torch._foreach_mul(d, scale))
             else:
                 d = [torch.mul(x, scale, out=self.workspace(0, i, x)) for i, x in enumerate(d)]
         return split_stages(new_states, counts), split_stages(d, counts)
