@@ -53,10 +53,13 @@ class Adam(DiagonalCurvature):
         wd = hp["weight_decay"]
         self.new_step(step)
         new_states, dirs = [], []
+        steps: dict[float, Tensor] = {}  # one 0-dim tensor per count (states are never mutated)
         for st, g, p in zip(states, grads, params):
             k = float(st["step"]) + 1 if "step" in st else 1.0
+            if k not in steps:
+                steps[k] = torch.scalar_tensor(k)
             new: State = {
-                "step": torch.tensor(k),
+                "step": steps[k],
                 "exp_avg": buffer_or_zeros(st, "exp_avg", g).lerp(g, 1 - beta1),
                 "exp_avg_sq": buffer_or_zeros(st, "exp_avg_sq", g).mul(beta2)
                 .addcmul_(g, g, value=1 - beta2),
