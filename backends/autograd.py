@@ -180,8 +180,10 @@ class GraphBackend(Backend):
         contexts, pieces = [], []
         with torch.enable_grad():
             for stage in graph.stages:
-                xs = tuple(live[j] for j in stage.inputs)
-                out, ctx = stage.forward(xs if stage.is_function else xs[0])
+                inputs_ = stage.inputs
+                xs = (live[inputs_[0]],) if len(inputs_) == 1 else tuple(live[j] for j in inputs_)
+                out, ctx = stage.derivatives.forward(stage.module,
+                                                     xs if stage.is_function else xs[0])
                 if not isinstance(out, Tensor):
                     raise TypeError(f"{stage} returned {type(out).__name__}: a step must return "
                                     "one tensor")
