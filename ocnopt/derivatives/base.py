@@ -27,6 +27,7 @@ def _inplace(module: nn.Module) -> bool:
         return bool(d["inplace"])
     return bool(getattr(module, "inplace", False)) if hasattr(type(module), "inplace") else False
 
+
 class StageDerivatives:
     """Generic derivatives of a stage ``x_{t+1} = f(x_t, u_t)`` via ``torch.func``.
 
