@@ -182,8 +182,7 @@ class GraphBackend(Backend):
             for stage in graph.stages:
                 inputs_ = stage.inputs
                 xs = (live[inputs_[0]],) if len(inputs_) == 1 else tuple(live[j] for j in inputs_)
-                out, ctx = stage.derivatives.forward(stage.module,
-                                                     xs if stage.is_function else xs[0])
+                out, ctx = stage.forward(xs if stage.is_function else xs[0])
                 if not isinstance(out, Tensor):
                     raise TypeError(f"{stage} returned {type(out).__name__}: a step must return "
                                     "one tensor")
