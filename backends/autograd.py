@@ -122,6 +122,24 @@ def _split_blocks(flat: Tensor, layout: Sequence[int], shapes: Mapping[int, torc
             for j, c in zip(layout, flat.split(sizes, dim=1))}
 
 
+#: torch's autograd engine, called as ``torch.autograd.grad`` calls it (without its Python-side
+#: checks of the arguments, which the engine's own call sites satisfy); None where this torch
+#: has no such attribute (``_vjp`` then calls ``torch.autograd.grad``)
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def _vjp(output: Tensor, cotangent: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(output, inputs, cotangent, allow_unused=True)`` (None for an input
+    the output does not depend on); ``cotangent`` has the output's shape and dtype."""
+    if _ENGINE is not None:
+        try:
+            return tuple(_ENGINE.run_backward((output,), (cotangent,), False, False,
+                                              tuple(inputs), True, False))
+        except TypeError:  # another signature: the public function
+            pass
+    return torch.autograd.grad(output, inputs, grad_outputs=cotangent, allow_unused=True)
+
+
 class GraphBackend(Backend):
     """The nominal pass on per-step graph pieces and the first-order value recursion (one VJP
     per step, value derivatives added where a tensor is read twice: the fork rule): shared by
@@ -146,6 +164,82 @@ class GraphBackend(Backend):
                 states.append(out.detach())
                 tracked.append(bool(out.requires_grad and out.is_floating_point()))
         return Trajectory(states, contexts, pieces, tracked)
+
+    #: order 1 runs as one autograd call over a connected nominal graph (``forward_connected``,
+    #: ``backward_connected``)
+    connected_first_order = True
+
+    def forward_connected(self, graph: Graph, inputs: Tensor) -> Trajectory:
+        """The nominal pass of order 1 without cutting the autograd graph between steps: every
+        step reads the outputs of earlier steps as they are (no detached leaves), so
+        ``backward_connected`` backpropagates the whole graph in one call. ``handles[t]``
+        holds (the tensors step t read, its output); ``states`` hold the detached values."""
+        x0 = inputs.detach()
+        states, live = [x0], [x0]
+        tracked = [False]
+        contexts, pieces = [], []
+        with torch.enable_grad():
+            for stage in graph.stages:
+                inputs_ = stage.inputs
+                xs = (live[inputs_[0]],) if len(inputs_) == 1 else tuple(live[j] for j in inputs_)
+                out, ctx = stage.forward(xs if stage.is_function else xs[0])
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"{stage} returned {type(out).__name__}: a step must return "
+                                    "one tensor")
+                pieces.append((xs, out))
+                contexts.append(ctx)
+                live.append(out)
+                states.append(out.detach())
+                tracked.append(bool(out.requires_grad and out.is_floating_point()))
+        return Trajectory(states, contexts, pieces, tracked)
+
+    def backward_connected(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,
+                           need_stats: Sequence[bool], skip_u: Sequence[bool] | None = None
+                           ) -> list[QExpansion]:
+        """Order 1 on a trajectory of ``forward_connected``, as one vector-Jacobian product of
+        the whole graph, (B * Qbar_u for every step, V'_z at the outputs of the steps whose
+        statistics are asked for) = (sum_i f_u^(i)T V'_z^(i), ...) with V'_x = the terminal
+        V_x: the same products as ``backward``'s per-step calls, summed by autograd where a
+        tensor is read twice (the fork rule). Qbar_u is then divided by B. ``Q_args`` are not
+        formed (None): the order-1 step reads Qbar_u and the statistics only."""
+        stages = graph.stages
+        T = len(stages)
+        B = terminal.V_x.shape[0]
+        final = traj.handles[T - 1][1]
+        wrt: list[Tensor] = []
+        where: list[tuple[int, int, int]] = []  # (step, first index in wrt, count) of Qbar_u
+        vz_at: dict[int, int] = {}  # step -> index in wrt of V'_z (statistics)
+        for t, stage in enumerate(stages):
+            if stage.has_control and not (skip_u and skip_u[t]):
+                where.append((t, len(wrt), len(stage.params)))
+                wrt.extend(stage.params)
+            if need_stats[t] and stage.kronecker and t < T - 1:
+                out = traj.handles[t][1]
+                if out.requires_grad:
+                    vz_at[t] = len(wrt)
+                    wrt.append(out)
+        grads = _vjp(final, terminal.V_x, wrt) if wrt else ()
+        expansions = [QExpansion(Q_args=[None] * len(st.inputs), Q_u=None) for st in stages]
+        found = [g for t, i, n in where for g in grads[i:i + n] if g is not None]
+        if found:
+            torch._foreach_div_(found, B)  # (one call: the same divisions as g.div_(B))
+        for t, i, n in where:
+            expansions[t].Q_u = [torch.zeros_like(p) if g is None else g
+                                 for g, p in zip(grads[i:i + n], stages[t].params)]
+        for t, stage in enumerate(stages):
+            if not need_stats[t]:
+                continue
+            if not stage.kronecker:
+                expansions[t].stats = StageStatistics()
+                continue
+            if t == T - 1:
+                V_z = terminal.V_x
+            else:
+                g = grads[vz_at[t]] if t in vz_at else None
+                V_z = torch.zeros_like(traj.states[stage.output]) if g is None else g
+            expansions[t].stats = kronecker_statistics(stage, traj.states[stage.inputs[0]],
+                                                       V_z, None)
+        return expansions
 
     # -- first order ----------------------------------------------------------------------------
     def first_order(self, stage: Stage, piece: tuple[tuple[Tensor, ...], Tensor], V_z: Tensor,

@@ -60,6 +60,7 @@ def supported_by_backpack(extension: Any) -> list[type[nn.Module]]:
 
 class BackpackBackend(LowRankBackend):
     name = "backpack"
+    connected_first_order = False  # order 1 runs BackPACK's own backward (``backward``)
 
     def __init__(self, extension: str = "kflr", mc_samples: int = 1):
         super().__init__(terminal="empirical")

@@ -63,6 +63,21 @@ class Backend(abc.ABC):
         """Order 1: the expansions of every step and (``keep_values``) V_x by value id; where
         ``skip_u[t]``, Q_u may be left None (the curvature model's ``gradient_unused``)."""
 
+    #: order 1 may run as one backward over a connected nominal graph: the backend then
+    #: implements ``forward_connected`` and ``backward_connected``
+    connected_first_order = False
+
+    def forward_connected(self, graph: Graph, inputs: Tensor) -> Trajectory:
+        """The nominal pass of order 1 for ``backward_connected`` (``connected_first_order``)."""
+        raise NotImplementedError
+
+    def backward_connected(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,
+                           need_stats: Sequence[bool], skip_u: Sequence[bool] | None = None
+                           ) -> list[QExpansion]:
+        """Order 1 as one backward over ``forward_connected``'s trajectory: per step Q_u
+        (None where ``skip_u[t]``) and the statistics asked for; ``Q_args`` may be None."""
+        raise NotImplementedError
+
     # -- order 2 --------------------------------------------------------------------------------
     def _no_second_order(self) -> NotImplementedError:
         return NotImplementedError(f"backend {self.name!r} has no second-order terms; use "

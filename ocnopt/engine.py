@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .curvature.base import Solver, StageStatistics
+from .curvature.base import CurvatureModel, Solver, StageStatistics
 from .distributed import NO_COMM, Collective
 from .losses import Loss
 from .profiling import profiled, region
@@ -384,6 +384,8 @@ class BellmanEngine:
         traj.targets, traj.generator = targets, generator
         loss, V_x = self.loss.value_gradient(out, targets)
         factor = None
+        if fisher_type not in ("type-2", "mc") and not hessian:
+            return Terminal(loss, V_x)  # (the engine checks that the loss is finite)
         if not torch.isfinite(loss):  # the step will be skipped: sample nothing
             return Terminal(loss, V_x)
         if fisher_type == "type-2":
@@ -527,23 +529,37 @@ class BellmanEngine:
         curv = controls.model
         hp, k = controls.hp, controls.step
         views = self.controls
-        need_stats = [st.has_control and any(st.owned) and curv.uses_statistics(st, hp)
-                      and curv.wants_statistics(k, hp, controls.states(views[st.index]))
-                      for st in stages]
+        if type(curv).wants_statistics is CurvatureModel.wants_statistics:  # never any
+            need_stats = [False] * len(stages)
+        else:
+            need_stats = [st.has_control and any(st.owned) and curv.uses_statistics(st, hp)
+                          and curv.wants_statistics(k, hp, controls.states(views[st.index]))
+                          for st in stages]
         fisher = config.fisher_type if any(need_stats) else None
         if fisher == "empirical":
             fisher = None
         second = config.order == 2 or curv.needs_full
+        # order 1 as one backward over a connected forward (the backend's fast path): the
+        # same products as the per-step VJPs; not for tied parameters (their Qbar_u is
+        # gathered per owner) nor terminal factors (type-2 / mc statistics, column VJPs)
+        connected = (not second and fisher is None and not self._tied
+                     and self.backend.connected_first_order)
         try:
-            traj = self.nominal(inputs)
+            if connected:
+                with region("ocnopt.nominal"):
+                    traj = self.backend.forward_connected(self.graph, inputs)
+            else:
+                traj = self.nominal(inputs)
         except RuntimeError as err:
             raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model: {err}"
                              ) from err
-        terminal = self.terminal(traj, targets, fisher_type=fisher, generator=controls.generator)
+        # (the connected path samples nothing: no generator, whose state is then not kept)
+        terminal = self.terminal(traj, targets, fisher_type=fisher,
+                                 generator=None if connected else controls.generator)
         # hook: the global batch B and the global mean loss (a non-finite loss on any process
         # is non-finite on every one: all skip)
         B, terminal.loss = self.comm.begin(inputs.shape[0], terminal.loss)
-        if not torch.isfinite(terminal.loss):
+        if not math.isfinite(terminal.loss.item()):
             return StepOutcome(terminal.loss, skipped="loss")
         # Qbar_u's tensors the curvature model will not read (its direction comes from the
         # statistics' rows, which are the gradient's with the empirical Fisher): not formed
@@ -607,7 +623,14 @@ class BellmanEngine:
             policies, predicted = result.policies, result.predicted_change
             bounded = result.value_bounded
         else:
-            expansions, _ = self.expand(traj, terminal, need_stats=need_stats, skip_u=skip_u)
+            if connected:
+                with region("ocnopt.backward"):
+                    expansions = self.backend.backward_connected(
+                        self.graph, traj, terminal, need_stats=need_stats, skip_u=skip_u)
+            else:
+                expansions, _ = self.expand(traj, terminal, need_stats=need_stats, skip_u=skip_u)
+            # the batch quantities of order 1: Qbar_u per player (expansions[t].Q_u) and the
+            # curvature statistics (expansions[t].stats)
             grads = [e.Q_u for e in expansions]
             if self.comm.active:  # hook: Qbar_u of every step, one bucketed all-reduce
                 grads = self._reduce_gradients(grads)
@@ -625,28 +648,50 @@ class BellmanEngine:
                 curv.prefetch([(views[st.index], controls.states(views[st.index]), exp.stats)
                                for st, exp in zip(stages, expansions)
                                if st.has_control and views[st.index].params], hp, k)
-            policies = []
+            policies = [None] * len(stages)
+            players_1: list[tuple[Stage, list[Tensor], StageStatistics | None]] = []
             for st, exp, Q_u in zip(stages, expansions, grads):
                 view = views[st.index]
                 if not st.has_control or not view.params:  # no control, no curvature state
-                    policies.append(None)
                     continue
                 if config.set_grad and Q_u is not None:
                     grads_out[st.index] = (view.params, Q_u)
                 if wd:  # gradient_unused is False with weight decay: Q_u was formed
                     assert Q_u is not None
                     Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, view.params)]
-                k_t, _ = policy_fn(st, Q_u, exp.stats)
-                policies.append(Policy(k=k_t, params=view.params))
+                players_1.append((view, Q_u if Q_u is not None else [], exp.stats))
+            if players_1:
+                # every player's curvature update at once (one multi-tensor pass for the
+                # diagonal models), then k = -lr d
+                with torch.no_grad(), region("ocnopt.curvature"):
+                    upds, steps = curv.update_many(
+                        [v for v, _, _ in players_1],
+                        [controls.states(v) for v, _, _ in players_1],
+                        [g for _, g, _ in players_1], [s for _, _, s in players_1], hp, k,
+                        scale=-lr)
+                for (view, _, _), upd, k_t in zip(players_1, upds, steps):
+                    new_states[view.index] = upd
+                    policies[view.index] = Policy(k=k_t, params=view.params)
         controlled = [(st, pol) for st, pol in zip(stages, policies) if pol is not None]
+        update_pass = config.order == 2 or config.track_loss_after
         with torch.no_grad():
-            # squared norms without a parameter-sized temporary (d.square()) per tensor
-            k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
-                                   .square().sum() for _, pol in controlled])
-        if not bool(torch.isfinite(k_norms.sum())):
+            # squared norms |k|^2 per player, without a parameter-sized temporary per tensor
+            if update_pass:  # as tensors: the update pass's trust bound reads |k|
+                k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
+                                       .square().sum() for _, pol in controlled])
+                sq_norms = k_norms.tolist()
+            else:  # one multi-tensor norm and one transfer; squares summed here
+                norms = torch.stack(torch._foreach_norm(
+                    [d for _, pol in controlled for d in pol.k])).tolist()
+                sq_norms, i = [], 0
+                for _, pol in controlled:
+                    sq_norms.append(math.fsum(v * v for v in norms[i:i + len(pol.k)]))
+                    i += len(pol.k)
+        if not all(map(math.isfinite, sq_norms)):
             return StepOutcome(terminal.loss, skipped="update")
-        for (_, pol), n in zip(controlled, k_norms):
-            pol.k_norm = n.sqrt()
+        if update_pass:
+            for (_, pol), n in zip(controlled, k_norms.sqrt()):
+                pol.k_norm = n
 
         loss_after, fb_norms = None, [0.0] * len(controlled)
         if config.order == 2 or config.track_loss_after:  # order 2: the update pass is the step
@@ -664,7 +709,7 @@ class BellmanEngine:
         n = len(controlled)
         scales, cut = [1.0] * n, [0.0] * n
         if second:  # the trust bound's diagnostics, converted at once
-            one, zero = k_norms.new_ones(()), k_norms.new_zeros(())
+            one, zero = terminal.V_x.new_ones(()), terminal.V_x.new_zeros(())
             stacked = torch.stack(
                 [one if pol.feedback_scale is None else pol.feedback_scale.reshape(())
                  for _, pol in controlled]
@@ -677,7 +722,7 @@ class BellmanEngine:
             values = stacked.tolist()
             scales, cut = values[:n], values[n:]
         diagnostics = [StageDiagnostics(st.index, st.name, float(nk) ** 0.5, fb, sc, vb)
-                       for (st, _), nk, fb, sc, vb in zip(controlled, k_norms.tolist(), fb_norms,
+                       for (st, _), nk, fb, sc, vb in zip(controlled, sq_norms, fb_norms,
                                                           scales, cut)]
         return StepOutcome(terminal.loss, new_states={st.index: (views[st.index].params,
                                                                  new_states[st.index])
@@ -772,10 +817,11 @@ class BellmanEngine:
     @torch.no_grad()
     def apply_open_loop(self, policies: Sequence[Policy | None]) -> None:
         """u_t <- u_t + k_t for every player (order 1: no feedback, no forward pass needed)."""
-        for stage, policy in zip(self.stages, policies):
-            if policy is not None:
-                for p, d in zip(policy.params or stage.params, policy.k):
-                    p.add_(d)
+        params = [p for stage, policy in zip(self.stages, policies) if policy is not None
+                  for p in (policy.params or stage.params)]
+        ks = [d for policy in policies if policy is not None for d in policy.k]
+        if params:
+            torch._foreach_add_(params, ks)
 
 
 __all__ = ["BellmanEngine", "StepConfig", "Controls", "StepOutcome", "weight_positions",

@@ -81,16 +81,21 @@ class CrossEntropy(Loss):
                     f"targets must have shape ({B},) of class indices (or ({B}, {C}) of "
                     f"probabilities) for outputs {tuple(output.shape)}, got {tuple(target.shape)}"
                 )
-            if B and (int(target.min()) < 0 or int(target.max()) >= C):
-                raise ValueError(
-                    f"targets must be class indices in [0, {C}), got values in "
-                    f"[{int(target.min())}, {int(target.max())}]"
-                )
+            if B and target.device.type != "cpu":  # on the CPU: ``value_gradient``
+                self.check_range(C, target)
         elif target.shape != output.shape:
             raise ValueError(
                 f"targets must be class indices of shape ({B},) or probabilities of shape "
                 f"({B}, {C}), got {tuple(target.shape)} of dtype {target.dtype}"
             )
+
+    @staticmethod
+    def check_range(C: int, target: Tensor) -> None:
+        """Class indices in [0, C), else ``ValueError`` with the range found."""
+        lo, hi = (int(v) for v in torch.aminmax(target))  # one reduction
+        if lo < 0 or hi >= C:
+            raise ValueError(f"targets must be class indices in [0, {C}), got values in "
+                             f"[{lo}, {hi}]")
 
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target, reduction="none")
@@ -101,10 +106,26 @@ class CrossEntropy(Loss):
             loss = -(target * logp).sum(1)
             grad = logp.exp() * target.sum(1, keepdim=True) - target
         else:
-            loss = -logp.gather(1, target.long().unsqueeze(1)).squeeze(1)
+            idx = target.long().unsqueeze(1)
+            try:  # (CPU: an index out of range raises here, checked only then)
+                picked = logp.gather(1, idx)
+            except RuntimeError:
+                self.check_range(logp.shape[1], target)
+                raise
+            loss = -picked.squeeze(1)
             grad = logp.exp()
-            grad[torch.arange(len(target), device=grad.device), target.long()] -= 1
+            # p - e_y: adding -1 rounds as subtracting 1
+            grad.scatter_add_(1, idx, self._minus_one(grad))
         return loss.mean(), grad
+
+    def _minus_one(self, like: Tensor) -> Tensor:
+        """A (B, 1) tensor of -1 like ``like`` (kept between steps of the same shape)."""
+        key = (like.shape[0], like.dtype, like.device)
+        cached = getattr(self, "_minus_one_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._minus_one_cache = (
+                key, torch.full((like.shape[0], 1), -1.0, dtype=like.dtype, device=like.device))
+        return cached[1]
 
     def hessian_sqrt(self, output: Tensor, target: Tensor) -> Tensor:
         # columns sqrt(p_c) (e_c - p): sum_c p_c (e_c - p)(e_c - p)^T = diag(p) - p p^T

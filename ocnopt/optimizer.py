@@ -335,6 +335,8 @@ class OCNOpt(torch.optim.Optimizer):
         self._buffer_modules = [m for m in model.modules() if m._buffers]
         self._warned_nonfinite = False
         self.last_step: StepResult | None = None
+        #: the hyper-parameters last validated by ``step`` (``_frozen``)
+        self._checked_hp: tuple[Any, ...] | None = None
         if self.comm.active:  # every process starts from rank 0's parameters and buffers
             self._broadcast_from_rank0(params, tag="setup")
 
@@ -462,7 +464,14 @@ class OCNOpt(torch.optim.Optimizer):
             targets = targets.clone()
         targets = integer_targets(targets)
         hp = self.param_groups[0]
-        self._check(hp)
+        items = tuple(hp.items())
+        try:
+            same = items == self._checked_hp
+        except Exception:  # a value whose == is not a truth value (a tensor)
+            same = False
+        if not same:  # validated once per setting
+            self._check(hp)
+            self._checked_hp = items if _immutable(hp) else None
         model = self.model_
         config = StepConfig(
             order=self.order, lr=float(hp["lr"]),
@@ -472,7 +481,8 @@ class OCNOpt(torch.optim.Optimizer):
             trust=hp.get("trust"), game=self.game, fisher_type=hp.get("fisher_type"),
             track_loss_after=self.track_loss_after, set_grad=self.set_grad,
             max_grad_norm=hp.get("max_grad_norm"))
-        self._generator_state = self.generator.get_state()
+        #: taken when the engine first asks for the generator (``_OptimizerControls``)
+        self._generator_state: Tensor | None = None
         snapshot = self._snapshot()
         for block in self._ode_blocks:
             block.reset_nfe()
@@ -510,8 +520,8 @@ class OCNOpt(torch.optim.Optimizer):
         with torch.no_grad():
             buffers = [b.clone() for b in live]
         return {"live": live, "buffers": buffers, "grads": [p.grad for p in params],
-                "state": {p: self.state[p] for p in params if p in self.state},
-                "meta": dict(self._meta), "generator": self._generator_state,
+                "state": dict(self.state),  # (a shallow copy: the entries are replaced)
+                "meta": dict(self._meta),
                 "last_step": self.last_step}
 
     def _rollback(self, snap: dict[str, Any]) -> None:
@@ -530,7 +540,8 @@ class OCNOpt(torch.optim.Optimizer):
             else:
                 self.state.pop(p, None)
         self._meta_set(snap["meta"])
-        self.generator.set_state(snap["generator"])
+        if self._generator_state is not None:
+            self.generator.set_state(self._generator_state)
         self.last_step = snap["last_step"]
 
     def _commit(self, outcome: StepOutcome) -> None:
@@ -556,13 +567,13 @@ class OCNOpt(torch.optim.Optimizer):
             buf = self._backup = [torch.empty_like(p, memory_format=torch.preserve_format)
                                   for p in params]
         with torch.no_grad():
-            for b, p in zip(buf, params):
-                b.copy_(p)
+            torch._foreach_copy_(buf, params)
         self._backup_taken = True
         return buf
 
     def _skip(self, loss: Tensor, what: str, snap: dict[str, Any]) -> Tensor:
-        self.generator.set_state(self._generator_state)  # a skipped step draws no labels
+        if self._generator_state is not None:  # a skipped step draws no labels
+            self.generator.set_state(self._generator_state)
         with torch.no_grad():  # a skipped step leaves the buffers as they were, too
             for b, old in zip(snap["live"], snap["buffers"]):
                 b.copy_(old)
@@ -584,7 +595,15 @@ class _OptimizerControls(Controls):
     def __init__(self, opt: OCNOpt, hp: dict[str, Any]):
         self.opt, self.model, self.hp = opt, opt.model_, hp
         self.step = int(opt._meta["step"])
-        self.generator = opt.generator
+
+    @property  # type: ignore[override]
+    def generator(self) -> torch.Generator:  # type: ignore[override]
+        """The sampling generator; its state is kept (restored by a skipped or failed step)
+        from the first time the step asks for it."""
+        opt = self.opt
+        if opt._generator_state is None:
+            opt._generator_state = opt.generator.get_state()
+        return opt.generator
 
     def states(self, control: Stage) -> list[dict[str, Any]]:
         return [self.opt.state[p] for p in control.params]
@@ -600,6 +619,24 @@ class _OptimizerControls(Controls):
 
 def _is_ddp_wrapper(model: Any) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+_IMMUTABLE = (int, float, str, bool, type(None))
+
+
+def _immutable(hp: dict[str, Any]) -> bool:
+    """Whether every hyper-parameter of a group (not "params") is immutable (numbers, strings,
+    None, tuples of those): a validated setting then stays valid until a value is replaced (a
+    list or a tensor could change in place, and is validated at every step)."""
+    for k, v in hp.items():
+        if k == "params":
+            continue
+        if isinstance(v, tuple):
+            if not all(type(x) in _IMMUTABLE for x in v):
+                return False
+        elif type(v) not in _IMMUTABLE:
+            return False
+    return True
 
 
 def _refuse_tied(stages: list[Stage], order: int, curvature: str) -> None:

@@ -274,14 +274,21 @@ def test_the_dense_gradient_is_not_formed_where_the_rows_give_the_direction(set_
     opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.1, set_grad=set_grad)
     seen = []
     original = opt.backend.first_order
+    connected = opt.backend.backward_connected
 
-    def spy(stage, *args, **kwargs):
+    def spy(stage, *args, **kwargs):  # the per-step backward
         out = original(stage, *args, **kwargs)
         if stage.has_control:
             seen.append(out[1] is None)
         return out
 
+    def spy_connected(graph, *args, **kwargs):  # order 1 as one backward
+        out = connected(graph, *args, **kwargs)
+        seen.extend(e.Q_u is None for st, e in zip(graph.stages, out) if st.has_control)
+        return out
+
     monkeypatch.setattr(opt.backend, "first_order", spy)
+    monkeypatch.setattr(opt.backend, "backward_connected", spy_connected)
     opt.step(x, y)
     # B = 2 against 20 x 16 and 16 x 3 layers: rows at both (when .grad is not wanted)
     assert seen == [not set_grad, not set_grad]

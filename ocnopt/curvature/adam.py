@@ -17,7 +17,10 @@ from .base import (
     State,
     buffer_or_zeros,
     check_nonneg,
+    flatten_stages,
+    foreach_ready,
     require,
+    split_stages,
 )
 
 
@@ -48,11 +51,15 @@ class Adam(DiagonalCurvature):
                ) -> tuple[list[State], list[Tensor]]:
         beta1, beta2 = hp["betas"]
         wd = hp["weight_decay"]
+        self.new_step(step)
         new_states, dirs = [], []
+        steps: dict[float, Tensor] = {}  # one 0-dim tensor per count (states are never mutated)
         for st, g, p in zip(states, grads, params):
             k = float(st["step"]) + 1 if "step" in st else 1.0
+            if k not in steps:
+                steps[k] = torch.scalar_tensor(k)
             new: State = {
-                "step": torch.tensor(k),
+                "step": steps[k],
                 "exp_avg": buffer_or_zeros(st, "exp_avg", g).lerp(g, 1 - beta1),
                 "exp_avg_sq": buffer_or_zeros(st, "exp_avg_sq", g).mul(beta2)
                 .addcmul_(g, g, value=1 - beta2),
@@ -61,13 +68,64 @@ class Adam(DiagonalCurvature):
                 new["max_exp_avg_sq"] = torch.maximum(
                     buffer_or_zeros(st, "max_exp_avg_sq", g), new["exp_avg_sq"])
             # (m / bc1) / denominator as before, into one fresh tensor
-            d = torch.div(new["exp_avg"], 1 - beta1**k).div_(self._denominator(new, hp))
+            d = torch.div(new["exp_avg"], 1 - beta1**k).div_(self.denominator(new, hp))
             if self.decoupled and wd != 0:
                 d = d.add_(p, alpha=wd)  # u <- u(1 - lr wd) - lr d (d is fresh)
             new_states.append(new)
             dirs.append(d)
         return new_states, dirs
 
+    def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
+                    grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
+                    hp: dict[str, Any], step: int, *, scale: float | None = None
+                    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update``'s arithmetic (the same operations in the same order: the same results)
+        over every tensor of ``stages``: with ``_foreach`` ops when they are small, else per
+        tensor with the temporaries in kept workspaces; per stage for amsgrad or tensors at
+        different step counts."""
+        flat_states, flat_g, counts = flatten_stages(states, grads)
+        ks = {float(st["step"]) + 1 if "step" in st else 1.0 for st in flat_states}
+        if hp["amsgrad"] or len(ks) != 1 or not all(g.is_floating_point() for g in flat_g):
+            return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+        (k,) = ks
+        beta1, beta2 = hp["betas"]
+        wd = hp["weight_decay"]
+        bc1, bc2_sqrt, eps = 1 - beta1**k, math.sqrt(1 - beta2 ** k), hp["eps"]
+        params = [p for st in stages for p in st.params]
+        m_old = [buffer_or_zeros(st, "exp_avg", g) for st, g in zip(flat_states, flat_g)]
+        v_old = [buffer_or_zeros(st, "exp_avg_sq", g) for st, g in zip(flat_states, flat_g)]
+        m: list[Tensor]
+        v: list[Tensor]
+        d: list[Tensor]
+        if foreach_ready(flat_g):
+            m = list(torch._foreach_lerp(m_old, flat_g, 1 - beta1))
+            v = list(torch._foreach_mul(v_old, beta2))
+            torch._foreach_addcmul_(v, flat_g, flat_g, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            d = list(torch._foreach_div(m, bc1))
+            torch._foreach_div_(d, denom)
+            if self.decoupled and wd != 0:
+                torch._foreach_add_(d, params, alpha=wd)
+            if scale is not None:
+                torch._foreach_mul_(d, scale)  # (d is fresh)
+        else:
+            m, v, d = [], [], []
+            for i, (g, p, mo, vo) in enumerate(zip(flat_g, params, m_old, v_old)):
+                m.append(mo.lerp(g, 1 - beta1))
+                v.append(vo.mul(beta2).addcmul_(g, g, value=1 - beta2))
+                den = torch.sqrt(v[-1], out=self.workspace(0, i, g)).div_(bc2_sqrt).add_(eps)
+                di = torch.div(m[-1], bc1, out=self.workspace(1, i, g) if scale is not None
+                               else None).div_(den)
+                if self.decoupled and wd != 0:
+                    di.add_(p, alpha=wd)
+                if scale is not None:
+                    di.mul_(scale)
+                d.append(di)
+        step_t = torch.scalar_tensor(k)  # one 0-dim tensor for all (states are never mutated)
+        new = [{"step": step_t, "exp_avg": mi, "exp_avg_sq": vi} for mi, vi in zip(m, v)]
+        return split_stages(new, counts), split_stages(d, counts)
 
 
 class AdamW(Adam):

@@ -110,6 +110,47 @@ class CurvatureModel:
     ) -> tuple[list[State], list[Tensor]]:
         raise NotImplementedError
 
+    def update_many(
+        self,
+        stages: Sequence[Stage],
+        states: Sequence[list[State]],
+        grads: Sequence[list[Tensor]],
+        stats: Sequence[StageStatistics | None],
+        hp: dict[str, Any],
+        step: int,
+        *,
+        scale: float | None = None,
+    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update`` of several stages at once (order 1: every player of a step), per stage
+        (new states, directions d; with ``scale``, the steps scale * d instead, which may live
+        in the model's workspace, ``workspace``: valid until the next call). The default calls
+        ``update`` per stage; the diagonal models run the same arithmetic over all tensors with
+        torch's multi-tensor (``_foreach``) ops when they are small (``FOREACH_MAX_NUMEL``),
+        else per tensor into kept workspaces (no allocation per step for the temporaries)."""
+        out_states, out_dirs = [], []
+        for stage, st, g, s in zip(stages, states, grads, stats):
+            new, dirs = self.update(stage, st, g, stage.params, s, hp, step)
+            out_states.append(new)
+            out_dirs.append(dirs)
+        if scale is not None:
+            flat = torch._foreach_mul([d for ds in out_dirs for d in ds], scale)
+            out_dirs = split_stages(flat, [len(ds) for ds in out_dirs])
+        return out_states, out_dirs
+
+    def workspace_or_none(self, keep: bool, slot: int, i: int, like: Tensor) -> Tensor | None:
+        """``workspace(slot, i, like)`` when ``keep``, else None (an ``out=`` that allocates)."""
+        return self.workspace(slot, i, like) if keep else None
+
+    def workspace(self, slot: int, i: int, like: Tensor) -> Tensor:
+        """A tensor shaped like ``like`` kept by this model between steps (``slot``: which
+        temporary, ``i``: which parameter), for results of ``update_many`` that do not
+        outlive the step (temporaries, the scaled steps)."""
+        ws: dict[tuple[int, int], Tensor] = self.__dict__.setdefault("_workspace", {})
+        t = ws.get((slot, i))
+        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+            t = ws[(slot, i)] = torch.empty_like(like)
+        return t
+
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         """M^{-1} v for the current state (no moment buffers). Each tensor of ``v`` may carry
         leading column dimensions: (..., *param.shape)."""
@@ -301,6 +342,37 @@ def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> T
                             lambda gs: (gs / D["bias"]) @ gs.transpose(1, 2))
 
 
+def flatten_stages(states: Sequence[list[State]], grads: Sequence[list[Tensor]]
+                   ) -> tuple[list[State], list[Tensor], list[int]]:
+    """The states and gradients of several stages as two flat lists, and the count per stage
+    (``split_stages`` undoes it)."""
+    return ([s for ss in states for s in ss], [g for gs in grads for g in gs],
+            [len(gs) for gs in grads])
+
+
+def split_stages(flat: Sequence[Any], counts: Sequence[int]) -> list[list[Any]]:
+    """A flat list back into one list per stage (``counts`` from ``flatten_stages``)."""
+    out, i = [], 0
+    for n in counts:
+        out.append(list(flat[i:i + n]))
+        i += n
+    return out
+
+
+#: the multi-tensor path of ``update_many`` takes the tensors of a step up to this many
+#: entries in all (there Python per operation dominates); larger ones go per tensor into kept
+#: workspaces (there allocating and first touching the temporaries dominates)
+FOREACH_MAX_NUMEL = 1 << 16
+
+
+def foreach_ready(grads: Sequence[Tensor]) -> bool:
+    """Whether the multi-tensor path applies: some tensors, all real floating point (the
+    ``_foreach`` ops give the same elementwise results as the per-tensor ones), at most
+    ``FOREACH_MAX_NUMEL`` entries in all."""
+    return (bool(grads) and all(g.is_floating_point() for g in grads)
+            and sum(g.numel() for g in grads) <= FOREACH_MAX_NUMEL)
+
+
 def buffer_or_zeros(state: State, key: str, like: Tensor) -> Tensor:
     """state[key], or zeros shaped like ``like`` when absent. Allocates only then:
     ``state.get(key, torch.zeros_like(g))`` allocates and fills a parameter-sized tensor at
@@ -315,16 +387,39 @@ class DiagonalCurvature(CurvatureModel):
     def _denominator(self, state: State, hp: dict[str, Any]) -> Tensor:
         raise NotImplementedError
 
+    def denominator(self, state: State, hp: dict[str, Any]) -> Tensor:
+        """``_denominator(state, hp)``, computed once per state dict and setting (states are
+        never mutated: order 2 asks for D several times per stage, in M^-1 of the direction,
+        the Gram matrices, the feedback and the value correction). Read only: the tensor is
+        shared between the calls. The kept values are dropped when a new step begins
+        (``new_step``)."""
+        cache: dict[Any, tuple[State, Tensor]] = self.__dict__.setdefault("_denominators", {})
+        betas = hp.get("betas")
+        key = (id(state), hp["eps"], None if betas is None else tuple(betas), hp.get("amsgrad"),
+               hp.get("centered"))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is state:
+            return hit[1]
+        den = self._denominator(state, hp)
+        cache[key] = (state, den)  # (holding the state: its id is not reused meanwhile)
+        return den
+
+    def new_step(self, step: int) -> None:
+        """Drop the denominators kept for earlier steps (``denominator``)."""
+        if self.__dict__.get("_denominators_step") != step:
+            self.__dict__["_denominators"] = {}
+            self.__dict__["_denominators_step"] = step
+
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        return [x / self._denominator(st, hp) for st, x in zip(states, v)]
+        return [x / self.denominator(st, hp) for st, x in zip(states, v)]
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
-        return [x * self._denominator(st, hp) for st, x in zip(states, v)]
+        return [x * self.denominator(st, hp) for st, x in zip(states, v)]
 
     def per_sample_gram(self, stage: Stage, states: list[State], hp: dict[str, Any], a: Tensor,
                         g: Tensor) -> Tensor | None:
         """w_c^T D^{-1} w_d with D the diagonal of M (weight (d_out, d_in), bias (d_out,))."""
         if stage.kronecker and stage.derivatives.exact_rows(stage.module):
-            D = {n: self._denominator(st, hp) for n, st in zip(stage.param_names, states)}
+            D = {n: self.denominator(st, hp) for n, st in zip(stage.param_names, states)}
             return diagonal_gram(stage, a, g, D)
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..stages import Stage
@@ -13,8 +14,11 @@ from .base import (
     StageStatistics,
     State,
     check_nonneg,
+    flatten_stages,
+    foreach_ready,
     require,
     rows_gram,
+    split_stages,
     weight_bias_gram,
 )
 
@@ -51,6 +55,42 @@ class SGD(CurvatureModel):
             new_states.append({} if buf is None else {"momentum_buffer": buf})
             dirs.append(d)
         return new_states, dirs
+
+    def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
+                    grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
+                    hp: dict[str, Any], step: int, *, scale: float | None = None
+                    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update``'s arithmetic (the same results) over every tensor of ``stages``: with
+        ``_foreach`` ops when they are small, else per tensor with the scaled steps in kept
+        workspaces; per stage while some momentum buffers are still absent."""
+        flat_states, flat_g, counts = flatten_stages(states, grads)
+        momentum = hp["momentum"]
+        if not all(g.is_floating_point() for g in flat_g):
+            return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+        new_states: list[State]
+        d: list[Tensor]
+        if momentum == 0:
+            d, new_states = list(flat_g), [{} for _ in flat_g]
+        else:
+            bufs = [st.get("momentum_buffer") for st in flat_states]
+            if any(b is None for b in bufs):
+                return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+            old = [b for b in bufs if b is not None]
+            new: list[Tensor]
+            if foreach_ready(flat_g):
+                new = list(torch._foreach_mul(old, momentum))
+                torch._foreach_add_(new, flat_g, alpha=1 - hp["dampening"])
+            else:
+                new = [b.mul(momentum).add_(g, alpha=1 - hp["dampening"])
+                       for b, g in zip(old, flat_g)]
+            d = list(torch._foreach_add(flat_g, new, alpha=momentum)) if hp["nesterov"] else new
+            new_states = [{"momentum_buffer": b} for b in new]
+        if scale is not None:  # (d may be Qbar_u or a state: scaled into new tensors)
+            if foreach_ready(flat_g):
+                d = list(torch._foreach_mul(d, scale))
+            else:
+                d = [torch.mul(x, scale, out=self.workspace(0, i, x)) for i, x in enumerate(d)]
+        return split_stages(new_states, counts), split_stages(d, counts)
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         return list(v)

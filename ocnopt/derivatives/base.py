@@ -18,6 +18,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
+def _inplace(module: nn.Module) -> bool:
+    """``getattr(module, "inplace", False)`` without ``nn.Module.__getattr__``'s
+    AttributeError for the modules that have no such attribute (most): the instance's
+    attribute (nn.ReLU(inplace=True) sets it there), else the class's."""
+    d = module.__dict__
+    if "inplace" in d:
+        return bool(d["inplace"])
+    return bool(getattr(module, "inplace", False)) if hasattr(type(module), "inplace") else False
+
+
 class StageDerivatives:
     """Generic derivatives of a stage ``x_{t+1} = f(x_t, u_t)`` via ``torch.func``.
 
@@ -57,13 +67,13 @@ class StageDerivatives:
         forward pass replayable (e.g. a dropout mask) in the update pass. A context that is a
         tensor is per sample along dim 0: the backends slice it with the input (``vmap``) and
         hand ``functional`` the (1, ...) slice of a sample, or the whole (B, ...) tensor."""
-        if getattr(module, "inplace", False):
+        if _inplace(module):
             x = x.clone()
         return module(x), None
 
     def replay(self, module: nn.Module, x: Tensor, ctx: Any) -> Tensor:
         """Forward pass with the randomness of the nominal pass (``ctx``) held fixed."""
-        if getattr(module, "inplace", False):
+        if _inplace(module):
             x = x.clone()
         return module(x)
 
