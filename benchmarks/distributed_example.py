@@ -88,6 +88,7 @@ def main() -> None:
             xb = torch.randn(args.batch, 784, generator=gen).to(device)
             yb = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
         else:
+            assert y is not None  # a data set has both
             idx = torch.randint(0, len(X), (args.batch,), generator=gen).to(X.device)
             xb, yb = X[idx], y[idx]
         xs, ys = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
