@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 from ocnopt.curvature.base import Solver, StageStatistics
+from ocnopt.derivatives.ode import AdjointDerivatives
 from ocnopt.engine import (
     Feedback,
     QExpansion,
@@ -197,7 +198,7 @@ class GraphBackend(Backend):
             stats = None
             if need_stats[t]:
                 stats = kronecker_statistics(stage, leaves[0], V_z, Z) if stage.kronecker \
-                    else StageStatistics()
+                    else sublayer_statistics(stage, out, V_z)
             if Z is not None and t <= last_stats:
                 for j, x in zip(stage.inputs, leaves):
                     if x.requires_grad:
@@ -500,6 +501,20 @@ def psd_sqrt_factor(V: Tensor) -> Tensor:
     evals, evecs = torch.linalg.eigh(V64)
     root = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)) @ evecs.transpose(1, 2)
     return root.to(V.dtype)
+
+
+def sublayer_statistics(stage: Stage, out: Tensor, V_z: Tensor) -> StageStatistics:
+    """Statistics of a stage without Kronecker factors as a whole: those of the Kronecker
+    layers inside it (``StageStatistics.sublayers``), for an ODE block its grid factors from the
+    adjoint of V'_x = ``V_z`` at its output ``out`` (docs/method.md section 12); else empty."""
+    if not isinstance(stage.derivatives, AdjointDerivatives):
+        return StageStatistics()
+    grid = stage.derivatives.grid_rows(stage.module, out.detach(), V_z.detach())
+    if grid is None:
+        return StageStatistics()
+    return StageStatistics(sublayers={n: StageStatistics(A=A, G=G)
+                                      for n, (A, G) in grid.factors.items()},
+                           samples=grid.rows)
 
 
 def kronecker_statistics(stage: Stage, xin: Tensor, V_x: Tensor | None, Z: Tensor | None

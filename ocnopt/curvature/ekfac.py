@@ -8,6 +8,8 @@ changes, s restarts from the current batch's estimate in the new basis (choice: 
 diagonal lives in the old basis), so statistics are also collected at every basis refresh.
 Damping is added to the corrected eigenvalues ("exact" damping, as curvlinops' EKFAC inverse).
 Stages without Kronecker factors use kfac's diagonal fallback (``curvature/fallback.py``).
+Kronecker layers inside an ODE block's field use their factors averaged over the block's time
+grid, and s the average over the grid times of each time's estimate (docs/method.md section 12).
 """
 
 from __future__ import annotations
@@ -62,6 +64,16 @@ class EKFAC(KFAC):
 
     def _refresh(self, stage: Stage, st: State, stats: StageStatistics | None,
                  hp: dict[str, Any], step: int) -> State:
+        new, rebased = self._refresh_basis(stage, st, stats, hp, step)
+        if stats is not None:
+            s_w, s_b = eigenbasis_scales(stats, new["QA"], new["QG"])
+            self._set_scales(new, st, s_w, s_b, rebased, hp)
+        return new
+
+    def _refresh_basis(self, stage: Stage, st: State, stats: StageStatistics | None,
+                       hp: dict[str, Any], step: int) -> tuple[State, bool]:
+        """The factors' running averages, the eigenbasis (refreshed every ``inv_every`` steps)
+        and the damping; also whether the basis changed."""
         new = dict(st)
         decay = hp["stat_decay"]
         if stats is not None:
@@ -81,13 +93,47 @@ class EKFAC(KFAC):
                 new["QA"] = eigs[0][1].to(new["A"].dtype)  # type: ignore[index]
                 new["QG"] = eigs[1][1].to(new["G"].dtype)  # type: ignore[index]
                 rebased = True
-        if stats is not None:
-            s_w, s_b = eigenbasis_scales(stats, new["QA"], new["QG"])
-            fresh = rebased or "scale" not in st
-            new["scale"] = s_w if fresh else ema(st["scale"], s_w, decay)
-            new["scale_bias"] = s_b if fresh else ema(st["scale_bias"], s_b, decay)
         new["damping"] = damping_at(hp, step)
-        return new
+        return new, rebased
+
+    @staticmethod
+    def _set_scales(new: State, st: State, s_w: Tensor, s_b: Tensor, rebased: bool,
+                    hp: dict[str, Any]) -> None:
+        """The corrected eigenvalues: a running average of the batch estimates, restarted
+        from them when the basis changed."""
+        decay = hp["stat_decay"]
+        fresh = rebased or "scale" not in st
+        new["scale"] = s_w if fresh else ema(st["scale"], s_w, decay)
+        new["scale_bias"] = s_b if fresh else ema(st["scale_bias"], s_b, decay)
+
+    def _refresh_layers(self, layers: list[tuple[str, Stage, list[int]]], states: list[State],
+                        stats: StageStatistics | None, hp: dict[str, Any], step: int
+                        ) -> dict[str, State]:
+        """Per Kronecker layer inside the stage: the basis from its grid factors, and the
+        corrected eigenvalues as the average over the grid times of each time's estimate
+        (``eigenbasis_scales`` of that time's rows in the new basis; ``stats.samples``, one
+        pass over the grid for all layers)."""
+        subs = stats.sublayers if stats is not None and stats.sublayers is not None else {}
+        heads, rebased = {}, {}
+        for name, view, idx in layers:
+            heads[name], rebased[name] = self._refresh_basis(view, states[idx[0]], subs.get(name),
+                                                             hp, step)
+        if stats is None or stats.samples is None:
+            return heads
+        total: dict[str, tuple[Tensor, Tensor]] = {}
+        n = 0
+        for rows in stats.samples():
+            n += 1
+            for name, _, _ in layers:
+                a, g = rows[name]
+                s_w, s_b = eigenbasis_scales(StageStatistics(a=a, g=g), heads[name]["QA"],
+                                             heads[name]["QG"])
+                total[name] = (s_w, s_b) if name not in total else \
+                    (total[name][0] + s_w, total[name][1] + s_b)
+        for name, _, idx in layers:
+            s_w, s_b = total[name]
+            self._set_scales(heads[name], states[idx[0]], s_w / n, s_b / n, rebased[name], hp)
+        return heads
 
     def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
         return self._scaled(stage, st, v, -1.0)
@@ -122,10 +168,12 @@ class EKFAC(KFAC):
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         if not self.kronecker(stage, hp):
+            if self.layers(stage, hp):
+                return self._per_layer(stage, states, v, hp, inverse=False)
             return DiagonalFallback.apply(states, v)
         return self._scaled(stage, states[0], v, 1.0)
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
         # a new basis needs a fresh diagonal: collect statistics at basis refreshes too
         return (step % hp["stat_every"] == 0 or step % hp["inv_every"] == 0
-                or "QA" not in states[0])
+                or not any("QA" in st for st in states))
