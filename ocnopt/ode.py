@@ -120,19 +120,11 @@ class ODEBlock(nn.Module):
         self.grid_step = float(grid_step)
         self.method, self.rtol, self.atol = method, float(rtol), float(atol)
         self.options = dict(options) if options is not None else None
-        self.learn_t1 = bool(learn_t1)
         self.adjoint = bool(adjoint)
-        if not (isinstance(t1_lr, (int, float)) and t1_lr > 0):
-            raise ValueError(f"invalid t1_lr={t1_lr!r}: accepted a positive number")
-        if not (isinstance(t1_reg, (int, float)) and t1_reg >= 0):
-            raise ValueError(f"invalid t1_reg={t1_reg!r}: accepted a number >= 0")
-        if not (isinstance(t1_every, int) and t1_every >= 1):
-            raise ValueError(f"invalid t1_every={t1_every!r}: accepted an integer >= 1")
         t1_min = float(t0) + (float(t1) - float(t0)) / 100 if t1_min is None else t1_min
-        if not (float(t1_min) > float(t0)):
-            raise ValueError(f"invalid t1_min={t1_min!r} with t0={t0!r}: accepted t1_min > t0")
-        self.t1_lr, self.t1_reg, self.t1_every = float(t1_lr), float(t1_reg), t1_every
-        self.t1_min, self.t1_feedback = float(t1_min), bool(t1_feedback)
+        self.t0_value = float(t0)
+        self.configure_t1(learn_t1=bool(learn_t1), t1_lr=t1_lr, t1_reg=t1_reg,
+                          t1_every=t1_every, t1_min=t1_min, t1_feedback=bool(t1_feedback))
         #: s = dJ/dt1 of the last backward expansion (learn_t1), and the updates made so far
         self.t1_grad: Tensor | None = None
         #: Qbar_theta and the parameters at the last backward expansion (learn_t1)
@@ -144,6 +136,43 @@ class ODEBlock(nn.Module):
         self.nfe_forward = 0
         self.nfe_backward = 0
         self._forward_solve = False
+
+    def configure_t1(self, *, learn_t1: bool | None = None, t1_lr: float | None = None,
+                     t1_reg: float | None = None, t1_every: int | None = None,
+                     t1_min: float | None = None, t1_feedback: bool | None = None) -> None:
+        """Set the integration time's hyper-parameters (class docstring); None keeps a value.
+        ``ValueError`` naming the argument for an invalid one. ``ocnopt.OCNOpt`` calls it at
+        every step with its own hyper-parameters of the same names (docs/method.md section 12)."""
+        t0 = self.t0_value
+        checks = (
+            ("learn_t1", learn_t1, lambda v: isinstance(v, bool), "True or False"),
+            ("t1_lr", t1_lr, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and v > 0, "a positive number"),
+            ("t1_reg", t1_reg, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and v >= 0, "a number >= 0"),
+            ("t1_every", t1_every, lambda v: isinstance(v, int) and not isinstance(v, bool)
+             and v >= 1, "an integer >= 1"),
+            ("t1_min", t1_min, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and float(v) > t0, f"a number > t0 = {t0:g}"),
+            ("t1_feedback", t1_feedback, lambda v: isinstance(v, bool), "True or False"))
+        for name, value, ok, accepted in checks:
+            if value is not None and not ok(value):
+                if name == "t1_min":
+                    raise ValueError(f"invalid t1_min={value!r} with t0={t0!r}: accepted "
+                                     "t1_min > t0")
+                raise ValueError(f"invalid {name}={value!r}: accepted {accepted}")
+        if learn_t1 is not None:
+            self.learn_t1 = learn_t1
+        if t1_lr is not None:
+            self.t1_lr = float(t1_lr)
+        if t1_reg is not None:
+            self.t1_reg = float(t1_reg)
+        if t1_every is not None:
+            self.t1_every = t1_every
+        if t1_min is not None:
+            self.t1_min = float(t1_min)
+        if t1_feedback is not None:
+            self.t1_feedback = t1_feedback
 
     def extra_repr(self) -> str:
         return (f"t0={float(self.t0):g}, t1={float(self.t1):g}, method={self.method!r}, "
