@@ -76,7 +76,7 @@ class Problem:
     name: str
     description: str
     network: str
-    loss: str  # "cross_entropy" or "mse"
+    loss: str  # "cross_entropy", "mse" or "nll" (a flow's output: ode_problems.flow_nll)
     load: Callable[[int], Dataset]
     build: Callable[[], nn.Module]
     epochs: int  # default epochs of the train protocol
@@ -92,7 +92,8 @@ class Problem:
 
     @property
     def metric(self) -> str:
-        return "accuracy" if self.loss == "cross_entropy" else "mse"
+        """accuracy (cross_entropy), mse, or nll (a flow's negative log-likelihood)."""
+        return {"cross_entropy": "accuracy", "nll": "nll"}.get(self.loss, "mse")
 
     def model(self, seed: int) -> nn.Module:
         """The network with its initial weights drawn from ``seed`` (global RNG untouched)."""
@@ -437,3 +438,15 @@ PROBLEMS["digits-deep"] = Problem(
     f"{DEEP_LAYERS} Linear, hidden 32, Sigmoid (saturating: gradients vanish with depth)",
     "cross_entropy", load_digits, lambda: fcn(64, 32, 10, layers=DEEP_LAYERS, activation=nn.Sigmoid),
     epochs=20, batch_size=32, target=0.9)
+
+
+def _register_ode_problems() -> None:
+    """digits-odenet, motions-ode, circles-cnf (``ode_problems``; torchdiffeq is imported
+    when a network is built)."""
+    from .ode_problems import ODE_PROBLEMS
+
+    for p in ODE_PROBLEMS:
+        PROBLEMS[p.name] = p
+
+
+_register_ode_problems()
