@@ -18,6 +18,10 @@ Stages with a control but no Kronecker factors (norm affine parameters, embeddin
 running average of Qbar_u^2 (kfac and ekfac alike), and so do Kronecker stages whose factor
 side d_in or d_out exceeds the hyper-parameter ``kfac_max_dim`` (None: no limit), the usual
 K-FAC practice for huge layers (a 25088-input Linear's A alone is 2.5 GB in float32).
+A stage that holds Kronecker layers without being one (an ODE block: ``sublayer_views``)
+preconditions each of them with its own factors (``StageStatistics.sublayers``: averaged over
+the block's time grid, docs/method.md section 12), its head state being its weight's, and its
+other parameters with the diagonal fallback.
 
 Memory guard: before any factor is allocated, ``check_memory`` estimates per Kronecker stage
 (d_in^2 + d_out^2) entries for the factors, as many for their inverses (eigenbases for
