@@ -137,7 +137,7 @@ class CNFField(nn.Module):
         d = self.dim
         z, eps = s[:, :d], s[:, d + 1:]
         if torch._C._functorch.is_functorch_wrapped_tensor(s):
-            f, jv = torch.func.jvp(lambda zz: self.net(t, zz), (z,), (eps,))
+            f, jv = torch.func.jvp(lambda zz: self.net(t, zz), (z,), (eps,))[:2]
             div = (jv * eps).sum(1, keepdim=True)
             return torch.cat([f, div, torch.zeros_like(eps)], 1)
         create = torch.is_grad_enabled()

@@ -123,7 +123,7 @@ def ode_section(records: list[dict[str, Any]], images: Path, rel: str) -> str:
                          f"{r['nfe_forward']:.0f} / {r['nfe_backward']:.0f}",
                          "not reached" if r["nfe_to_target"] is None
                          else f"{r['nfe_to_target']:.0f} ({r['reached']}/{r['seeds']})",
-                         _pm(*r["t1"], "loss"), _pm(*r["test"], metric)])
+                         _pm(r["t1"][0], r["t1"][1], "loss"), _pm(r["test"][0], r["test"][1], metric)])
         metric_col = "test acc. (%)" if metric == "accuracy" else f"test {metric.upper()}"
         out.append(f"**{prob}** ({len(mine)} optimizers, {mine[0]['seeds']} seed(s))\n")
         out.append(_table(["optimizer", "lr", "NFE per step", "NFE forward / backward",

@@ -291,8 +291,8 @@ class KFAC(CurvatureModel):
         if rest:
             st_r, d_r = DiagonalFallback.update(stage, [states[i] for i in rest],
                                                 [grads[i] for i in rest], hp, step)
-            for i, st, d in zip(rest, st_r, d_r):
-                new_states[i], dirs[i] = st, d
+            for i, st_i, d_i in zip(rest, st_r, d_r):
+                new_states[i], dirs[i] = st_i, d_i
         return new_states, dirs  # type: ignore[return-value]
 
     def _per_layer(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any],
