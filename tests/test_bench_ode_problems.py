@@ -157,6 +157,23 @@ def test_snopt_names_and_noadjoint_peers() -> None:
     assert "learn_t1" in registry.accepted_hyper("snopt-fb")
 
 
+def test_circles_twins_draw_the_same_noise() -> None:
+    """The flow's Hutchinson noise comes from the model's own generator: torch Adam and
+    ocnopt's order-1 Adam take the same steps on circles-cnf (to the adjoint's rounding)."""
+    p = problems.get_problem("circles-cnf")
+    data = problems.load("circles-cnf")
+    x, y = data.X_fit[:32], data.y_fit[:32]
+    torch.randn(7)  # the global generator's state does not matter
+    a = registry.parse_optimizer("torch-adam", p).make(m1 := p.model(0), p.loss, 1e-2, 0)
+    torch.randn(3)
+    b = registry.parse_optimizer("autograd-adam", p).make(m2 := p.model(0), p.loss, 1e-2, 0)
+    for _ in range(3):
+        la, lb = a.step(x, y), b.step(x, y)
+        assert la == pytest.approx(lb, rel=1e-5)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("opt, per_step", [("torch-adam", 32), ("torch-adam-noadjoint", 16)])
 def test_train_run_records_function_evaluations(opt: str, per_step: int) -> None:
     """rk4 with 4 steps: 16 evaluations per forward solve, 16 more for the adjoint solve (none

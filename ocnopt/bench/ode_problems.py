@@ -162,11 +162,23 @@ class CNFField(nn.Module):
 
 class HutchinsonNoise(nn.Module):
     """x (B, d) -> [x, 0, eps] (B, 2d + 1): the flow's initial state, eps ~ N(0, I) per sample
-    in training mode (zeros in eval mode, where the field takes the exact trace). As a step of
-    ``ocnopt.OCNOpt`` the draw of the nominal pass is replayed in the update pass."""
+    in training mode (zeros in eval mode, where the field takes the exact trace), drawn from
+    the module's own generator, seeded from torch's global one when the module is built (so a
+    model built from a seed draws the same noise under every optimizer, one draw per training
+    step). As a step of ``ocnopt.OCNOpt`` the draw of the nominal pass is replayed in the
+    update pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+
+    def draw(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return torch.zeros_like(x)
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.augment(x, torch.randn_like(x) if self.training else torch.zeros_like(x))
+        return self.augment(x, self.draw(x))
 
     @staticmethod
     def augment(x: Tensor, eps: Tensor) -> Tensor:
@@ -182,7 +194,7 @@ def _register_noise() -> None:
         random = True
 
         def forward(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
-            eps = torch.randn_like(x) if module.training else torch.zeros_like(x)
+            eps = module.draw(x)  # type: ignore[operator]
             return HutchinsonNoise.augment(x, eps), eps
 
         def replay(self, module: nn.Module, x: Tensor, ctx: Any) -> Tensor:

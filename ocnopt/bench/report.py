@@ -134,7 +134,8 @@ def plot_sweep(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     if metric != "accuracy":
         ax.set_yscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else "validation MSE")
+    ax.set_ylabel("validation accuracy (%)" if metric == "accuracy"
+                  else f"validation {metric.upper()}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title, fontsize=10)
@@ -350,12 +351,13 @@ def _sweep_section(records: list[dict[str, Any]], images: Path, rel: str) -> tup
             "learning rate is chosen on the validation split; the test metric is read once, at "
             "the chosen rate (both: mean over seeds). Tunability: share of the grid whose "
             "validation " + ("accuracy is within 2 points of the optimizer's best" if metric ==
-                             "accuracy" else "MSE is within 2 % of the optimizer's best")
+                             "accuracy" else f"{metric.upper()} is within 2 % of the optimizer's "
+                             "best")
             + ", computed per seed, reported as mean ± std (ddof 1) over the seeds; a "
             "difference between two optimizers smaller than these spreads is noise (float "
             f"rounding alone makes runs part at high learning rates). {ORDER_NOTE}{note}\n")
         header = ["optimizer", "mode", "grid", "best val." + (" acc. (%)" if metric == "accuracy"
-                                                               else " MSE"),
+                                                               else f" {metric.upper()}"),
                   "chosen lr", _metric_name(metric) + " at chosen lr",
                   "tunability (mean ± std over seeds)", "diverged runs"]
         body = []
@@ -499,9 +501,11 @@ def _findings(train: list[dict[str, Any]], sweep: list[dict[str, Any]],
             if r["optimizer"].endswith("-fb-nash"):  # the Nash game against the cooperative one
                 pairs.append((by.get(r["optimizer"][:-len("-nash")]), "order 2, game nash",
                               "order 2, cooperative"))
-            # the order-1 step of the same curvature (the same on every backend)
-            pairs.append((by.get(f"autograd-{curvature}") or by.get(f"{backend}-{curvature}"),
-                          "order 2", "order 1, same curvature"))
+            # the order-1 step of the same curvature (the same on every backend; SNOpt's
+            # order-2 names against its order-1 one)
+            other1 = by.get("snopt") if r["optimizer"].startswith("snopt") else (
+                by.get(f"autograd-{curvature}") or by.get(f"{backend}-{curvature}"))
+            pairs.append((other1, "order 2", "order 1, same curvature"))
             for other, r_what, other_what in pairs:
                 line = None if other is None else _versus(prob, r, r_what, other, other_what, fmt)
                 if line is not None:
