@@ -84,7 +84,7 @@ def digits_odenet(step_size: float | None = None) -> nn.Sequential:
     flatten, Linear 256-10 (global pooling of the 16 channels instead loses the digits'
     spatial layout: Adam reaches 25 % test accuracy in 2 epochs there, 90 % here).
     ``step_size``: rk4's step instead of ``ODE_SOLVER``'s 0.25."""
-    kw = {} if step_size is None else {"options": {"step_size": step_size}}
+    kw: dict[str, Any] = {} if step_size is None else {"options": {"step_size": step_size}}
     return nn.Sequential(nn.Conv2d(1, HIDDEN, 3, stride=2, padding=1), nn.ReLU(),
                          ode_block(ConvField(HIDDEN, 2), **kw), nn.Flatten(),
                          nn.Linear(HIDDEN * 16, 10))

@@ -19,6 +19,10 @@ classes; digits-cnn (N, 1, 8, 8), 10 classes; mnist1d-mlp (N, 40), 10 classes; m
 (N, 1, 40), 10 classes; quadratic (N, 100) with targets (N, 1); the graph networks
 digits-resnet and digits-inception (N, 1, 8, 8), mnist1d-resnet (N, 1, 40), 10 classes.
 
+The Neural ODE problems digits-odenet (N, 1, 8, 8), 10 classes; motions-ode (N, 6, 100), 4
+classes (sktime's UEA BasicMotions); circles-cnf (N, 2), density (negative log-likelihood) are
+defined in ``ode_problems`` and registered here.
+
 The graph networks are plain ``nn.Module`` classes (residual adds, ``torch.cat`` of branches,
 BatchNorm) whose ``forward`` ``torch.fx.symbolic_trace`` traces; they are trained in train mode
 and evaluated in eval mode (BatchNorm's running statistics).
