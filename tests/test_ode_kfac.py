@@ -134,3 +134,38 @@ def test_statistics_every_stat_every_steps():
     grid_evals = len(model[0].grid_times(H, x0))  # one field evaluation per grid time's rows
     assert counts[1] < counts[0] and counts[1] < counts[2]
     assert counts[0] - counts[1] >= grid_evals
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_solve_on_the_block_is_per_layer(curvature):
+    """M^-1 on the block's control (what the order-2 feedback, value correction and Gram
+    matrices use, with leading column dimensions) and M itself: per Linear inside the field
+    its own damped factors (K-FAC: G^-1 X A^-1; EKFAC: the eigenbasis scaling), the field's
+    other parameter the fallback's diagonal; M M^-1 = identity."""
+    model = make(head=False)
+    opt = ocnopt.OCNOpt(model, lr=0.1, curvature=curvature, order=2, loss="mse",
+                        fisher_type="empirical", damping=0.05)
+    g = torch.Generator().manual_seed(5)
+    opt.step(torch.randn(B, 3, generator=g, dtype=D), torch.randn(B, 3, generator=g, dtype=D))
+    stage = opt.stages[0]
+    states = [opt.state[p] for p in stage.params]
+    v = [torch.randn(2, 4, *p.shape, generator=g, dtype=D) for p in stage.params]
+    out = opt.model_.solve(stage, states, v, opt.param_groups[0])
+    names = stage.param_names
+    for layer in ("func.l1", "func.l2"):
+        iw, ib = names.index(f"{layer}.weight"), names.index(f"{layer}.bias")
+        st = states[iw]
+        if curvature == "kfac":
+            exp_w = st["G_inv"] @ v[iw] @ st["A_inv"]
+            exp_b = v[ib] @ st["G_inv"]
+        else:
+            QA, QG, d = st["QA"], st["QG"], st["damping"]
+            exp_w = QG @ ((QG.T @ v[iw] @ QA) / (st["scale"] + d)) @ QA.T
+            exp_b = ((v[ib] @ QG) / (st["scale_bias"] + d)) @ QG.T
+        torch.testing.assert_close(out[iw], exp_w)
+        torch.testing.assert_close(out[ib], exp_b)
+    ic = names.index("func.c")
+    torch.testing.assert_close(out[ic], v[ic] / (states[ic]["diag"] + states[ic]["diag_damping"]))
+    back = opt.model_.apply(stage, states, out, opt.param_groups[0])
+    for x, y in zip(back, v):
+        torch.testing.assert_close(x, y)
