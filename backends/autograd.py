@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 from ocnopt.curvature.base import Solver, StageStatistics
+from ocnopt.derivatives.ode import AdjointDerivatives
 from ocnopt.engine import (
     Feedback,
     QExpansion,
@@ -201,7 +202,8 @@ class GraphBackend(Backend):
         statistics are asked for) = (sum_i f_u^(i)T V'_z^(i), ...) with V'_x = the terminal
         V_x: the same products as ``backward``'s per-step calls, summed by autograd where a
         tensor is read twice (the fork rule). Qbar_u is then divided by B. ``Q_args`` are not
-        formed (None): the order-1 step reads Qbar_u and the statistics only."""
+        formed (None): the order-1 step reads Qbar_u and the statistics only (Kronecker factors,
+        and an ODE block's grid factors from V'_z at its output, ``sublayer_statistics``)."""
         stages = graph.stages
         T = len(stages)
         B = terminal.V_x.shape[0]
@@ -213,7 +215,8 @@ class GraphBackend(Backend):
             if stage.has_control and not (skip_u and skip_u[t]):
                 where.append((t, len(wrt), len(stage.params)))
                 wrt.extend(stage.params)
-            if need_stats[t] and stage.kronecker and t < T - 1:
+            grid = isinstance(stage.derivatives, AdjointDerivatives)  # statistics inside it
+            if need_stats[t] and (stage.kronecker or grid) and t < T - 1:
                 out = traj.handles[t][1]
                 if out.requires_grad:
                     vz_at[t] = len(wrt)
@@ -229,7 +232,8 @@ class GraphBackend(Backend):
         for t, stage in enumerate(stages):
             if not need_stats[t]:
                 continue
-            if not stage.kronecker:
+            grid = isinstance(stage.derivatives, AdjointDerivatives)
+            if not (stage.kronecker or grid):
                 expansions[t].stats = StageStatistics()
                 continue
             if t == T - 1:
@@ -237,6 +241,9 @@ class GraphBackend(Backend):
             else:
                 g = grads[vz_at[t]] if t in vz_at else None
                 V_z = torch.zeros_like(traj.states[stage.output]) if g is None else g
+            if grid:  # an ODE block: the factors of the layers in its field on the time grid
+                expansions[t].stats = sublayer_statistics(stage, traj.states[stage.output], V_z)
+                continue
             expansions[t].stats = kronecker_statistics(stage, traj.states[stage.inputs[0]],
                                                        V_z, None)
         return expansions
@@ -291,7 +298,7 @@ class GraphBackend(Backend):
             stats = None
             if need_stats[t]:
                 stats = kronecker_statistics(stage, leaves[0], V_z, Z) if stage.kronecker \
-                    else StageStatistics()
+                    else sublayer_statistics(stage, out, V_z)
             if Z is not None and t <= last_stats:
                 for j, x in zip(stage.inputs, leaves):
                     if x.requires_grad:
@@ -594,6 +601,20 @@ def psd_sqrt_factor(V: Tensor) -> Tensor:
     evals, evecs = torch.linalg.eigh(V64)
     root = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)) @ evecs.transpose(1, 2)
     return root.to(V.dtype)
+
+
+def sublayer_statistics(stage: Stage, out: Tensor, V_z: Tensor) -> StageStatistics:
+    """Statistics of a stage without Kronecker factors as a whole: those of the Kronecker
+    layers inside it (``StageStatistics.sublayers``), for an ODE block its grid factors from the
+    adjoint of V'_x = ``V_z`` at its output ``out`` (docs/method.md section 12); else empty."""
+    if not isinstance(stage.derivatives, AdjointDerivatives):
+        return StageStatistics()
+    grid = stage.derivatives.grid_rows(stage.module, out.detach(), V_z.detach())
+    if grid is None:
+        return StageStatistics()
+    return StageStatistics(sublayers={n: StageStatistics(A=A, G=G)
+                                      for n, (A, G) in grid.factors.items()},
+                           samples=grid.rows)
 
 
 def kronecker_statistics(stage: Stage, xin: Tensor, V_x: Tensor | None, Z: Tensor | None

@@ -53,7 +53,7 @@ from ocnopt.graph import Graph
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
-from .autograd import GraphBackend, kronecker_statistics, psd_sqrt_factor
+from .autograd import GraphBackend, kronecker_statistics, psd_sqrt_factor, sublayer_statistics
 
 TERMINALS = ("empirical", "exact", "mc")
 #: the terminal factor whose propagation gives the Kronecker statistics of each fisher_type
@@ -248,6 +248,8 @@ class LowRankBackend(GraphBackend):
         """A stage solved by the adjoint method (``AdjointDerivatives``, an ODE block): Q_x,
         Qbar_u, a = f_x^T Z' and the per-sample W = f_u^T Z' from its one backward solve."""
         z, j = stage.output, stage.inputs[0]
+        if stats is not None:  # the grid factors of the layers inside (kfac, ekfac)
+            stats = sublayer_statistics(stage, traj.states[z], value.V[z])
         cols = stage.derivatives.backward_expansion(  # type: ignore[attr-defined]
             stage.module, traj.states[z], value.V[z], None if rho is not None else value.Zb[z], rho)
         Q_X = {i: v for i, v in value.V.items() if i != z}

@@ -205,9 +205,10 @@ class Feedback:
         if fin.get("test_accuracy") is not None:
             metric = (f"val acc {100 * fin['val_accuracy']:.1f}%, "
                       f"test acc {100 * fin['test_accuracy']:.1f}%")
-        else:
-            metric = (f"val mse {_fmt(fin.get('val_loss'), '.4g')}, "
-                      f"test mse {_fmt(fin.get('test_loss'), '.4g')}")
+        else:  # mse, or a flow's negative log-likelihood (nll)
+            m = rec["config"]["problem"].get("metric", "mse")
+            metric = (f"val {m} {_fmt(fin.get('val_loss'), '.4g')}, "
+                      f"test {m} {_fmt(fin.get('test_loss'), '.4g')}")
         line = (f"{rec['protocol']} {rec['problem']} {rec['optimizer']} lr {rec['config']['lr']:.3g}"
                 f" seed {rec['seed']}: train loss {_fmt(fin['train_loss'], '.4g')}, {metric}, "
                 f"{rec['timing']['train_seconds']:.2f} s"
@@ -238,7 +239,7 @@ def _train_table(rows: list[dict[str, Any]], title: str) -> Table:
     metric = rows[0]["metric"] if rows else "accuracy"
     t = Table(title=title, caption=TRAIN_FOOTER, caption_justify="left")
     for col in ("optimizer", "mode", "lr", "train loss", "test acc %" if metric == "accuracy"
-                else "test mse", "time s", "x torch-sgd", "to target", "notes"):
+                else f"test {metric}", "time s", "x torch-sgd", "to target", "notes"):
         t.add_column(col, justify="left" if col in ("optimizer", "mode", "notes") else "right",
                      no_wrap=col != "notes")
     for r in rows:
@@ -328,7 +329,7 @@ def list_cmd(json_out: JsonOption = False) -> None:
         t.add_column(col, justify="right" if col in ("epochs", "batch", "target") else "left")
     for p in PROBLEMS.values():
         t.add_row(p.name, p.description, p.network, str(p.epochs), str(p.batch_size),
-                  f"{p.target:g} ({'test acc' if p.metric == 'accuracy' else 'test mse'})")
+                  f"{p.target:g} ({'test acc' if p.metric == 'accuracy' else 'test ' + p.metric})")
     con.print(t)
     t = Table(title="optimizers: peers, then ocnopt's <backend>-<curvature>[-fb[-nash]] "
                     "(-fb = order 2 with feedback, -fb-nash = the same with game 'nash')")

@@ -27,7 +27,7 @@ Function evaluations are counted per block: ``nfe_forward`` (forward solves) and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from .derivatives import DERIVATIVES
-from .derivatives.ode import AdjointColumns, ODEDerivatives
+from .derivatives.ode import AdjointColumns, GridStatistics, ODEDerivatives
 
 try:  # optional dependency: pip install -e ".[ode]"
     import torchdiffeq
@@ -80,7 +80,8 @@ class ODEBlock(nn.Module):
     every backward solve. t0 and t1 are buffers, in ``state_dict``. ``adjoint=False``:
     backpropagation through the solver's operations (``odeint``: memory grows with the number of
     steps; the baseline of the adjoint method); the order-2 expansion is the backward solve
-    either way.
+    either way. ``grid_step``: the time grid t_j = t1 - j grid_step of the Kronecker statistics
+    of the Linear/Conv layers inside ``func`` (curvature kfac, ekfac; ``grid_rows``).
 
     ``learn_t1``: t1 is a control with its own update (``update_t1``, docs/method.md section 12):
     step size ``t1_lr``, regulariser (c/2) t1^2 with c = ``t1_reg``, every ``t1_every`` calls,
@@ -95,7 +96,7 @@ class ODEBlock(nn.Module):
                  rtol: float = 1e-3, atol: float = 1e-3, options: Mapping[str, Any] | None = None,
                  learn_t1: bool = False, t1_lr: float = 0.1, t1_reg: float = 0.0,
                  t1_every: int = 1, t1_min: float | None = None, t1_feedback: bool = True,
-                 adjoint: bool = True):
+                 adjoint: bool = True, grid_step: float = 0.01):
         super().__init__()
         if torchdiffeq is None:  # pragma: no cover
             raise ImportError("ODEBlock needs torchdiffeq: pip install -e \".[ode]\"")
@@ -112,22 +113,18 @@ class ODEBlock(nn.Module):
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"options must be a mapping (torchdiffeq's solver options) or None, "
                             f"got {type(options).__name__}")
+        if not (isinstance(grid_step, (int, float)) and grid_step > 0):
+            raise ValueError(f"invalid grid_step={grid_step!r}: accepted a positive number")
         self.func = func
+        #: the time grid of the Kronecker statistics of the layers inside func (kfac, ekfac)
+        self.grid_step = float(grid_step)
         self.method, self.rtol, self.atol = method, float(rtol), float(atol)
         self.options = dict(options) if options is not None else None
-        self.learn_t1 = bool(learn_t1)
         self.adjoint = bool(adjoint)
-        if not (isinstance(t1_lr, (int, float)) and t1_lr > 0):
-            raise ValueError(f"invalid t1_lr={t1_lr!r}: accepted a positive number")
-        if not (isinstance(t1_reg, (int, float)) and t1_reg >= 0):
-            raise ValueError(f"invalid t1_reg={t1_reg!r}: accepted a number >= 0")
-        if not (isinstance(t1_every, int) and t1_every >= 1):
-            raise ValueError(f"invalid t1_every={t1_every!r}: accepted an integer >= 1")
         t1_min = float(t0) + (float(t1) - float(t0)) / 100 if t1_min is None else t1_min
-        if not (float(t1_min) > float(t0)):
-            raise ValueError(f"invalid t1_min={t1_min!r} with t0={t0!r}: accepted t1_min > t0")
-        self.t1_lr, self.t1_reg, self.t1_every = float(t1_lr), float(t1_reg), t1_every
-        self.t1_min, self.t1_feedback = float(t1_min), bool(t1_feedback)
+        self.t0_value = float(t0)
+        self.configure_t1(learn_t1=bool(learn_t1), t1_lr=t1_lr, t1_reg=t1_reg,
+                          t1_every=t1_every, t1_min=t1_min, t1_feedback=bool(t1_feedback))
         #: s = dJ/dt1 of the last backward expansion (learn_t1), and the updates made so far
         self.t1_grad: Tensor | None = None
         #: Qbar_theta and the parameters at the last backward expansion (learn_t1)
@@ -139,6 +136,43 @@ class ODEBlock(nn.Module):
         self.nfe_forward = 0
         self.nfe_backward = 0
         self._forward_solve = False
+
+    def configure_t1(self, *, learn_t1: bool | None = None, t1_lr: float | None = None,
+                     t1_reg: float | None = None, t1_every: int | None = None,
+                     t1_min: float | None = None, t1_feedback: bool | None = None) -> None:
+        """Set the integration time's hyper-parameters (class docstring); None keeps a value.
+        ``ValueError`` naming the argument for an invalid one. ``ocnopt.OCNOpt`` calls it at
+        every step with its own hyper-parameters of the same names (docs/method.md section 12)."""
+        t0 = self.t0_value
+        checks = (
+            ("learn_t1", learn_t1, lambda v: isinstance(v, bool), "True or False"),
+            ("t1_lr", t1_lr, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and v > 0, "a positive number"),
+            ("t1_reg", t1_reg, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and v >= 0, "a number >= 0"),
+            ("t1_every", t1_every, lambda v: isinstance(v, int) and not isinstance(v, bool)
+             and v >= 1, "an integer >= 1"),
+            ("t1_min", t1_min, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and float(v) > t0, f"a number > t0 = {t0:g}"),
+            ("t1_feedback", t1_feedback, lambda v: isinstance(v, bool), "True or False"))
+        for name, value, ok, accepted in checks:
+            if value is not None and not ok(value):
+                if name == "t1_min":
+                    raise ValueError(f"invalid t1_min={value!r} with t0={t0!r}: accepted "
+                                     "t1_min > t0")
+                raise ValueError(f"invalid {name}={value!r}: accepted {accepted}")
+        if learn_t1 is not None:
+            self.learn_t1 = learn_t1
+        if t1_lr is not None:
+            self.t1_lr = float(t1_lr)
+        if t1_reg is not None:
+            self.t1_reg = float(t1_reg)
+        if t1_every is not None:
+            self.t1_every = t1_every
+        if t1_min is not None:
+            self.t1_min = float(t1_min)
+        if t1_feedback is not None:
+            self.t1_feedback = t1_feedback
 
     def extra_repr(self) -> str:
         return (f"t0={float(self.t0):g}, t1={float(self.t1):g}, method={self.method!r}, "
@@ -286,10 +320,10 @@ class ODEBlock(nn.Module):
                 out[name] = m
         return out
 
-    def factors_at(self, t: Tensor, x: Tensor, cot: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        """K-FAC factors of every Kronecker layer inside ``func`` at time t: A = sum a a^T /
-        (B P) over the layer's input rows at state ``x`` (B, *n), G = sum g g^T / B over the
-        rows of the output cotangents of <cot_c, F(t, x)> per sample and column (``cot``:
+    def rows_at(self, t: Tensor, x: Tensor, cot: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """K-FAC rows of every Kronecker layer inside ``func`` at time t, by name in ``func``:
+        a (B, P, d_in), the layer's input rows at state ``x`` (B, *n), and g (B, r, P, d_out),
+        the rows of the output cotangents of <cot_c, F(t, x)> per sample and column (``cot``:
         (B, r, *n), e.g. the adjoint a(t) as one column)."""
         layers = self.kronecker_layers()
         seen: dict[str, tuple[Tensor, Tensor]] = {}
@@ -307,13 +341,21 @@ class ODEBlock(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        B = x.shape[0]
         result = {}
         for i, (n, m) in enumerate(layers.items()):
             d = DERIVATIVES[type(m)]
-            a = d.kfac_input(m, seen[n][0])  # (B, P, d_in)
             gs = [torch.zeros_like(seen[n][1]) if c[i] is None else c[i] for c in cols]
-            g = d.kfac_output(m, torch.stack(gs, 1))  # (B, r, P, d_out)
+            result[n] = (d.kfac_input(m, seen[n][0]), d.kfac_output(m, torch.stack(gs, 1)))
+        return result
+
+    def factors_at(self, t: Tensor, x: Tensor, cot: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """K-FAC factors of every Kronecker layer inside ``func`` at time t: A = sum a a^T /
+        (B P) over the layer's input rows at state ``x`` (B, *n), G = sum g g^T / B over the
+        rows of the output cotangents of <cot_c, F(t, x)> per sample and column (``cot``:
+        (B, r, *n), e.g. the adjoint a(t) as one column); the rows are ``rows_at``'s."""
+        B = x.shape[0]
+        result = {}
+        for n, (a, g) in self.rows_at(t, x, cot).items():
             A = torch.einsum("bpi,bpj->ij", a, a) / (B * a.shape[1])
             G = torch.einsum("brpi,brpj->ij", g, g) / B
             result[n] = (A, G)
@@ -328,12 +370,12 @@ class ODEBlock(nn.Module):
         return torch.tensor([t1 - j * grid_step for j in range(J + 1)], dtype=like.dtype,
                             device=like.device)
 
-    def grid_statistics(self, x_out: Tensor, V: Tensor, grid_step: float = 0.01
-                        ) -> dict[str, tuple[Tensor, Tensor]]:
-        """The K-FAC factors of the Kronecker layers inside ``func`` averaged over the time grid
-        t_j = t1 - j grid_step (``grid_times``): A = mean_j A(t_j), G = mean_j G(t_j), with the
-        rows at x(t_j) and the output cotangents from the adjoint a(t_j) (``factors_at``), both
-        from one backward solve from x(t1) = ``x_out``, a(t1) = ``V`` (per sample)."""
+    def grid_solution(self, x_out: Tensor, V: Tensor, grid_step: float
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """(t_j, x(t_j), a(t_j)) on the grid ``grid_times``: one backward solve of the state
+        and the adjoint, dx/dt = F, da/dt = -F_x^T a, from x(t1) = ``x_out``, a(t1) = ``V``.
+        Memory: the grid's J states and adjoints (J B n numbers each), whatever the solver's
+        number of steps."""
         times = self.grid_times(grid_step, x_out)
 
         def aug(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -351,11 +393,44 @@ class ODEBlock(nn.Module):
                                               **self._solver_kwargs())
             else:
                 xs, adjs = x_out.detach().unsqueeze(0), V.detach().unsqueeze(0)
+        return times, xs, adjs
+
+    def grid_statistics(self, x_out: Tensor, V: Tensor, grid_step: float = 0.01
+                        ) -> dict[str, tuple[Tensor, Tensor]]:
+        """The K-FAC factors of the Kronecker layers inside ``func`` averaged over the time grid
+        t_j = t1 - j grid_step (``grid_times``): A = mean_j A(t_j), G = mean_j G(t_j), with the
+        rows at x(t_j) and the output cotangents from the adjoint a(t_j) (``factors_at``), both
+        from one backward solve from x(t1) = ``x_out``, a(t1) = ``V`` (per sample)."""
+        return self._grid_average(*self.grid_solution(x_out, V, grid_step))
+
+    def _grid_average(self, times: Tensor, xs: Tensor, adjs: Tensor
+                      ) -> dict[str, tuple[Tensor, Tensor]]:
+        """mean_j of ``factors_at(t_j, x(t_j), a(t_j))`` per layer."""
         total: dict[str, tuple[Tensor, Tensor]] = {}
         for j, t in enumerate(times):
             for n, (A, G) in self.factors_at(t, xs[j], adjs[j].unsqueeze(1)).items():
                 total[n] = (A, G) if n not in total else (total[n][0] + A, total[n][1] + G)
         return {n: (A / len(times), G / len(times)) for n, (A, G) in total.items()}
+
+    def grid_rows(self, x_out: Tensor, V: Tensor, grid_step: float | None = None
+                  ) -> GridStatistics | None:
+        """The statistics kfac/ekfac read for the layers inside ``func`` (docs/method.md
+        section 12), by name relative to the block (``func.<name>``): the factors of
+        ``grid_statistics`` and a callable that yields, per grid time t_j, each layer's rows
+        (a, g) of ``rows_at`` (recomputed from the stored x(t_j), a(t_j): the EKFAC eigenvalue
+        correction needs them in the new eigenbasis). None when ``func`` has no such layer.
+        ``grid_step`` defaults to the block's."""
+        if not self.kronecker_layers():
+            return None
+        h = self.grid_step if grid_step is None else grid_step
+        times, xs, adjs = self.grid_solution(x_out, V, h)
+        factors = {f"func.{n}": f for n, f in self._grid_average(times, xs, adjs).items()}
+
+        def rows() -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+            for j, t in enumerate(times):
+                yield {f"func.{n}": r for n, r in self.rows_at(t, xs[j], adjs[j].unsqueeze(1)).items()}
+
+        return GridStatistics(factors, rows, len(times))
 
     def backward_expansion(self, x_out: Tensor, V: Tensor, Z: Tensor | None,
                            rho: Tensor | None, grid_step: float | None = None) -> AdjointColumns:

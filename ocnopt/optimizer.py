@@ -38,6 +38,10 @@ class NonFiniteStepWarning(RuntimeWarning):
 _COMMON = {"lr", "weight_decay"}
 _STRUCTURAL = ("order", "backend", "curvature", "loss", "feedback", "value_correction",
                "gauss_newton", "track_loss_after", "seed", "game", "leaf_modules", "set_grad")
+#: hyper-parameters of the integration time of the model's ODE blocks (``ODEBlock.configure_t1``,
+#: docs/method.md section 12); accepted when the model has an ODE block, None: the block's value
+T1_KEYS = ("learn_t1", "t1_lr", "t1_reg", "t1_every", "t1_min", "t1_feedback")
+
 #: curvature models whose eps underflows in float16 (their steps would all be skipped)
 _HALF_UNSAFE = ("adam", "adamw", "rmsprop")
 
@@ -174,6 +178,11 @@ class OCNOpt(torch.optim.Optimizer):
             precondition_1d, correct_bias, normalize_gradient, data_format, eps, weight_decay
             (decoupled, as SOAP); shampoo: momentum, weight_decouple, fixed_decay,
             preconditioning_compute_steps, matrix_eps.
+            Models with an ``ocnopt.ode.ODEBlock`` also take its integration-time settings
+            learn_t1, t1_lr, t1_reg, t1_every, t1_min, t1_feedback (``ODEBlock.configure_t1``;
+            None, the default: the block's own value). They live in ``param_groups`` (and so in
+            ``state_dict``) and are applied to every block at each step; t1 itself is a buffer
+            of the block, in the model's ``state_dict`` (docs/method.md section 12).
 
     Precision: float16 parameters are refused with adam, adamw and rmsprop (their eps
     underflows in float16 and every step would be skipped): keep the model in float32 (or
@@ -293,6 +302,10 @@ class OCNOpt(torch.optim.Optimizer):
         #: the Neural ODE blocks among the steps (solver statistics, learned integration time)
         self._ode_blocks: list[Any] = [st.module for st in self.stages
                             if isinstance(st.derivatives, AdjointDerivatives)]
+        if self._ode_blocks:  # the t1 hyper-parameters are the optimizer's too (None: the block's)
+            t1_hp = {k: hyperparameters.get(k) for k in T1_KEYS}
+            for b in self._ode_blocks:
+                b.configure_t1(**t1_hp)
         if order == 1 and any(getattr(b, "learn_t1", False) for b in self._ode_blocks):
             raise ValueError(
                 "ODEBlock(learn_t1=True) needs order=2 here: s = dJ/dt1 comes from the block's "
@@ -309,7 +322,8 @@ class OCNOpt(torch.optim.Optimizer):
         self.engine.comm = self.comm
 
         accepted = {"weight_decay": 0.0, "mu": 0.0, "trust": 0.5, "max_grad_norm": None,
-                    **self.model_.defaults}
+                    **self.model_.defaults,
+                    **({k: None for k in T1_KEYS} if self._ode_blocks else {})}
         unknown = sorted(set(hyperparameters) - set(accepted))
         if unknown:
             raise TypeError(
@@ -486,6 +500,10 @@ class OCNOpt(torch.optim.Optimizer):
         snapshot = self._snapshot()
         for block in self._ode_blocks:
             block.reset_nfe()
+            block.configure_t1(**{k: hp.get(k) for k in T1_KEYS})
+            if self.order == 1 and block.learn_t1:
+                raise ValueError("learn_t1=True needs order=2: s = dJ/dt1 comes from the block's "
+                                 "backward expansion (docs/method.md section 12)")
         try:
             outcome = self.engine.step(inputs, targets, config, _OptimizerControls(self, hp))
             if outcome.skipped is not None:

@@ -38,11 +38,13 @@ def test_list(tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     assert [p["name"] for p in data["problems"]] == [
         "wine-fcn", "digits-fcn", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn", "quadratic",
-        "digits-resnet", "digits-inception", "mnist1d-resnet", "digits-deep"]
+        "digits-resnet", "digits-inception", "mnist1d-resnet", "digits-deep",
+        "digits-odenet", "digits-odenet-fine", "motions-ode", "circles-cnf"]
     opts = {o["name"]: o for o in data["optimizers"]}
     assert {"torch-sgd", "curvlinops-kfac", "autograd-adam", "lowrank-kfac-fb",
             "autograd-full-fb", "lowrank-kfac-fb-nash", "lowrank-adam-fb-nash"} <= set(opts)
     assert opts["lowrank-kfac-fb-nash"]["options"] == {"feedback": True, "game": "nash"}
+    assert {"snopt", "snopt-fb", "snopt-fb-t1", "torch-adam-noadjoint"} <= set(opts)
     assert "mnist1d-resnet" in opts["curvlinops-kfac"]["not_on"]
     assert "digits-resnet" not in opts["curvlinops-kfac"]["not_on"]
     res = invoke("bench", "list")

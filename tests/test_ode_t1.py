@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import ocnopt
 from ocnopt.ode import ODEBlock
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
@@ -134,3 +135,36 @@ def test_update_after_an_order2_step_uses_the_recorded_expansion():
     Q_T = 0.1 * 0.8 + s
     assert upd is not None
     assert upd.dt1 == pytest.approx(-0.2 * (Q_T + s * fb) / (0.1 + s * s), rel=1e-10)
+
+
+def test_t1_hyperparameters_are_the_optimizers():
+    """learn_t1, t1_lr, t1_reg, t1_every, t1_min, t1_feedback given to OCNOpt reach the block,
+    live in param_groups (so in state_dict) and a change there applies at the next step;
+    t1 is in the model's state_dict; a model without an ODE block refuses them."""
+    torch.manual_seed(0)
+    blk = ODEBlock(Field(), t1=0.8, method="rk4", options={"step_size": 0.1}).to(D)
+    model = torch.nn.Sequential(blk)
+    opt = ocnopt.OCNOpt(model, lr=0.05, curvature="sgd", order=2, loss="mse", learn_t1=True,
+                        t1_lr=0.02, t1_reg=0.5, t1_feedback=False, t1_min=0.3)
+    assert blk.learn_t1 and blk.t1_lr == 0.02 and blk.t1_reg == 0.5 and not blk.t1_feedback
+    assert blk.t1_min == 0.3 and blk.t1_every == 1
+    assert opt.state_dict()["param_groups"][0]["t1_lr"] == 0.02
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=g, dtype=D), torch.randn(5, 3, generator=g, dtype=D)
+    opt.step(x, y)
+    (u,) = opt.last_step.t1_updates
+    assert u.Q_TT == 1.0 and u.dt1 == pytest.approx(-0.02 * (0.5 * 0.8 + u.s), rel=1e-12)
+    opt.param_groups[0]["t1_feedback"] = True
+    opt.param_groups[0]["t1_lr"] = 0.01
+    opt.step(x, y)
+    (u2,) = opt.last_step.t1_updates
+    assert blk.t1_feedback and blk.t1_lr == 0.01
+    assert u2.Q_TT == pytest.approx(0.5 + u2.s ** 2, rel=1e-12)
+    assert float(model.state_dict()["0.t1"]) == pytest.approx(u2.t1)
+    with pytest.raises(ValueError, match="invalid t1_lr=-1"):
+        ocnopt.OCNOpt(torch.nn.Sequential(ODEBlock(Field())), order=2, backend="lowrank",
+                      t1_lr=-1)
+    with pytest.raises(TypeError, match="unknown hyper-parameter.*t1_lr"):
+        ocnopt.OCNOpt(torch.nn.Sequential(torch.nn.Linear(3, 3)), t1_lr=0.1)
+    with pytest.raises(ValueError, match="learn_t1=True\\) needs order=2"):
+        ocnopt.OCNOpt(torch.nn.Sequential(ODEBlock(Field())), order=1, learn_t1=True)

@@ -40,6 +40,7 @@ recorded with the optimizer (``OptimizerSpec.config()["overrides"]``).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import math
 import warnings
@@ -91,7 +92,20 @@ class Stepper(Protocol):
 
 
 def torch_loss(name: str) -> nn.Module:
+    if name == "nll":  # a flow's negative log-likelihood (ode_problems)
+        from .ode_problems import FlowNLL
+
+        return FlowNLL()
     return nn.CrossEntropyLoss() if name == "cross_entropy" else nn.MSELoss()
+
+
+def ocnopt_loss(name: str) -> Any:
+    """The ``loss`` argument of ``ocnopt.OCNOpt`` for a problem's loss name."""
+    if name == "nll":
+        from .ode_problems import flow_nll
+
+        return flow_nll
+    return name
 
 
 class TorchStepper:
@@ -190,7 +204,7 @@ class OCNOptStepper:
     def __init__(self, model: nn.Module, loss: str, **kwargs: Any):
         import ocnopt
 
-        self.opt = ocnopt.OCNOpt(model, loss=loss, **kwargs)
+        self.opt = ocnopt.OCNOpt(model, loss=ocnopt_loss(loss), **kwargs)
 
     @property
     def skipped(self) -> int:
@@ -283,7 +297,7 @@ def _ocnopt_refusal(problem: Problem, spec: OptimizerSpec) -> str | None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ocnopt.OCNOpt(problem.model(0), loss=problem.loss, lr=spec.default_lr,
+                ocnopt.OCNOpt(problem.model(0), loss=ocnopt_loss(problem.loss), lr=spec.default_lr,
                               **spec.kwargs)
         except (TypeError, ValueError, NotImplementedError) as err:
             reason = f"ocnopt.OCNOpt refuses it: {err}"
@@ -359,6 +373,8 @@ def accepted_hyper(name: str) -> list[str]:
     keyword arguments of its torch.optim / pytorch-optimizer class, curvlinops-kfac's damping,
     fisher_type and update_every, or for an ocnopt mode the arguments of ``ocnopt.OCNOpt``
     that the name does not fix plus its curvature model's hyper-parameters."""
+    if name in ODE_PEERS:
+        name = ODE_PEERS[name]
     if name in TORCH_PEERS:
         params = inspect.signature(getattr(torch.optim, TORCH_PEERS[name][0])).parameters
     elif name in PYTORCH_OPTIMIZER_PEERS:
@@ -369,10 +385,12 @@ def accepted_hyper(name: str) -> list[str]:
     else:
         import ocnopt
         from ocnopt.curvature import CURVATURES as MODELS
+        from ocnopt.optimizer import T1_KEYS
 
         curvature = str(parse_optimizer(name).curvature)
         params = inspect.signature(ocnopt.OCNOpt).parameters
-        extra = {"weight_decay", "mu", "trust", *MODELS[curvature].defaults}
+        # T1_KEYS: accepted by OCNOpt on models with an ODE block (refused elsewhere by it)
+        extra = {"weight_decay", "mu", "trust", *MODELS[curvature].defaults, *T1_KEYS}
         return sorted({"lr", *extra, *(k for k, p in params.items() if k not in _OCNOPT_FIXED
                                        and p.kind is not p.VAR_KEYWORD)})
     return sorted({"lr", *(k for k, p in params.items() if k not in ("self", "params")
@@ -447,6 +465,10 @@ def parse_optimizer(name: str, problem: Problem | None = None,
         raise TypeError(f"optimizer name must be a string, got {type(name).__name__}")
     overrides = problem.hyper if problem is not None else {}
     hp = dict(hp or {})
+    if name in SNOPT:
+        return snopt_spec(name, {**overrides.get(name, {}), **hp}, hp)
+    if name in ODE_PEERS:
+        return ode_peer(name, {**overrides.get(name, {}), **hp}, hp)
     if name in OC_PEERS:
         return emsa_spec({**overrides.get(name, {}), **hp})
     if name in PEERS:
@@ -497,7 +519,7 @@ def parse_optimizer(name: str, problem: Problem | None = None,
 
 def all_names() -> list[str]:
     """Every optimizer name the registry accepts."""
-    names = list(PEERS) + list(OC_PEERS)
+    names = list(PEERS) + list(OC_PEERS) + list(SNOPT) + list(ODE_PEERS)
     for fb in ("", "-fb", "-fb-nash"):
         for b in BACKENDS:
             for c in CURVATURES:
@@ -620,3 +642,64 @@ def emsa_spec(overrides: dict[str, Any]) -> OptimizerSpec:
         "emsa", "emsa", lr, hp,
         f"E-MSA (Li et al. 2018): {hp['inner_steps']} {hp['inner']} steps per layer on the "
         f"augmented Hamiltonian, rho {hp['rho']:g}", make, refusal=_emsa_refusal)
+
+
+# ---- Neural ODEs: SNOpt, and backpropagation through the solver ----------------------------------
+#: SNOpt (Liu, Chen, Theodorou 2021) as ocnopt runs it: EKFAC whose Kronecker layers inside an
+#: ODE block use factors averaged over the block's time grid (docs/method.md section 12); name ->
+#: (backend, order). ``snopt``: order 1 (SNOpt's practical first-order algorithm);
+#: ``snopt-fb``: order 2 with the feedback policies (low-rank expansion from the backward solve)
+SNOPT = {"snopt": ("autograd", 1), "snopt-fb": ("lowrank", 2),
+         "snopt-fb-t1": ("lowrank", 2), "snopt-fb-t1-open": ("lowrank", 2)}
+#: the integration time as a control (docs/method.md section 12): ``snopt-fb-t1`` learns t1
+#: with the feedback on the parameters' move, ``snopt-fb-t1-open`` with the open-loop update;
+#: L = J + (t1_reg/2) t1^2
+SNOPT_T1: dict[str, dict[str, Any]] = {
+    "snopt-fb-t1": {"learn_t1": True, "t1_feedback": True, "t1_lr": 0.1, "t1_reg": 0.1},
+    "snopt-fb-t1-open": {"learn_t1": True, "t1_feedback": False, "t1_lr": 0.1, "t1_reg": 0.1}}
+#: SNOpt's released defaults (damping 0.05, eigenvalue running average 0.75), statistics and
+#: eigenbases every 10 steps instead of 100 (the reduced runs here have a few hundred steps)
+SNOPT_HYPER: dict[str, Any] = {"damping": 0.05, "stat_every": 10, "inv_every": 10,
+                               "stat_decay": 0.75}
+DEFAULT_LR["snopt"] = 0.05
+#: backpropagation through the solver's operations (``ODEBlock(adjoint=False)``): the memory
+#: baseline of the adjoint method; name -> the torch peer it runs
+ODE_PEERS = {"torch-sgd-noadjoint": "torch-sgd", "torch-adam-noadjoint": "torch-adam"}
+
+
+def _ode_refusal(problem: Problem) -> str | None:
+    if not any(type(m).__name__ == "ODEBlock" for m in problem.model(0).modules()):
+        return f"{problem.name} has no ODE block"
+    return None
+
+
+def snopt_spec(name: str, merged: dict[str, Any], hp: dict[str, Any]) -> OptimizerSpec:
+    """``snopt`` / ``snopt-fb``: ekfac with ``SNOPT_HYPER`` (overrides by the problem under the
+    name, then the invocation's)."""
+    backend, order = SNOPT[name]
+    base = f"{backend}-ekfac" + ("-fb" if order == 2 else "")
+    t1 = SNOPT_T1.get(name, {})
+    spec = parse_optimizer(base, None, {"lr": DEFAULT_LR["snopt"], **SNOPT_HYPER, **t1,
+                                        **merged})
+    desc = (f"SNOpt: ekfac with the grid factors of the layers inside the ODE blocks, order "
+            f"{order}{' with feedback' if order == 2 else ''}, backend {backend}; "
+            + _kw({k: v for k, v in spec.hyper.items()
+                   if k in SNOPT_HYPER or k in t1 or k in merged}))
+    return dataclasses.replace(spec, name=name, description=desc, overrides=dict(hp))
+
+
+def ode_peer(name: str, merged: dict[str, Any], hp: dict[str, Any]) -> OptimizerSpec:
+    """A torch peer on the model with every ODE block backpropagating through the solver
+    (``adjoint=False``)."""
+    base = _peer(ODE_PEERS[name], merged, {})
+    inner = base.factory
+
+    def make(m: nn.Module, loss: str, lr: float, seed: int) -> Stepper:
+        for block in m.modules():
+            if type(block).__name__ == "ODEBlock":
+                block.adjoint = False  # type: ignore[assignment]
+        return inner(m, loss, lr, seed)
+
+    return dataclasses.replace(base, name=name, factory=make, overrides=dict(hp),
+                               description=base.description + ", backpropagation through the "
+                               "solver (odeint, no adjoint)", refusal=_ode_refusal)

@@ -19,6 +19,10 @@ classes; digits-cnn (N, 1, 8, 8), 10 classes; mnist1d-mlp (N, 40), 10 classes; m
 (N, 1, 40), 10 classes; quadratic (N, 100) with targets (N, 1); the graph networks
 digits-resnet and digits-inception (N, 1, 8, 8), mnist1d-resnet (N, 1, 40), 10 classes.
 
+The Neural ODE problems digits-odenet (N, 1, 8, 8), 10 classes; motions-ode (N, 6, 100), 4
+classes (sktime's UEA BasicMotions); circles-cnf (N, 2), density (negative log-likelihood) are
+defined in ``ode_problems`` and registered here.
+
 The graph networks are plain ``nn.Module`` classes (residual adds, ``torch.cat`` of branches,
 BatchNorm) whose ``forward`` ``torch.fx.symbolic_trace`` traces; they are trained in train mode
 and evaluated in eval mode (BatchNorm's running statistics).
@@ -76,7 +80,7 @@ class Problem:
     name: str
     description: str
     network: str
-    loss: str  # "cross_entropy" or "mse"
+    loss: str  # "cross_entropy", "mse" or "nll" (a flow's output: ode_problems.flow_nll)
     load: Callable[[int], Dataset]
     build: Callable[[], nn.Module]
     epochs: int  # default epochs of the train protocol
@@ -92,7 +96,8 @@ class Problem:
 
     @property
     def metric(self) -> str:
-        return "accuracy" if self.loss == "cross_entropy" else "mse"
+        """accuracy (cross_entropy), mse, or nll (a flow's negative log-likelihood)."""
+        return {"cross_entropy": "accuracy", "nll": "nll"}.get(self.loss, "mse")
 
     def model(self, seed: int) -> nn.Module:
         """The network with its initial weights drawn from ``seed`` (global RNG untouched)."""
@@ -459,3 +464,15 @@ PROBLEMS["digits-deep"] = Problem(
     f"{DEEP_LAYERS} Linear, hidden 32, Sigmoid (saturating: gradients vanish with depth)",
     "cross_entropy", load_digits, lambda: fcn(64, 32, 10, layers=DEEP_LAYERS, activation=nn.Sigmoid),
     epochs=20, batch_size=32, target=0.9)
+
+
+def _register_ode_problems() -> None:
+    """digits-odenet, motions-ode, circles-cnf (``ode_problems``; torchdiffeq is imported
+    when a network is built)."""
+    from .ode_problems import ODE_PROBLEMS
+
+    for p in ODE_PROBLEMS:
+        PROBLEMS[p.name] = p
+
+
+_register_ode_problems()

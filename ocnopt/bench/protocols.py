@@ -143,6 +143,10 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor, loss: str) -> tuple[float, 
             if loss == "cross_entropy":
                 total += float(nn.functional.cross_entropy(out, t, reduction="sum"))
                 correct += int((out.argmax(1) == t).sum())
+            elif loss == "nll":  # a flow's output state: negative log-likelihood per sample
+                from .ode_problems import flow_nll
+
+                total += float(flow_nll(out).sum())
             else:
                 total += float(nn.functional.mse_loss(out, t, reduction="sum")) / t[0].numel()
     finally:
@@ -173,6 +177,38 @@ def _eval_point(model: nn.Module, data: Dataset, loss: str, step: int, epoch: in
     return point
 
 
+class OdeCounter:
+    """Function evaluations of a model's Neural ODE blocks during the training steps (forward
+    and backward solves; evaluation passes excluded) and their integration times t1, for the
+    curve points and the result (nothing for a model without an ODE block)."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = [m for m in model.modules() if type(m).__name__ == "ODEBlock"]
+        self.forward = self.backward = 0
+
+    def reset(self) -> None:
+        for b in self.blocks:
+            b.reset_nfe()  # type: ignore[operator]
+
+    def count(self) -> None:
+        for b in self.blocks:
+            self.forward += int(b.nfe_forward)  # type: ignore[arg-type]
+            self.backward += int(b.nfe_backward)  # type: ignore[arg-type]
+
+    def mark(self, point: dict[str, Any]) -> dict[str, Any]:
+        if self.blocks:
+            point["nfe"] = self.forward + self.backward
+            point["t1"] = [float(b.t1) for b in self.blocks]  # type: ignore[arg-type]
+        return point
+
+    def summary(self, steps: int) -> dict[str, Any]:
+        if not self.blocks:
+            return {}
+        return {"solver": {"nfe_forward": self.forward, "nfe_backward": self.backward,
+                           "nfe_per_step": (self.forward + self.backward) / max(steps, 1),
+                           "t1": [float(b.t1) for b in self.blocks]}}  # type: ignore[arg-type]
+
+
 def train_one(problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float, seed: int,
               epochs: int, batch_size: int, on_step: StepCallback | None = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -188,7 +224,8 @@ def train_one(problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float, s
         # a factorisation of non-finite statistics (SOAP's, Shampoo's after a blow-up) ends the
         # run as diverged instead of the whole invocation
         stepper = GuardedStepper(spec.make(model, problem.loss, lr, seed))
-        curve = [_eval_point(model, data, problem.loss, 0, 0)]
+        ode = OdeCounter(model)
+        curve = [ode.mark(_eval_point(model, data, problem.loss, 0, 0))]
         curve_seconds = [0.0]
         batch_loss: list[float] = []
         elapsed, diverged, step = 0.0, False, 0
@@ -196,9 +233,11 @@ def train_one(problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float, s
         for epoch, batches in enumerate(batches_for(len(data.y_fit), batch_size, epochs, seed), 1):
             for idx in batches:
                 x, y = data.X_fit[idx], data.y_fit[idx]
+                ode.reset()
                 t0 = time.perf_counter()
                 loss = stepper.step(x, y)
                 elapsed += time.perf_counter() - t0
+                ode.count()
                 step += 1
                 batch_loss.append(loss)
                 if on_step is not None:
@@ -206,7 +245,7 @@ def train_one(problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float, s
                 if not math.isfinite(loss):
                     diverged = True
                     break
-            curve.append(_eval_point(model, data, problem.loss, step, epoch))
+            curve.append(ode.mark(_eval_point(model, data, problem.loss, step, epoch)))
             curve_seconds.append(elapsed)
             if diverged:
                 break
@@ -214,7 +253,7 @@ def train_one(problem: Problem, data: Dataset, spec: OptimizerSpec, lr: float, s
     final = {k: v for k, v in curve[-1].items() if k not in ("step", "epoch")}
     result = {"steps": step, "epochs_done": curve[-1]["epoch"], "diverged": diverged,
               "skipped_steps": int(stepper.skipped), "final": final, "curve": curve,
-              "batch_loss": batch_loss}
+              "batch_loss": batch_loss, **ode.summary(step)}
     timing = {"train_seconds": elapsed, "total_seconds": total, "curve_train_seconds": curve_seconds,
               "seconds_per_step": elapsed / max(step, 1)}
     return result, timing

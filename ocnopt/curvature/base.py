@@ -13,7 +13,7 @@ State is a list of dicts, one per parameter of the stage (the dicts of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +36,7 @@ class StageStatistics:
     A = sum_{b,p} a a^T / (B P) and G = sum_{b,r,p} g g^T / B.
     Full model: Q_uu, the batch mean E_i[Q_uu^(i)] + l_uu, flattened (m, m).
     ``A``/``G`` given (BackPACK backend): the Kronecker factors to use instead of the rows'.
+    ``sublayers``: per Kronecker layer inside a stage (an ODE block, docs/method.md section 12).
     """
 
     a: Tensor | None = None
@@ -49,6 +50,12 @@ class StageStatistics:
     #: (shared with the Gram matrices)
     aA: Tensor | None = None
     gG: Tensor | None = None
+    #: a stage that is not a Kronecker layer as a whole but holds some (an ODE block's field,
+    #: ``StageDerivatives.sublayers``): each layer's factors (A, G given), by its name, and
+    #: ``samples()``, which yields the rows (a, g) of every layer per sample of those factors
+    #: (per grid time: the factors are their average), for the EKFAC eigenvalue correction
+    sublayers: dict[str, StageStatistics] | None = None
+    samples: Callable[[], Iterable[dict[str, tuple[Tensor, Tensor]]]] | None = None
 
 
 class CurvatureModel:

@@ -8,6 +8,8 @@ changes, s restarts from the current batch's estimate in the new basis (choice: 
 diagonal lives in the old basis), so statistics are also collected at every basis refresh.
 Damping is added to the corrected eigenvalues ("exact" damping, as curvlinops' EKFAC inverse).
 Stages without Kronecker factors use kfac's diagonal fallback (``curvature/fallback.py``).
+Kronecker layers inside an ODE block's field use their factors averaged over the block's time
+grid, and s the average over the grid times of each time's estimate (docs/method.md section 12).
 """
 
 from __future__ import annotations
@@ -88,30 +90,81 @@ class EKFAC(KFAC):
             out += [M.new_empty((d,), dtype=torch.float64), M.new_empty((d, d), dtype=torch.float64)]
         return out
 
+    @staticmethod
+    def _rebase(stage: Stage, st: State, new: State, parts: Sequence[Tensor] | None) -> bool:
+        """Q_A, Q_G into ``new`` from a decomposition's parts (the previous basis kept where
+        it failed); whether the basis changed."""
+        if parts is None:
+            return False
+        failed = not all(bool(torch.isfinite(parts[i]).all()) for i in (0, 2))
+        if failed and "QA" in st:
+            warnings.warn(f"stage {stage.index}: eigen-decomposition of a K-FAC factor failed;"
+                          " keeping the previous eigenbasis", CurvatureWarning, stacklevel=6)
+            return False
+        if failed:
+            raise RuntimeError(f"stage {stage.index}: eigen-decomposition of the first K-FAC "
+                               "factors failed and there is no previous basis to keep")
+        new["QA"] = parts[1].to(new["A"].dtype)
+        new["QG"] = parts[3].to(new["G"].dtype)
+        return True
+
     def _finish(self, stage: Stage, st: State, new: State, parts: Sequence[Tensor] | None,
                 stats: StageStatistics | None, hp: dict[str, Any], step: int) -> State:
-        decay = hp["stat_decay"]
-        rebased = False
-        if parts is not None:
-            failed = not all(bool(torch.isfinite(parts[i]).all()) for i in (0, 2))
-            if failed and "QA" in st:
-                warnings.warn(f"stage {stage.index}: eigen-decomposition of a K-FAC factor failed;"
-                              " keeping the previous eigenbasis", CurvatureWarning, stacklevel=5)
-            elif failed:
-                raise RuntimeError(f"stage {stage.index}: eigen-decomposition of the first K-FAC "
-                                   "factors failed and there is no previous basis to keep")
-            else:
-                new["QA"] = parts[1].to(new["A"].dtype)
-                new["QG"] = parts[3].to(new["G"].dtype)
-                rebased = True
+        rebased = self._rebase(stage, st, new, parts)
         if stats is not None:
             s_w, s_b = self.comm.mean(eigenbasis_scales(stats, new["QA"], new["QG"]),
                                       tag="statistics")
-            fresh = rebased or "scale" not in st
-            new["scale"] = s_w if fresh else ema(st["scale"], s_w, decay)
-            new["scale_bias"] = s_b if fresh else ema(st["scale_bias"], s_b, decay)
+            self._set_scales(new, st, s_w, s_b, rebased, hp)
         new["damping"] = damping_at(hp, step)
         return new
+
+    def _refresh_basis(self, stage: Stage, st: State, stats: StageStatistics | None,
+                       hp: dict[str, Any], step: int) -> tuple[State, bool]:
+        """The factors' running averages, the eigenbasis (refreshed every ``inv_every`` steps)
+        and the damping, without the corrected eigenvalues; also whether the basis changed."""
+        new = self._factors(stage, st, stats, hp)
+        rebased = self._rebase(stage, st, new, self._fresh_parts(stage, new, st, hp, step))
+        new["damping"] = damping_at(hp, step)
+        return new, rebased
+
+    @staticmethod
+    def _set_scales(new: State, st: State, s_w: Tensor, s_b: Tensor, rebased: bool,
+                    hp: dict[str, Any]) -> None:
+        """The corrected eigenvalues: a running average of the batch estimates, restarted
+        from them when the basis changed."""
+        decay = hp["stat_decay"]
+        fresh = rebased or "scale" not in st
+        new["scale"] = s_w if fresh else ema(st["scale"], s_w, decay)
+        new["scale_bias"] = s_b if fresh else ema(st["scale_bias"], s_b, decay)
+
+    def _refresh_layers(self, layers: list[tuple[str, Stage, list[int]]], states: list[State],
+                        stats: StageStatistics | None, hp: dict[str, Any], step: int
+                        ) -> dict[str, State]:
+        """Per Kronecker layer inside the stage: the basis from its grid factors, and the
+        corrected eigenvalues as the average over the grid times of each time's estimate
+        (``eigenbasis_scales`` of that time's rows in the new basis; ``stats.samples``, one
+        pass over the grid for all layers)."""
+        subs = stats.sublayers if stats is not None and stats.sublayers is not None else {}
+        heads, rebased = {}, {}
+        for name, view, idx in layers:
+            heads[name], rebased[name] = self._refresh_basis(view, states[idx[0]], subs.get(name),
+                                                             hp, step)
+        if stats is None or stats.samples is None:
+            return heads
+        total: dict[str, tuple[Tensor, Tensor]] = {}
+        n = 0
+        for rows in stats.samples():
+            n += 1
+            for name, _, _ in layers:
+                a, g = rows[name]
+                s_w, s_b = eigenbasis_scales(StageStatistics(a=a, g=g), heads[name]["QA"],
+                                             heads[name]["QG"])
+                total[name] = (s_w, s_b) if name not in total else \
+                    (total[name][0] + s_w, total[name][1] + s_b)
+        for name, _, idx in layers:
+            s_w, s_b = self.comm.mean([total[name][0] / n, total[name][1] / n], tag="statistics")
+            self._set_scales(heads[name], states[idx[0]], s_w, s_b, rebased[name], hp)
+        return heads
 
     def precondition(self, stage: Stage, st: State, v: list[Tensor]) -> list[Tensor]:
         return self._scaled(stage, st, v, -1.0)
@@ -146,10 +199,12 @@ class EKFAC(KFAC):
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         if not self.kronecker(stage, hp):
+            if self.layers(stage, hp):
+                return self._per_layer(stage, states, v, hp, inverse=False)
             return DiagonalFallback.apply(states, v)
         return self._scaled(stage, states[0], v, 1.0)
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
         # a new basis needs a fresh diagonal: collect statistics at basis refreshes too
         return (step % hp["stat_every"] == 0 or step % hp["inv_every"] == 0
-                or "QA" not in states[0])
+                or not any("QA" in st for st in states))

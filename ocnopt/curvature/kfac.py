@@ -18,6 +18,10 @@ Stages with a control but no Kronecker factors (norm affine parameters, embeddin
 running average of Qbar_u^2 (kfac and ekfac alike), and so do Kronecker stages whose factor
 side d_in or d_out exceeds the hyper-parameter ``kfac_max_dim`` (None: no limit), the usual
 K-FAC practice for huge layers (a 25088-input Linear's A alone is 2.5 GB in float32).
+A stage that holds Kronecker layers without being one (an ODE block: ``sublayer_views``)
+preconditions each of them with its own factors (``StageStatistics.sublayers``: averaged over
+the block's time grid, docs/method.md section 12), its head state being its weight's, and its
+other parameters with the diagonal fallback.
 
 Memory guard: before any factor is allocated, ``check_memory`` estimates per Kronecker stage
 (d_in^2 + d_out^2) entries for the factors, as many for their inverses (eigenbases for
@@ -115,6 +119,26 @@ def factor_bytes(stage: Stage) -> int:
     return 2 * (d_in * d_in + d_out * d_out) * size + 2 * max(d_in, d_out) ** 2 * 8
 
 
+def sublayer_views(stage: Stage) -> list[tuple[str, Stage, list[int]]]:
+    """The Kronecker layers inside a stage that is not one as a whole (an ODE block's field:
+    ``StageDerivatives.sublayers``), each as a stage of its own: (name, a view whose control
+    is the layer's weight (and bias), the indices of those parameters in ``stage.params``)."""
+    if stage.kronecker or stage.shared or not stage.has_control:
+        return []
+    from ..derivatives import DERIVATIVES
+
+    out = []
+    for name, mod in stage.derivatives.sublayers(stage.module).items():
+        names = [p for p in ("weight", "bias") if f"{name}.{p}" in stage.param_names]
+        if "weight" not in names or type(mod) not in DERIVATIVES:
+            continue
+        idx = [stage.param_names.index(f"{name}.{p}") for p in names]
+        view = Stage(stage.index, f"{stage.name}.{name}", mod, DERIVATIVES[type(mod)], names,
+                     [stage.params[i] for i in idx])
+        out.append((name, view, idx))
+    return out
+
+
 class KFAC(CurvatureModel):
     name = "kfac"
     #: (step, stage index) -> (state with the new averages, wait for the decomposition), from
@@ -136,8 +160,16 @@ class KFAC(CurvatureModel):
         limit = hp.get("kfac_max_dim")
         return limit is None or max(factor_sides(stage)) <= limit
 
+    def layers(self, stage: Stage, hp: dict[str, Any]) -> list[tuple[str, Stage, list[int]]]:
+        """The Kronecker layers inside ``stage`` (``sublayer_views``) this model preconditions
+        with their own factors (sides within ``kfac_max_dim``); the other parameters of the
+        stage use the diagonal fallback."""
+        if stage.kronecker:
+            return []
+        return [lv for lv in sublayer_views(stage) if self.kronecker(lv[1], hp)]
+
     def uses_statistics(self, stage: Stage, hp: dict[str, Any]) -> bool:
-        return self.kronecker(stage, hp)
+        return self.kronecker(stage, hp) or bool(self.layers(stage, hp))
 
     def fallback_stages(self, stages: Sequence[Stage], hp: dict[str, Any]) -> list[str]:
         return [st.name for st in stages if st.kronecker and not self.kronecker(st, hp)]
@@ -145,7 +177,8 @@ class KFAC(CurvatureModel):
     def check_memory(self, stages: Sequence[Stage], hp: dict[str, Any], budget: int) -> None:
         from ..backends.autograd import MemoryBudgetError
 
-        for st in stages:
+        views = [v for st in stages for v in [st] + [lv[1] for lv in sublayer_views(st)]]
+        for st in views:
             if not (st.has_control and self.kronecker(st, hp) and "weight" in st.param_names):
                 continue
             need = factor_bytes(st)
@@ -173,7 +206,8 @@ class KFAC(CurvatureModel):
                 "kfac_max_dim", limit, "an integer >= 1 or None (no limit)")
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
-        return step % hp["stat_every"] == 0 or "A" not in states[0]
+        # "A" sits in the head state (the weight's) of each Kronecker layer of the stage
+        return step % hp["stat_every"] == 0 or not any("A" in st for st in states)
 
     # -- statistics and inverses --------------------------------------------------------------
     def _factors(self, stage: Stage, st: State, stats: StageStatistics | None,
@@ -230,14 +264,21 @@ class KFAC(CurvatureModel):
             parts = wait() if wait is not None else None
         else:
             new = self._factors(stage, st, stats, hp)
-            parts = None
-            if self._due(st, hp, step):
-                parts = self._decomposition(stage, new, st, hp, step) \
-                    if self.inverts_here(stage) else self._placeholders(new)
-                if self.comm.active and self.split_inversions:
-                    parts = list(self.comm.broadcast(parts, src=self.comm.owner(stage.index),
-                                                     tag="inverses"))
+            parts = self._fresh_parts(stage, new, st, hp, step)
         return self._finish(stage, st, new, parts, stats, hp, step)
+
+    def _fresh_parts(self, stage: Stage, new: State, st: State, hp: dict[str, Any], step: int
+                     ) -> list[Tensor] | None:
+        """The decomposition of the averages in ``new`` when due (None otherwise): computed
+        here, or (split inversions) by the stage's owner and broadcast."""
+        if not self._due(st, hp, step):
+            return None
+        parts = self._decomposition(stage, new, st, hp, step) \
+            if self.inverts_here(stage) else self._placeholders(new)
+        if self.comm.active and self.split_inversions:
+            parts = list(self.comm.broadcast(parts, src=self.comm.owner(stage.index),
+                                             tag="inverses"))
+        return parts
 
     def prefetch(self, items: Sequence[tuple[Stage, list[State], StageStatistics | None]],
                  hp: dict[str, Any], step: int) -> None:
@@ -291,6 +332,9 @@ class KFAC(CurvatureModel):
                stats: StageStatistics | None, hp: dict[str, Any], step: int
                ) -> tuple[list[State], list[Tensor]]:
         if not self.kronecker(stage, hp):
+            layers = self.layers(stage, hp)
+            if layers:
+                return self._update_layers(stage, layers, states, grads, stats, hp, step)
             return DiagonalFallback.update(stage, states, grads, hp, step)
         head = self._refresh(stage, states[0], stats, hp, step)
         # data parallel with Qbar_u formed (global already): preconditioning it costs no
@@ -308,8 +352,62 @@ class KFAC(CurvatureModel):
                 s["momentum_buffer"] = buf
         return new_states, dirs
 
+    # -- stages holding Kronecker layers (an ODE block's field, docs/method.md section 12) ------
+    def _refresh_layers(self, layers: list[tuple[str, Stage, list[int]]], states: list[State],
+                        stats: StageStatistics | None, hp: dict[str, Any], step: int
+                        ) -> dict[str, State]:
+        """The new head state of each layer from its own factors (``stats.sublayers``)."""
+        subs = stats.sublayers if stats is not None and stats.sublayers is not None else {}
+        return {name: self._refresh(view, states[idx[0]], subs.get(name), hp, step)
+                for name, view, idx in layers}
+
+    def _update_layers(self, stage: Stage, layers: list[tuple[str, Stage, list[int]]],
+                       states: list[State], grads: list[Tensor], stats: StageStatistics | None,
+                       hp: dict[str, Any], step: int) -> tuple[list[State], list[Tensor]]:
+        """Each Kronecker layer inside ``stage`` preconditioned with its own factors (its head
+        state is its weight's), the stage's other parameters with the diagonal fallback."""
+        if len(grads) != len(states):
+            raise RuntimeError(f"{stage}: Qbar_u was not formed but the direction needs it")
+        heads = self._refresh_layers(layers, states, stats, hp, step)
+        new_states: list[State | None] = [None] * len(states)
+        dirs: list[Tensor | None] = [None] * len(states)
+        for name, view, idx in layers:
+            d = self.precondition(view, heads[name], [grads[i] for i in idx])
+            for k, (i, di) in enumerate(zip(idx, d)):
+                new = heads[name] if k == 0 else dict(states[i])
+                if hp["momentum"] > 0:
+                    di, new["momentum_buffer"] = sgd_direction(di, states[i].get("momentum_buffer"),
+                                                               hp["momentum"], 0.0, False)
+                new_states[i], dirs[i] = new, di
+        rest = [i for i in range(len(states)) if dirs[i] is None]
+        if rest:
+            st_r, d_r = DiagonalFallback.update(stage, [states[i] for i in rest],
+                                                [grads[i] for i in rest], hp, step)
+            for i, st_i, d_i in zip(rest, st_r, d_r):
+                new_states[i], dirs[i] = st_i, d_i
+        return new_states, dirs  # type: ignore[return-value]
+
+    def _per_layer(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any],
+                   inverse: bool) -> list[Tensor]:
+        """M^-1 v (``inverse``) or M v for a stage holding Kronecker layers."""
+        out: list[Tensor | None] = [None] * len(v)
+        for _, view, idx in self.layers(stage, hp):
+            sub = [v[i] for i in idx]
+            res = self.precondition(view, states[idx[0]], sub) if inverse else \
+                self.apply(view, [states[i] for i in idx], sub, hp)
+            for i, r in zip(idx, res):
+                out[i] = r
+        rest = [i for i in range(len(v)) if out[i] is None]
+        if rest:
+            fb = DiagonalFallback.solve if inverse else DiagonalFallback.apply
+            for i, r in zip(rest, fb([states[i] for i in rest], [v[i] for i in rest])):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         if not self.kronecker(stage, hp):
+            if self.layers(stage, hp):
+                return self._per_layer(stage, states, v, hp, inverse=True)
             return DiagonalFallback.solve(states, v)
         return self.precondition(stage, states[0], v)
 
@@ -459,6 +557,8 @@ class KFAC(CurvatureModel):
 
     def apply(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:
         if not self.kronecker(stage, hp):
+            if self.layers(stage, hp):
+                return self._per_layer(stage, states, v, hp, inverse=False)
             return DiagonalFallback.apply(states, v)
         # the damped factors whose inverses are in use (diagnostics only: O(d^3))
         G, A = torch.linalg.inv(states[0]["G_inv"]), torch.linalg.inv(states[0]["A_inv"])

@@ -51,6 +51,13 @@ class StageDerivatives:
         if why is not None:
             raise TypeError(f"{type(module).__name__} at {where}: {why}")
 
+    def sublayers(self, module: nn.Module) -> dict[str, nn.Module]:
+        """Kronecker layers inside a stage that is not one as a whole (an ODE block's field),
+        by name relative to the stage (their parameters are ``<name>.weight``, ``<name>.bias``
+        of the stage's control); kfac/ekfac precondition each with its own factors. Empty for
+        ordinary layers."""
+        return {}
+
     def positions(self, module: nn.Module, out_sample_numel: int) -> int:
         """Weight-sharing positions P of the stage's output per sample: out_sample_numel / d_out
         for a Kronecker layer with a trainable weight (1 for a Linear on vectors), 1 otherwise."""

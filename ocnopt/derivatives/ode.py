@@ -11,6 +11,7 @@ a = f_x^T Z' and W = f_u^T Z' (per sample), from which the backend forms W^T k, 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,18 @@ class AdjointColumns:
     grid: dict[str, tuple[Tensor, Tensor]] | None = None
 
 
+@dataclass
+class GridStatistics:
+    """Kronecker statistics of the layers inside an adjoint stage on a time grid t_j
+    (docs/method.md section 12), by layer name relative to the stage: ``factors`` (A, G)
+    averaged over the J grid times, and ``rows()``, which yields per grid time each layer's
+    rows (a (B, P, d_in), g (B, r, P, d_out)) whose factors those are."""
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    rows: Callable[[], Iterator[dict[str, tuple[Tensor, Tensor]]]]
+    n_times: int
+
+
 class AdjointDerivatives(StageDerivatives):
     """A stage whose derivatives are solves of adjoint equations (declared interface)."""
 
@@ -44,6 +57,11 @@ class AdjointDerivatives(StageDerivatives):
         one backward solve (``grid_step``: and the Kronecker statistics on the time grid)."""
         raise NotImplementedError(f"{type(module).__name__} has no backward expansion")
 
+    def grid_rows(self, module: nn.Module, out: Tensor, V: Tensor) -> GridStatistics | None:
+        """The Kronecker statistics of the stage's ``sublayers`` from the nominal output
+        ``out`` and V'_x (B, *n) there, or None where it has none."""
+        return None
+
     def functional(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, ctx: Any) -> Tensor:
         raise TypeError(
             f"{type(module).__name__} is solved by the adjoint method and cannot be "
@@ -53,7 +71,16 @@ class AdjointDerivatives(StageDerivatives):
 
 class ODEDerivatives(AdjointDerivatives):
     """``ocnopt.ode.ODEBlock``: x(t1) from x(t0), dx/dt = func(t, x); control = func's
-    parameters (no Kronecker structure as a whole: kfac/ekfac use their diagonal fallback)."""
+    parameters. No Kronecker structure as a whole: kfac/ekfac precondition each Linear/Conv
+    inside ``func`` (``sublayers``) with its factors averaged over the block's time grid
+    (``grid_rows``), and the other parameters of ``func`` with their diagonal fallback."""
+
+    def sublayers(self, module: nn.Module) -> dict[str, nn.Module]:
+        """The Linear/Conv layers inside ``func`` with a trainable weight, as ``func.<name>``."""
+        return {f"func.{n}": m for n, m in module.kronecker_layers().items()}  # type: ignore[operator]
+
+    def grid_rows(self, module: nn.Module, out: Tensor, V: Tensor) -> GridStatistics | None:
+        return module.grid_rows(out, V)  # type: ignore[operator]
 
     def refusal(self, module: nn.Module) -> str | None:
         """Layers inside ``func`` that the per-sample expansion cannot honour: batch
@@ -88,4 +115,4 @@ class ODEDerivatives(AdjointDerivatives):
         return module.backward_expansion(out, V, Z, rho, grid_step)  # type: ignore[operator]
 
 
-__all__ = ["AdjointColumns", "AdjointDerivatives", "ODEDerivatives"]
+__all__ = ["AdjointColumns", "AdjointDerivatives", "GridStatistics", "ODEDerivatives"]
