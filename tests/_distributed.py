@@ -61,8 +61,8 @@ def ode(seed: int = 0) -> nn.Module:
             return self.l2(torch.tanh(self.l1(x)))
 
     torch.manual_seed(seed)
-    return nn.Sequential(ODEBlock(Field(), method="rk4", options={"step_size": 0.25}),
-                         nn.Linear(4, 3)).to(D)
+    return nn.Sequential(ODEBlock(Field(), method="rk4", options={"step_size": 0.25},
+                                  grid_step=0.25), nn.Linear(4, 3)).to(D)
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "square": square, "wide": wide,
@@ -93,6 +93,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "o1-residual-adam": ("residual", dict(curvature="adam", lr=1e-2)),
     "o1-residual-kfac": ("residual", dict(curvature="kfac", lr=0.1)),
     "o1-ode-adam": ("ode", dict(curvature="adam", lr=1e-2)),
+    # K-FAC / EKFAC of the layers inside the field on the block's time grid
+    "o1-ode-kfac": ("ode", dict(curvature="kfac", lr=0.1)),
+    "o1-ode-ekfac": ("ode", dict(curvature="ekfac", lr=0.1)),
     "o2-lowrank-kfac": ("mlp", dict(curvature="kfac", lr=0.1, order=2, backend="lowrank",
                                     track_loss_after=True)),
     "o2-lowrank-kfac-exact": ("mlp", dict(curvature="kfac", lr=0.1, order=2, backend="lowrank",
@@ -109,6 +112,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "o2-residual-lowrank-kfac": ("residual", dict(curvature="kfac", lr=0.1, order=2,
                                                   backend="lowrank")),
     "o2-ode-lowrank-adam": ("ode", dict(curvature="adam", lr=1e-2, order=2, backend="lowrank")),
+    "o2-ode-lowrank-ekfac": ("ode", dict(curvature="ekfac", lr=0.1, order=2, backend="lowrank")),
     # BatchNorm normalises each shard by its own statistics: not one process's result, but the
     # same parameters, state and (rank 0's) running statistics on every process
     "shardwise-batchnorm-kfac": ("batchnorm", dict(curvature="kfac", lr=0.1)),
