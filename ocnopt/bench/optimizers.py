@@ -75,9 +75,11 @@ HYPER: dict[str, dict[str, Any]] = {
 }
 CURVLINOPS_KFAC: dict[str, Any] = {"damping": 0.1, "fisher_type": "mc", "update_every": 10}
 
-#: the default comparison of ``ocnopt bench run`` (order 1 and order 2 against the peers)
-DEFAULT_SET = ("torch-sgd", "torch-adam", "curvlinops-kfac", "autograd-sgd", "autograd-adam",
-               "autograd-kfac", "lowrank-adam-fb", "lowrank-kfac-fb")
+#: the default comparison of ``ocnopt bench run`` (order 1 and order 2 against the peers a user
+#: would pick instead, SOAP and Shampoo included: both take less time per step than the order-2
+#: modes on every problem, docs/soap.md)
+DEFAULT_SET = ("torch-sgd", "torch-adam", "curvlinops-kfac", "soap", "shampoo", "autograd-sgd",
+               "autograd-adam", "autograd-kfac", "lowrank-adam-fb", "lowrank-kfac-fb")
 
 
 class Stepper(Protocol):
