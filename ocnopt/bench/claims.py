@@ -589,6 +589,11 @@ def render_claims(folder: Path, images: Path, rel: str = "", command: str | None
         if not vs:
             summary_lines += ["No results.", ""]
         summary_lines += _summary_tables(vs)
+        if vs:
+            counts = {k: sum(_short(v["verdict"]).startswith(k) for v in vs)
+                      for k in ("holds", "does not hold", "noise", "neither trains")}
+            summary_lines += [f"Of {len(vs)} comparisons: " + ", ".join(
+                f"{k} {n}" for k, n in counts.items() if n) + ".", ""]
     page = "\n".join(head + summary_lines + [""] + _reductions(records) + c1 + c2 + c3
                      ).rstrip() + "\n"
     runs = [r for r in records if r.get("kind") == "run"]
