@@ -62,6 +62,8 @@ def _short(verdict: str) -> str:
         return "noise (" + verdict.rsplit("at ", 1)[1] + ")"
     if "neither trains" in verdict:
         return "neither trains"
+    if "neither reaches" in verdict:
+        return "neither reaches"
     return verdict
 
 def paired_verdict(favour: Sequence[float]) -> tuple[str, float | None, float | None]:
@@ -221,6 +223,8 @@ def _robustness_block(records: list[dict[str, Any]], sub: list[dict[str, Any]], 
     for o2 in (o for o in ORDER1_OF if o in share):
         for other in versus(o2, share):
             v, m, se = paired_verdict(_paired(share[o2], share[other], lower_better=False))
+            if not any(share[o2].values()) and not any(share[other].values()):
+                v = "does not hold (neither reaches the target at any grid point)"
             vt.append([o2, other, _fmt(None if m is None else 100 * m, "+.0f") + " pts",
                        _fmt(None if se is None else 100 * se, ".0f") + " pts", v])
             verdicts.append({"claim": claim, "problem": prob, "mode": o2, "versus": other,
@@ -595,7 +599,9 @@ def render_claims(folder: Path, images: Path, rel: str = "", command: str | None
                      "optimizer it is compared with (*own order 1*: the order-1 mode with the "
                      "same curvature, e.g. lowrank-adam-fb against autograd-adam); *noise (n "
                      "seeds)*: not distinguishable from noise at n seeds; *neither trains*: both "
-                     "stay at the chance-level loss; -: not run. The sections below have the "
+                     "stay at the chance-level loss; *neither reaches*: neither reaches the "
+                     "target at any grid point (both: the claim does not hold); -: not run. The "
+                     "sections below have the "
                      "numbers.", ""]
     for claim, what in ((1, "sensitivity to hyper-parameters"),
                         (2, "vanishing gradients (digits-deep)"),
@@ -607,7 +613,8 @@ def render_claims(folder: Path, images: Path, rel: str = "", command: str | None
         summary_lines += _summary_tables(vs)
         if vs:
             counts = {k: sum(_short(v["verdict"]).startswith(k) for v in vs)
-                      for k in ("holds", "does not hold", "noise", "neither trains")}
+                      for k in ("holds", "does not hold", "noise", "neither trains",
+                                "neither reaches")}
             summary_lines += [f"Of {len(vs)} comparisons: " + ", ".join(
                 f"{k} {n}" for k, n in counts.items() if n) + ".", ""]
     page = "\n".join(head + summary_lines + [""] + _reductions(records) + c1 + c2 + c3
