@@ -359,7 +359,8 @@ def _deep_trace(records: list[dict[str, Any]], recs: list[dict[str, Any]], image
               f"N = {recs[0]['result']['trace']['every']}. ms / step includes the trace (one "
               "extra forward and backward every N steps). "
               "first / last layer: ratio of the geometric means over steps and seeds (a ratio "
-              "far below 1: the early layers get vanishing gradients or updates).", ""]
+              "far below 1: the early layers get vanishing gradients or updates; n/a: the first "
+              "layer's update was exactly 0 in float32 at every traced step).", ""]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         groups.setdefault(r["optimizer"], []).append(r)
