@@ -48,8 +48,9 @@ Where this follows the paper (its Algorithm 3, the discrete-time E-MSA, and Sect
   at every outer iteration, ``max_iter=inner_steps``, initial step ``lr`` (1 by default) and a
   strong-Wolfe line search, gradient tolerance 0 (the early layers of a deep Sigmoid chain have
   gradients far below torch's default 1e-7, which would skip them); torch's other stopping
-  rule stays (stop when Htilde_t changes by less than 1e-9): on digits-deep it leaves the first
-  six of the twelve layers unchanged, their whole possible gain being below it. The paper does
+  rules stay (tolerance_change 1e-9: stop when the directional derivative g . d is above -1e-9,
+  when the step or the change of Htilde_t is below 1e-9): on digits-deep they leave the first six
+  of the twelve layers unchanged (the first search direction is -g with |g|^2 < 1e-9 there). The paper does
   not name a line search; its TensorFlow L-BFGS (scipy's L-BFGS-B) always uses one, so this is
   our choice.
   ``inner="adam"`` / ``"sgd"``: ``inner_steps`` steps of torch Adam with learning rate ``lr`` /
