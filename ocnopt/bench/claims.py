@@ -58,8 +58,9 @@ def versus(o2: str, present: set[str] | dict[str, Any]) -> list[str]:
 
 def _short(verdict: str) -> str:
     """A verdict cut for the summary tables."""
-    if verdict.startswith("not distinguishable from noise at"):
-        return "noise (" + verdict.rsplit("at ", 1)[1] + ")"
+    if verdict.startswith("not distinguishable from noise"):
+        return "noise" + (" (" + verdict.rsplit(" at ", 1)[1] + ")" if " at " in verdict
+                          else "")
     if "neither trains" in verdict:
         return "neither trains"
     if "neither reaches" in verdict:
