@@ -144,7 +144,7 @@ def test_unknown_names_refused(bad: str) -> None:
 def test_select_sets_and_fit() -> None:
     digits = problems.get_problem("digits-fcn")
     default = [s.name for s in registry.select(digits, None)]
-    assert {"torch-sgd", "torch-adam", "curvlinops-kfac"} <= set(default)
+    assert {"torch-sgd", "torch-adam", "curvlinops-kfac", "soap", "shampoo"} <= set(default)
     orders = {registry.parse_optimizer(n).order for n in default}
     assert {1, 2} <= orders
     assert [s.name for s in registry.select(digits, ["default"])] == default

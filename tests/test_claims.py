@@ -171,8 +171,16 @@ def test_trace_protocol_and_claims_page(tmp_path: Path) -> None:
     for heading in ("## Claim 1", "## Claim 2", "## Claim 3", "## Summary"):
         assert heading in page
     assert "ocnopt bench trace wine-fcn" in page  # the command recorded in the manifest
-    assert "lowrank-kfac-fb vs emsa (training loss)" in page
-    assert "lowrank-kfac-fb vs autograd-kfac" in page  # claim 1: order 2 vs its order 1
+    # summary tables: claim 3 has a column per optimal-control peer, claim 1 one for the own
+    # order 1 (autograd-kfac for lowrank-kfac-fb) and one per peer that ran
+    claim1 = page.split("### Claim 1")[1].split("### Claim 2")[0]
+    claim3 = page.split("### Claim 3")[1].split("## Settings")[0]
+    assert "| problem | order 2 | own order 1 | torch-sgd |" in claim1
+    assert "| wine-fcn | lowrank-kfac-fb |" in claim1
+    assert "| problem | order 2 | own order 1 | torch-sgd | emsa |" not in claim3
+    assert "| problem | order 2 | emsa |" in claim3 and "| wine-fcn | lowrank-kfac-fb |" in claim3
+    assert "lowrank-kfac-fb | autograd-kfac |" in page  # claim 1's section: vs its order 1
+    assert "`autograd-full-fb` (vanilla DDP's exact value Hessians" in page  # not run, and why
     assert (tmp_path / "docs" / "claims-plots" / "claims-robustness-wine-fcn.png").stat().st_size
     assert "1 epochs instead of 40" in page
 

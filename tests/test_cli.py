@@ -156,9 +156,10 @@ def test_default_run_table_and_report(tmp_path: Path) -> None:
     res = invoke("bench", "run", "wine-fcn", "--epochs", "1", "--seeds", "1", "--subset", "32",
                  "--out", tmp_path / "r")
     assert res.exit_code == 0, res.output
-    for name in ("torch-sgd", "torch-adam", "curvlinops-kfac", "autograd-adam", "lowrank-kfac-fb"):
+    for name in ("torch-sgd", "torch-adam", "curvlinops-kfac", "soap", "shampoo", "autograd-adam",
+                 "lowrank-kfac-fb"):
         assert name in res.stdout
-    assert "x torch-sgd" in res.stdout and "complete: 8 runs" in res.stdout
+    assert "x torch-sgd" in res.stdout and "complete: 10 runs" in res.stdout
     doc = tmp_path / "docs" / "bench.md"
     doc.parent.mkdir()
     doc.write_text("# Benchmarks\n\nother section\n")
@@ -170,7 +171,7 @@ def test_default_run_table_and_report(tmp_path: Path) -> None:
     assert (tmp_path / "docs" / "bench-plots" / "train-wine-fcn.png").exists()
     assert "](bench-plots/train-wine-fcn.png)" in text
     res = invoke("bench", "report", tmp_path / "r", "--json")
-    assert res.exit_code == 0 and json.loads(res.stdout)["files"] == 8
+    assert res.exit_code == 0 and json.loads(res.stdout)["files"] == 10
     assert (tmp_path / "r" / "report.md").exists()
 
 

@@ -39,6 +39,10 @@ ORDER1_OF = {"lowrank-adam-fb": "autograd-adam", "lowrank-kfac-fb": "autograd-kf
              "autograd-kfac-fb": "autograd-kfac", "autograd-adam-fb": "autograd-adam",
              "lowrank-sgd-fb": "autograd-sgd", "lowrank-ekfac-fb": "autograd-ekfac",
              "lowrank-soap-fb": "autograd-soap", "lowrank-shampoo-fb": "autograd-shampoo"}
+#: what order 2 is compared with besides its own order 1, each where its results exist: torch
+#: SGD/Adam, curvlinops' K-FAC, pytorch-optimizer's SOAP and Shampoo, E-MSA, vanilla DDP
+PEERS_COMPARED = ("torch-sgd", "torch-adam", "curvlinops-kfac", "soap", "shampoo", "emsa",
+                  "autograd-full-fb")
 #: the problems the study covers when run in full
 STUDY_PROBLEMS = ("digits-fcn", "digits-deep", "mnist1d-mlp", "digits-resnet")
 #: the optimal-control peers of claim 3
@@ -46,6 +50,23 @@ OC_PEERS = ("emsa", "autograd-full-fb")
 
 
 # ---- verdicts -----------------------------------------------------------------------------------
+def versus(o2: str, present: set[str] | dict[str, Any]) -> list[str]:
+    """The optimizers order-2 mode ``o2`` is compared with, among ``present``: its own order 1
+    first, then ``PEERS_COMPARED``."""
+    return [n for n in (ORDER1_OF[o2], *PEERS_COMPARED) if n in present and n != o2]
+
+
+def _short(verdict: str) -> str:
+    """A verdict cut for the summary tables."""
+    if verdict.startswith("not distinguishable from noise"):
+        return "noise" + (" (" + verdict.rsplit(" at ", 1)[1] + ")" if " at " in verdict
+                          else "")
+    if "neither trains" in verdict:
+        return "neither trains"
+    if "neither reaches" in verdict:
+        return "neither reaches"
+    return verdict
+
 def paired_verdict(favour: Sequence[float]) -> tuple[str, float | None, float | None]:
     """(verdict, mean, standard error) of per-seed differences ``favour`` that are positive
     when the claim holds (see the module docstring)."""
@@ -200,15 +221,15 @@ def _robustness_block(records: list[dict[str, Any]], sub: list[dict[str, Any]], 
     lines += [f"![robustness {prob}]({rel}{png.name})", ""]
     share = {r["optimizer"]: dict(zip(r["seeds"], r["share_per_seed"])) for r in sub}
     vt = []
-    for o2, o1 in ORDER1_OF.items():
-        for other in (o1, "torch-sgd", "torch-adam"):
-            if o2 in share and other in share:
-                v, m, se = paired_verdict(_paired(share[o2], share[other], lower_better=False))
-                vt.append([o2, other, _fmt(None if m is None else 100 * m, "+.0f") + " pts",
-                           _fmt(None if se is None else 100 * se, ".0f") + " pts", v])
-                verdicts.append({"claim": claim, "problem": prob, "mode": o2, "versus": other,
-                                 "what": "share of the grid", "verdict": v, "mean": m,
-                                 "se": se})
+    for o2 in (o for o in ORDER1_OF if o in share):
+        for other in versus(o2, share):
+            v, m, se = paired_verdict(_paired(share[o2], share[other], lower_better=False))
+            if not any(share[o2].values()) and not any(share[other].values()):
+                v = "does not hold (neither reaches the target at any grid point)"
+            vt.append([o2, other, _fmt(None if m is None else 100 * m, "+.0f") + " pts",
+                       _fmt(None if se is None else 100 * se, ".0f") + " pts", v])
+            verdicts.append({"claim": claim, "problem": prob, "mode": o2, "versus": other,
+                             "what": "share of the grid", "verdict": v, "mean": m, "se": se})
     if vt:
         lines += ["Paired over seeds (share of order 2 minus share of the other):", "",
                   _table(["order 2", "versus", "mean difference", "standard error",
@@ -227,7 +248,9 @@ def _claim1(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
              "centred on its default) x initialisation scales (every initial parameter times "
              "the scale), several seeds per point; a point *reaches* when the final test "
              "accuracy is at least the target. Share: the share of the grid reached, per seed, "
-             "mean ± std over seeds.", ""]
+             "mean ± std over seeds. Order 2 is compared with its own order 1 and with the "
+             "peers that ran (torch SGD/Adam, curvlinops K-FAC, SOAP, Shampoo); E-MSA and "
+             "vanilla DDP are too slow for a grid of runs here.", ""]
     verdicts: list[dict[str, Any]] = []
     for prob in sorted({r["problem"] for r in rows}):
         block, v = _robustness_block(records, [r for r in rows if r["problem"] == prob], prob,
@@ -326,27 +349,19 @@ def _train_rows_table(recs: list[dict[str, Any]], with_profile: bool) -> str:
     return _table(head, table, "lllrrrrr" + ("rr" if with_profile else ""))
 
 
-def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list[str], list]:
-    lines = ["## Claim 2: the feedback prevents vanishing gradients", "",
-             "Protocol `trace` on `digits-deep` (12 Linear layers of width 32 with Sigmoid: the "
-             "gradient of the early layers shrinks by the Sigmoid's slope, at most 1/4, per "
-             "layer), default learning rates. Every N steps and per layer: |Δθ_t| (the update "
-             "the optimizer made), |dJ/dθ_t| (the parameter gradient of the batch loss) and "
-             "|V_x| (the value gradient: the root mean square over the batch of the gradient of "
-             "a sample's loss at the layer's output, from a separate autograd pass before the "
-             "step); ocnopt's |k_t| is recorded too (`result.trace.k_norm`). The claim is "
-             "tested on the final training loss: order 2 against its own order 1 and against "
-             "torch SGD/Adam (paired seeds, lower is better).", ""]
-    verdicts: list[dict[str, object]] = []
-    recs = _trace_records(records, "digits-deep")
-    if not recs:
-        return lines + ["_No traced digits-deep results in this folder._", ""], verdicts
+def _deep_trace(records: list[dict[str, Any]], recs: list[dict[str, Any]], images: Path,
+                rel: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Claim 2's trace part: the table, the norms plot and the paired verdicts on the final
+    training loss of the digits-deep trace runs ``recs``."""
+    lines: list[str] = []
+    verdicts: list[dict[str, Any]] = []
     lines += ["Commands:", "", _code(_commands(records, "trace", "digits-deep")), "",
               _environment_line(recs), "", _train_rows_table(recs, True), "",
               f"N = {recs[0]['result']['trace']['every']}. ms / step includes the trace (one "
               "extra forward and backward every N steps). "
               "first / last layer: ratio of the geometric means over steps and seeds (a ratio "
-              "far below 1: the early layers get vanishing gradients or updates).", ""]
+              "far below 1: the early layers get vanishing gradients or updates; n/a: the first "
+              "layer's update was exactly 0 in float32 at every traced step).", ""]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         groups.setdefault(r["optimizer"], []).append(r)
@@ -361,20 +376,41 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
     lines += [f"![norms digits-deep]({rel}{png.name})", ""]
     loss = _by_seed(recs, _final_train_loss)
     vt = []
-    for o2, o1 in ORDER1_OF.items():
-        for other in (o1, "torch-sgd", "torch-adam"):
-            if o2 in loss and other in loss:
-                v, m, se = paired_verdict(_paired(loss[o2], loss[other], lower_better=True))
-                if _stalled(recs, o2) and _stalled(recs, other):
-                    v = "does not hold (neither trains: both stay at the chance-level loss)"
-                vt.append([o2, other, _fmt(m, "+.3f"), _fmt(se, ".3f"), v])
-                verdicts.append({"claim": 2, "problem": "digits-deep", "mode": o2,
-                                 "versus": other, "what": "final training loss", "verdict": v,
-                                 "mean": m, "se": se})
+    for o2 in (o for o in ORDER1_OF if o in loss):
+        for other in versus(o2, loss):
+            v, m, se = paired_verdict(_paired(loss[o2], loss[other], lower_better=True))
+            if _stalled(recs, o2) and _stalled(recs, other):
+                v = "does not hold (neither trains: both stay at the chance-level loss)"
+            vt.append([o2, other, _fmt(m, "+.3f"), _fmt(se, ".3f"), v])
+            verdicts.append({"claim": 2, "problem": "digits-deep", "mode": o2, "versus": other,
+                             "what": "final training loss", "verdict": v, "mean": m, "se": se})
     if vt:
         lines += ["Paired over seeds (final training loss of the other minus that of order 2):",
                   "", _table(["order 2", "versus", "mean difference", "standard error",
                               "verdict"], vt, "lllrl"), ""]
+    return lines, verdicts
+
+
+def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list[str], list]:
+    lines = ["## Claim 2: the feedback prevents vanishing gradients", "",
+             "Protocol `trace` on `digits-deep` (12 Linear layers of width 32 with Sigmoid: the "
+             "gradient of the early layers shrinks by the Sigmoid's slope, at most 1/4, per "
+             "layer), default learning rates. Every N steps and per layer: |Δθ_t| (the update "
+             "the optimizer made), |dJ/dθ_t| (the parameter gradient of the batch loss) and "
+             "|V_x| (the value gradient: the root mean square over the batch of the gradient of "
+             "a sample's loss at the layer's output, from a separate autograd pass before the "
+             "step); ocnopt's |k_t| is recorded too (`result.trace.k_norm`). The claim is "
+             "tested on the final training loss: order 2 against its own order 1 and against "
+             "the peers that ran (torch SGD/Adam, curvlinops K-FAC, SOAP, Shampoo, E-MSA; "
+             "paired seeds, lower is better).", ""]
+    verdicts: list[dict[str, Any]] = []
+    recs = _trace_records(records, "digits-deep")
+    if recs:
+        trace_lines, trace_verdicts = _deep_trace(records, recs, images, rel)
+        lines += trace_lines
+        verdicts += trace_verdicts
+    else:
+        lines += ["_No traced digits-deep results in this folder._", ""]
     for prob in DEEP:
         sub = [r for r in robustness_summary(records) if r["problem"] == prob]
         if sub:
@@ -388,6 +424,30 @@ def _claim2(records: list[dict[str, Any]], images: Path, rel: str) -> tuple[list
 
 
 # ---- claim 3: E-MSA and vanilla DDP ------------------------------------------------------------
+#: why an optimal-control peer is missing from a problem's trace runs ((peer, problem or None))
+OC_ABSENT = {
+    ("emsa", "digits-resnet"): "E-MSA is defined for chains; this network has skips and "
+                               "BatchNorm",
+    ("emsa", None): "not run",
+    ("autograd-full-fb", None): "vanilla DDP's exact value Hessians of every layer's output "
+                                "(dense blocks over all parameters): too slow or too large to "
+                                "train here; its time per step is in the overhead protocol "
+                                "where measured",
+}
+
+
+def _sizes(recs: list[dict[str, Any]]) -> str:
+    """Seeds, epochs, steps and batch of a problem's trace runs."""
+    seeds = sorted({r["seed"] for r in recs})
+    epochs = sorted({r["config"]["epochs"] for r in recs})
+    steps = sorted({r["result"]["steps"] for r in recs})
+    batch = sorted({r["config"]["batch_size"] for r in recs})
+    subset = sorted({r["config"]["problem"].get("subset") or 0 for r in recs})
+    return (f"Sizes: seeds {', '.join(map(str, seeds))} ({len(seeds)}), "
+            f"{'/'.join(map(str, epochs))} epochs, {'/'.join(map(str, steps))} steps, batch "
+            f"{'/'.join(map(str, batch))}"
+            + (f", first {subset[-1]} samples of each split" if subset[-1] else "") + ".")
+
 def _claim3(records: list[dict[str, Any]]) -> tuple[list[str], list]:
     lines = ["## Claim 3: better than E-MSA and vanilla DDP in training performance and runtime",
              "", "Protocol `trace` (a train run at the default learning rates; the trace adds "
@@ -395,19 +455,22 @@ def _claim3(records: list[dict[str, Any]]) -> tuple[list[str], list]:
              "final training loss (paired seeds, lower is better); runtime: seconds per "
              "training step (paired seeds). Vanilla DDP is ocnopt's `autograd-full-fb` (exact "
              "value Hessians, full curvature); E-MSA is the `emsa` peer (Li, Chen, Tai and E, "
-             "JMLR 2018: per-layer maximisation of the augmented Hamiltonian by a few Adam "
-             "steps). Protocol `overhead` gives the time per step in one process where vanilla "
-             "DDP is too slow to train.", ""]
+             "JMLR 2018, as its Algorithm 3 and Section 5: per layer, 10 L-BFGS iterations on "
+             "the augmented Hamiltonian, rho = 1; chains only). Protocol `overhead` gives the "
+             "time per step in one process where vanilla DDP is too slow to train.", ""]
     verdicts = []
     problems = sorted({r["problem"] for r in records if r.get("kind") == "run"
                        and r["protocol"] == "train" and "trace" in r["result"]})
     for prob in problems:
         recs = _trace_records(records, prob)
         names = {r["optimizer"] for r in recs}
-        if not names & set(OC_PEERS):
-            continue
         lines += [f"### {prob}", "", "Commands:", "", _code(_commands(records, "trace", prob)),
-                  "", _train_rows_table(recs, False), ""]
+                  "", _sizes(recs), "", _train_rows_table(recs, False), ""]
+        missing = [p for p in OC_PEERS if p not in names]
+        if missing:
+            lines += [f"Not run on {prob}: " + "; ".join(
+                f"`{p}` ({OC_ABSENT.get((p, prob)) or OC_ABSENT.get((p, None), 'not run')})"
+                for p in missing) + ".", ""]
         loss = _by_seed(recs, _final_train_loss)
         sps = _by_seed(recs, _sec_per_step)
         vt = []
@@ -493,6 +556,25 @@ def _reductions(records: list[dict[str, Any]]) -> list[str]:
 
 
 # ---- page ---------------------------------------------------------------------------------------
+def _summary_tables(vs: list[dict[str, Any]]) -> list[str]:
+    """One table per measure (``what``) of the verdicts ``vs`` of one claim."""
+    out: list[str] = []
+    for what in dict.fromkeys(v["what"] for v in vs):
+        sub = [v for v in vs if v["what"] == what]
+        own = any(v["versus"] == ORDER1_OF.get(v["mode"]) for v in sub)
+        cols = ["own order 1"] * own + [p for p in PEERS_COMPARED
+                                        if any(v["versus"] == p for v in sub)]
+        rows: dict[tuple[str, str], dict[str, str]] = {}
+        for v in sub:
+            col = "own order 1" if v["versus"] == ORDER1_OF.get(v["mode"]) else v["versus"]
+            rows.setdefault((v["problem"], v["mode"]), {})[col] = _short(v["verdict"])
+        table = [[prob, mode] + [cells.get(c, "-") for c in cols]
+                 for (prob, mode), cells in rows.items()]
+        out += [f"{what}:", "", _table(["problem", "order 2"] + cols, table,
+                                       "ll" + "l" * len(cols)), ""]
+    return out
+
+
 def render_claims(folder: Path, images: Path, rel: str = "", command: str | None = None
                   ) -> tuple[str, dict[str, Any]]:
     """(Markdown page, summary) of the claims from the results under ``folder``; plots are
@@ -509,21 +591,34 @@ def render_claims(folder: Path, images: Path, rel: str = "", command: str | None
             "commands below and regenerate.", "",
             "Verdicts compare paired seeds (same initial weights and minibatches): *holds* when "
             "the mean difference is in the claim's favour beyond the 95 % Student interval of "
-            "the seeds (t x standard error, t = 4.3 for 3 seeds), *does not hold* when it is "
+            "the seeds (t x standard error, t = 4.30 for 3 seeds, 2.78 for 5), *does not hold* when it is "
             "against it beyond that interval or the two are identical on every seed, otherwise "
-            "*not distinguishable from noise at n seeds*. With 3 seeds only large effects "
-            "count.", ""]
-    summary_lines = ["## Summary", ""]
-    for claim, what in ((1, "sensitivity to hyper-parameters (share of the grid reaching the "
-                            "target)"),
-                        (2, "vanishing gradients on digits-deep (final training loss; share of the grid)"),
-                        (3, "against E-MSA and vanilla DDP (training loss, runtime)")):
+            "*not distinguishable from noise at n seeds*. With 3 to 5 seeds only large effects "
+            "count. The machine was shared with other jobs while these ran (2 cores): times per "
+            "step are noisier than on a quiet machine.", ""]
+    summary_lines = ["## Summary", "",
+                     "Per claim and measure, one row per problem and order-2 mode, one column per "
+                     "optimizer it is compared with (*own order 1*: the order-1 mode with the "
+                     "same curvature, e.g. lowrank-adam-fb against autograd-adam); *noise (n "
+                     "seeds)*: not distinguishable from noise at n seeds; *neither trains*: both "
+                     "stay at the chance-level loss; *neither reaches*: neither reaches the "
+                     "target at any grid point (both: the claim does not hold); -: not run. The "
+                     "sections below have the "
+                     "numbers.", ""]
+    for claim, what in ((1, "sensitivity to hyper-parameters"),
+                        (2, "vanishing gradients (digits-deep)"),
+                        (3, "against E-MSA and vanilla DDP")):
         vs = [v for v in verdicts if v["claim"] == claim]
-        summary_lines.append(f"- Claim {claim}, {what}:" + ("" if vs else " no results."))
-        for v in vs:
-            summary_lines.append(f"  - {v['problem']}: {v['mode']} vs {v['versus']}"
-                                 f"{' (' + v['what'] + ')' if 'what' in v else ''}: "
-                                 f"**{v['verdict']}**")
+        summary_lines += [f"### Claim {claim}, {what}", ""]
+        if not vs:
+            summary_lines += ["No results.", ""]
+        summary_lines += _summary_tables(vs)
+        if vs:
+            counts = {k: sum(_short(v["verdict"]).startswith(k) for v in vs)
+                      for k in ("holds", "does not hold", "noise", "neither trains",
+                                "neither reaches")}
+            summary_lines += [f"Of {len(vs)} comparisons: " + ", ".join(
+                f"{k} {n}" for k, n in counts.items() if n) + ".", ""]
     page = "\n".join(head + summary_lines + [""] + _reductions(records) + c1 + c2 + c3
                      ).rstrip() + "\n"
     runs = [r for r in records if r.get("kind") == "run"]
