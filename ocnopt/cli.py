@@ -304,6 +304,11 @@ JobsOption = Annotated[int, typer.Option(
     help="Train the independent runs (seeds, grid points, optimizers) in N worker processes, "
          "each with --threads torch threads: the same results, files and table order as "
          "`--jobs 1`, but the runs share the cores, so measure times with `--jobs 1`.")]
+NprocOption = Annotated[int, typer.Option(
+    "--nproc", help="Data-parallel processes per run (torch.distributed, gloo on CPU): each "
+                    "steps on its shard of every minibatch and OCNOpt all-reduces the batch "
+                    "means; equals --nproc 1 up to float rounding. ocnopt optimizers "
+                    "only.")]
 
 
 @bench.command("list", short_help="List the problems and the optimizers.")
@@ -365,11 +370,7 @@ def run_cmd(
     threads: ThreadsOption = 1,
     jobs: JobsOption = 1,
     json_out: JsonOption = False,
-    nproc: Annotated[int, typer.Option(
-        "--nproc", help="Data-parallel processes per run (torch.distributed, gloo on CPU): each "
-                        "steps on its shard of every minibatch and OCNOpt all-reduces the batch "
-                        "means; equals --nproc 1 up to float rounding. ocnopt optimizers "
-                        "only.")] = 1,
+    nproc: NprocOption = 1,
 ) -> None:
     """Protocol train: fixed epochs, several seeds; final training loss, test accuracy
     (mean ± std over seeds), wall-clock time and time to a target accuracy per optimizer.
@@ -390,16 +391,7 @@ def run_cmd(
         _target(prob, target)
         hps = _hp(hp)
         specs = _optimizers(prob, optimizers, hps)
-        if nproc > 1 and jobs > 1:
-            raise UsageError(f"--nproc {nproc} with --jobs {jobs}: choose one (a data-parallel "
-                             "run uses the processes; independent runs use the workers)")
-        if nproc > 1:
-            from .bench.parallel import refuse_non_ocnopt
-
-            try:
-                refuse_non_ocnopt(specs, nproc)
-            except ValueError as err:
-                raise UsageError(str(err)) from err
+        _check_nproc(specs, nproc, jobs)
         lrs = None
         if lr_from is not None:
             if not lr_from.is_dir():
@@ -434,6 +426,20 @@ def run_cmd(
 
     _train_like(f"train {prob.name}", prob.name, len(specs), seeds, settings, data, out, json_out,
                 run)
+
+
+def _check_nproc(specs: list[Any], nproc: int, jobs: int) -> None:
+    """UsageError for --nproc with --jobs, or --nproc > 1 with optimizers that are not ocnopt's."""
+    if nproc > 1 and jobs > 1:
+        raise UsageError(f"--nproc {nproc} with --jobs {jobs}: choose one (a data-parallel "
+                         "run uses the processes; independent runs use the workers)")
+    if nproc > 1:
+        from .bench.parallel import refuse_non_ocnopt
+
+        try:
+            refuse_non_ocnopt(specs, nproc)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
 
 
 def _progress_run(label: str, n_runs: int, settings: Any, data: Any, out: Path, json_out: bool,
@@ -521,6 +527,7 @@ def sweep_cmd(
     split_seed: SplitSeedOption = 0,
     threads: ThreadsOption = 1,
     jobs: JobsOption = 1,
+    nproc: NprocOption = 1,
     json_out: JsonOption = False,
 ) -> None:
     """Protocol sweep: a log-spaced learning-rate grid per optimizer, trained on the fit split
@@ -538,23 +545,37 @@ def sweep_cmd(
         prob = _problem(problem)
         for name, v in (("--epochs", epochs), ("--seeds", seeds), ("--batch-size", batch_size),
                         ("--subset", subset), ("--threads", threads), ("--decades", decades),
-                        ("--jobs", jobs)):
+                        ("--jobs", jobs), ("--nproc", nproc)):
             _positive(name, v)
         if points < 2:
             raise UsageError(f"--points must be at least 2, got {points}")
         hps = _hp(hp)
         specs = _optimizers(prob, optimizers, hps)
+        _check_nproc(specs, nproc, jobs)
         out = _writable(out)
         data = load(prob, split_seed, subset)
     _threads(threads)
     settings = RunSettings(epochs=epochs or prob.epochs, batch_size=batch_size or prob.batch_size,
                            seeds=list(range(seeds)), split_seed=split_seed, subset=subset,
                            hp=hps)
+
+    def run(on_step: Any, on_done: Any) -> Any:
+        if nproc == 1:
+            return sweep_protocol(prob, data, specs, settings, out, points, decades,
+                                  on_step=on_step, on_done=on_done, jobs=jobs,
+                                  worker_threads=threads)
+        from .bench.parallel import Job, run_data_parallel
+
+        job = Job(prob.name, [s.name for s in specs], hps, settings, None, threads,
+                  protocol="sweep", points=points, decades=decades)
+        return run_data_parallel(
+            nproc, job, specs, lambda sharded: sweep_protocol(
+                prob, data, sharded, settings, out, points, decades, on_step=on_step,
+                on_done=on_done),
+            device=data.X_fit.device)
+
     records, status, seconds = _progress_run(
-        f"sweep {prob.name}", len(specs) * seeds * points, settings, data, out, json_out,
-        lambda on_step, on_done: sweep_protocol(prob, data, specs, settings, out, points,
-                                                decades, on_step=on_step, on_done=on_done,
-                                                jobs=jobs, worker_threads=threads))
+        f"sweep {prob.name}", len(specs) * seeds * points, settings, data, out, json_out, run)
     rows = sweep_summary(records)
     if json_out:
         _emit_json({"protocol": "sweep", "problem": prob.name, "status": status, "out": str(out),

@@ -162,14 +162,14 @@ def test_one_process_has_no_communication():
 
 
 # ---- ocnopt bench run --nproc ---------------------------------------------------------------------
-def _bench(*args: str):
+def _bench(*args: str, command: str = "run"):
     pytest.importorskip("sklearn")
     pytest.importorskip("typer")
     from typer.testing import CliRunner
 
     from ocnopt.cli import app
 
-    return CliRunner().invoke(app, ["bench", "run", *map(str, args)])
+    return CliRunner().invoke(app, ["bench", command, *map(str, args)])
 
 
 def test_nproc_refuses_optimizers_that_are_not_ocnopt(tmp_path):
@@ -178,6 +178,9 @@ def test_nproc_refuses_optimizers_that_are_not_ocnopt(tmp_path):
     assert "--nproc 2 runs ocnopt optimizers only" in res.stderr and "torch-sgd" in res.stderr
     res = _bench("wine-fcn", "--nproc", "0", "--out", tmp_path)
     assert res.exit_code == 2 and "--nproc must be positive" in res.stderr
+    res = _bench("wine-fcn", "-o", "torch-adam", "--nproc", "2", "--out", tmp_path,
+                 command="sweep")
+    assert res.exit_code == 2 and "--nproc 2 runs ocnopt optimizers only" in res.stderr
 
 
 @pytest.mark.slow
@@ -203,3 +206,25 @@ def test_nproc_two_equals_one_process(tmp_path):
         assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5, name
         fa, fb = one["result"]["final"]["test_loss"], two["result"]["final"]["test_loss"]
         assert abs(fa - fb) < 1e-5 * abs(fa), name
+
+
+@pytest.mark.slow
+def test_sweep_nproc_two_equals_one_process(tmp_path):
+    """``sweep --nproc 2`` trains every grid point as ``--nproc 1`` up to float32 rounding."""
+    import json
+
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        res = _bench("wine-fcn", "-o", "autograd-adam", "--epochs", "1", "--seeds", "1",
+                     "--points", "2", "--subset", "60", "--nproc", str(n), "--out", out,
+                     "--json", command="sweep")
+        assert res.exit_code == 0, res.output
+        runs[n] = {f.name: json.loads(f.read_text()) for f in sorted(out.glob("sweep-*-seed*.json"))}
+    assert len(runs[1]) == 2 and runs[1].keys() == runs[2].keys()
+    for name, one in runs[1].items():
+        two = runs[2][name]
+        assert two["config"]["optimizer"]["nproc"] == 2
+        a, b = one["result"]["batch_loss"], two["result"]["batch_loss"]
+        assert len(a) == len(b) > 1
+        assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5, name

@@ -1,4 +1,4 @@
-"""``ocnopt bench run ... --nproc P``: the data-parallel run of a protocol (docs/distributed.md).
+"""``ocnopt bench run|sweep ... --nproc P``: the data-parallel run of a protocol (docs/distributed.md).
 
 The invoking process is rank 0 (it shows the progress and writes the results); ranks 1..P-1
 are spawned processes that rebuild the same problem, data and optimizers from the invocation's
@@ -83,6 +83,9 @@ class Job:
     settings: Any
     lrs: dict[str, tuple[float, str]] | None
     threads: int
+    protocol: str = "train"  # or "sweep" (with its grid: ``points``, ``decades``)
+    points: int = 0
+    decades: float = 0.0
 
 
 def _rebuild(job: Job) -> tuple[Any, Any, list[OptimizerSpec]]:
@@ -103,7 +106,7 @@ def _worker(rank: int, world: int, init: str, backend: str, job: Job) -> None:
     """Rank ``rank`` >= 1: the same protocol on its shards; its results are thrown away."""
     import torch.distributed as dist
 
-    from .protocols import train_protocol
+    from .protocols import sweep_protocol, train_protocol
 
     torch.set_num_threads(job.threads)
     problem, data, specs = _rebuild(job)  # before the group: no collective yet
@@ -111,8 +114,12 @@ def _worker(rank: int, world: int, init: str, backend: str, job: Job) -> None:
                             timeout=TIMEOUT)
     try:
         with tempfile.TemporaryDirectory() as out:
-            train_protocol(problem, data, shard_specs(specs, rank, world), job.settings,
-                           Path(out), job.lrs)
+            sharded = shard_specs(specs, rank, world)
+            if job.protocol == "sweep":
+                sweep_protocol(problem, data, sharded, job.settings, Path(out), job.points,
+                               job.decades)
+            else:
+                train_protocol(problem, data, sharded, job.settings, Path(out), job.lrs)
     finally:
         dist.destroy_process_group()
 
