@@ -1,27 +1,20 @@
 """Step time of ocnopt against peers doing the same work, in one process, interleaved.
 
-Comparisons (``--compare``), each a pair subject / reference built from the registry
-(``ocnopt.bench.optimizers``: the CLI's names, learning rates and hyper-parameters):
-
-* ``torch``: ``autograd-<c>`` (order 1) against its torch.optim twin, c in sgd, rmsprop, adam,
-  adamw: the registry's ``torch-<c>`` peer with the same hyper-parameters; adamw, which has no
-  peer, against ``torch.optim.AdamW`` with the ocnopt spec's, both at AdamW's default weight
-  decay (at ocnopt's default 0 adamw would be adam);
-* ``order2``: ``lowrank-adam-fb`` against ``autograd-adam``, ``lowrank-kfac-fb`` against
-  ``autograd-kfac`` (order 2 against order 1 of the same curvature);
-* ``curvlinops``: ``curvlinops-kfac`` against ``autograd-kfac`` set to its work: statistics of
-  its Fisher from the current batch only (stat_decay 0) and inverses every ``update_every``
-  steps, its damping and lr, no ``.grad`` (set_grad false).
-
-Networks (``--nets``): the problems' networks, batch sizes and fit data
-(``ocnopt.bench.problems``) and ``mlp784-w512`` (``random_mlp``: MLP 784-512-512-10, B 256).
-Every runner gets its own copy of the same initial model; the runners of one network are timed
-together by ``ocnopt.bench.measure.interleaved_times`` (warm-up, then rounds of ``block`` steps
-in an order reshuffled every round) on the ``--clock`` (``wall``: perf_counter_ns; ``cpu``: the
-thread's CPU time, for a shared machine). Printed per pair: median step times, the ratio of
-medians with its 95 % bootstrap interval (``bootstrap_ratio``), the ratio of means (periodic
-work such as K-FAC inverses). ``--baseline COMMIT`` adds every ocnopt subject at that commit
-(exported as a package by ``baseline_overhead.export_baseline``) and its ratios.
+Pairs subject / reference from the registry (``ocnopt.bench.optimizers``: the CLI's names,
+learning rates, hyper-parameters), by ``--compare``:
+``torch``: ``autograd-<c>`` against the ``torch-<c>`` peer, c in sgd, rmsprop, adam, and
+``autograd-adamw`` against ``torch.optim.AdamW``, both at AdamW's default weight decay (at
+ocnopt's default 0, adamw is adam); ``order2``: ``lowrank-<c>-fb`` against ``autograd-<c>``,
+c in adam, kfac; ``curvlinops``: ``curvlinops-kfac`` against ``autograd-kfac`` doing its work
+(its lr, damping and Fisher, statistics of the current batch only and inverses every
+``update_every`` steps, no ``.grad``).
+Networks (``--nets``): the problems' (``ocnopt.bench.problems``: network, batch size, fit data)
+and ``mlp784-w512`` (``random_mlp``: 784-512-512-10, B 256). Each runner has its own copy of
+the same initial model; a network's runners are timed together by
+``measure.interleaved_times`` on the ``--clock`` (``wall``: perf_counter_ns; ``cpu``: the
+thread's CPU time, for a shared machine). Printed per pair: median ms, the ratio of medians
+with its 95 % bootstrap interval (``measure.bootstrap_ratio``), the ratio of means;
+``--baseline COMMIT`` adds each ocnopt subject at that commit (``baseline_overhead``'s export).
 
     python benchmarks/twin_overhead.py --compare torch --clock cpu --json twin.json
     python benchmarks/twin_overhead.py --compare order2,curvlinops --clock cpu \\
@@ -49,8 +42,6 @@ from ocnopt.bench.problems import Problem, get_problem, load, random_mlp
 
 NETS = ("digits-fcn", "mnist1d-mlp", "digits-cnn", "digits-resnet", "mlp784-w512")
 CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
-
-
 Pair = tuple[str, OptimizerSpec, str, OptimizerSpec]
 
 
@@ -67,9 +58,6 @@ def pairs(compare: str, p: Problem) -> list[Pair]:
               "set_grad": False}
         return [("autograd-kfac as peer", parse_optimizer("autograd-kfac", p, hp),
                  "curvlinops-kfac", peer)]
-    if compare != "torch":
-        raise ValueError(f"--compare: unknown comparison {compare!r}; accepted torch, order2, "
-                         "curvlinops")
     out: list[Pair] = []
     wd = inspect.signature(torch.optim.AdamW).parameters["weight_decay"].default
     for c in ("sgd", "rmsprop", "adam"):
@@ -162,6 +150,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if bad := set(args.nets.split(",")) - set(NETS):
+        ap.error(f"--nets: unknown network(s) {sorted(bad)}; accepted {', '.join(NETS)}")
+    if bad := set(args.compare.split(",")) - {"torch", "order2", "curvlinops"}:
+        ap.error(f"--compare: unknown comparison(s) {sorted(bad)}; accepted torch, order2, "
+                 "curvlinops")
     torch.set_num_threads(args.threads)
     load_start, started = loadavg(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(f"{args.clock} clock, {args.threads} thread(s), {args.rounds} rounds x {args.block} "
@@ -173,8 +166,6 @@ def main() -> None:
         warnings.simplefilter("ignore")
         base = export_baseline(args.baseline, Path(tmp)) if args.baseline else None
         for net in args.nets.split(","):
-            if net not in NETS:
-                raise ValueError(f"--nets: unknown network {net!r}; accepted {', '.join(NETS)}")
             rows += run_net(net, args, base)
     if args.json is not None:
         args.json.write_text(json.dumps({
