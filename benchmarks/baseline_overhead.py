@@ -8,8 +8,9 @@ optimizer x version) gets its own copy of the same initial model; the timing is
 ``ocnopt.bench.measure.interleaved_times`` (the ``overhead`` protocol's: warm-up, then rounds of
 ``block`` timed steps in an order reshuffled every round). Prints per configuration the median
 step time of both versions and the ratio after / before, with a 95 % bootstrap interval of the
-ratio of medians. Problems: digits-fcn (the registry's, B = 32) and the MLP 784-512-512-10 on
-random data (``ocnopt.bench.problems.random_mlp``, B = 256).
+ratio of medians (``ocnopt.bench.measure.bootstrap_ratio``). Problems: digits-fcn (the
+registry's, B = 32) and the MLP 784-512-512-10 on random data
+(``ocnopt.bench.problems.random_mlp``, B = 256).
 
     python benchmarks/baseline_overhead.py --baseline c7932e0 --json baseline.json
     python benchmarks/baseline_overhead.py --baseline 377091c --after 8e427e3 --problems digits-fcn
@@ -21,7 +22,6 @@ import argparse
 import copy
 import importlib
 import json
-import random
 import re
 import statistics
 import subprocess
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import ocnopt
-from ocnopt.bench.measure import environment, interleaved_times, quantile
+from ocnopt.bench.measure import bootstrap_ratio, environment, interleaved_times
 from ocnopt.bench.problems import get_problem, load, random_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,19 +116,15 @@ def main() -> None:
         for key, r in runners.items():
             r["ns"] = times["|".join(key)]
     rows = []
-    boot = random.Random(1)
     for (pname, cname, version), r in runners.items():
         if version != "after":
             continue
         before, after = runners[(pname, cname, "before")]["ns"], r["ns"]
-        ratio = statistics.median(after) / statistics.median(before)
-        samples = sorted(statistics.median(boot.choices(after, k=len(after)))
-                         / statistics.median(boot.choices(before, k=len(before)))
-                         for _ in range(400))
+        ratio, lo, hi = bootstrap_ratio(after, before)
         rows.append({"problem": pname, "optimizer": cname,
                      "before_ms": statistics.median(before) / 1e6,
                      "after_ms": statistics.median(after) / 1e6, "ratio": ratio,
-                     "ci95": [quantile(samples, 0.025), quantile(samples, 0.975)]})
+                     "ci95": [lo, hi]})
     print(f"baseline {args.baseline} vs {args.after or 'working tree'}, {args.threads} "
           f"thread(s), {args.rounds} rounds x {args.block} steps, median step time")
     print(f"{'problem':28} {'optimizer':18} {'before ms':>10} {'after ms':>10} {'after/before':>13} "

@@ -50,3 +50,57 @@ def test_interleaved_times_counts_and_order() -> None:
     rounds = [tuple(b[0] for b in blocks[i:i + 3]) for i in range(0, len(blocks), 3)]
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len(set(rounds)) > 1
     assert sequence(0)[0] == calls and sequence(1)[0] != calls
+
+
+def test_interleaved_times_reads_the_given_clock() -> None:
+    """A call's time is clock() after minus before: a clock advancing by 7 per reading gives 7
+    for every timed call (and the warm-up calls are not read), the default wall clock sees a
+    sleep that the thread's CPU time (time.thread_time_ns) does not."""
+    import itertools
+    import time
+
+    from ocnopt.bench.measure import interleaved_times
+
+    ticks = itertools.count(0, 7)
+    readings: list[int] = []
+
+    def fake() -> int:
+        readings.append(next(ticks))
+        return readings[-1]
+
+    times = interleaved_times({"a": lambda: None, "b": lambda: None}, warmup=3, rounds=2,
+                              block=4, clock=fake)
+    assert times == {"a": [7] * 8, "b": [7] * 8} and len(readings) == 2 * 16
+
+    def nap() -> None:
+        time.sleep(0.02)
+
+    wall = interleaved_times({"s": nap}, warmup=0, rounds=1, block=2)["s"]
+    cpu = interleaved_times({"s": nap}, warmup=0, rounds=1, block=2, clock=time.thread_time_ns)["s"]
+    assert min(wall) >= 20_000_000 and max(cpu) < 10_000_000
+
+
+def test_bootstrap_ratio_against_exact_cases_and_its_errors() -> None:
+    """Constant samples: the ratio and both ends are exact; samples of a = 2 b (shuffled,
+    resampled independently): the point estimate is 2 and the interval holds it; the statistic
+    is a parameter (the mean of a constant pair); bad input names the argument."""
+    import random
+    import statistics
+
+    from ocnopt.bench.measure import bootstrap_ratio
+
+    assert bootstrap_ratio([6.0] * 10, [3.0] * 7) == (2.0, 2.0, 2.0)
+    b = [1.0 + 0.01 * i for i in range(101)]
+    a = [2 * x for x in b]
+    random.Random(0).shuffle(a)
+    ratio, lo, hi = bootstrap_ratio(a, b)
+    assert ratio == 2.0 and lo < 2.0 < hi and hi - lo < 0.5
+    assert bootstrap_ratio(a, b, seed=1) == (ratio, lo, hi)  # seeded
+    assert bootstrap_ratio([1.0, 5.0], [3.0, 3.0], stat=statistics.fmean)[0] == 1.0
+    assert bootstrap_ratio(a, b, level=0.5)[2] < hi  # a narrower level, a narrower interval
+    with pytest.raises(ValueError, match="non-empty samples, got sizes 0 and 3"):
+        bootstrap_ratio([], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"level must lie in \(0, 1\), got 95"):
+        bootstrap_ratio(a, b, level=95)
+    with pytest.raises(ValueError, match="resamples must be a positive integer, got 0"):
+        bootstrap_ratio(a, b, resamples=0)

@@ -1,6 +1,6 @@
 """Measurement helpers shared by the harness (``ocnopt.bench.protocols``) and the benchmark
 scripts (``benchmarks/``): the environment record of every result file, interleaved step
-timing, the allocator's peak memory, peak RSS, quantiles."""
+timing, the allocator's peak memory, peak RSS, quantiles, bootstrap intervals of ratios."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -100,12 +101,15 @@ def loadavg() -> list[float] | None:
 
 # ---- timing and memory ---------------------------------------------------------------------------
 def interleaved_times(steps: Mapping[str, Callable[[], None]], warmup: int, rounds: int,
-                      block: int, seed: int = 0, on_step: Callable[[int], None] | None = None
-                      ) -> dict[str, list[int]]:
-    """Nanoseconds (``time.perf_counter_ns``) of every timed call of each ``steps[name]()``: first
-    ``warmup`` untimed calls of each, then ``rounds`` rounds in which each runs ``block``
-    consecutive timed calls, the order reshuffled every round (``random.Random(seed)``), so
-    that drift of the machine (frequency, other load) hits all of them alike."""
+                      block: int, seed: int = 0, on_step: Callable[[int], None] | None = None,
+                      clock: Callable[[], int] = time.perf_counter_ns) -> dict[str, list[int]]:
+    """Nanoseconds of every timed call of each ``steps[name]()``: first ``warmup`` untimed calls
+    of each, then ``rounds`` rounds in which each runs ``block`` consecutive timed calls, the
+    order reshuffled every round (``random.Random(seed)``), so that drift of the machine
+    (frequency, other load) hits all of them alike. A call's time is ``clock()`` after minus
+    before: wall time by default (``time.perf_counter_ns``); ``time.thread_time_ns`` gives the
+    calling thread's CPU time, which leaves out the time the thread waits while other processes
+    run (on a shared machine), but also any time spent in other threads."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -119,9 +123,9 @@ def interleaved_times(steps: Mapping[str, Callable[[], None]], warmup: int, roun
         for name in order:
             fn, out = steps[name], times[name]
             for _ in range(block):
-                t0 = time.perf_counter_ns()
+                t0 = clock()
                 fn()
-                out.append(time.perf_counter_ns() - t0)
+                out.append(clock() - t0)
                 if on_step is not None:
                     on_step(1)
     return times
@@ -206,3 +210,26 @@ def quantile(xs: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def bootstrap_ratio(a: Sequence[float], b: Sequence[float],
+                    stat: Callable[[Sequence[float]], float] = statistics.median,
+                    level: float = 0.95, resamples: int = 400, seed: int = 1
+                    ) -> tuple[float, float, float]:
+    """(stat(a) / stat(b), lower, upper): the ratio of a statistic (the median by default) of
+    two independent samples and its percentile bootstrap interval at ``level``: a and b are
+    resampled with replacement, each to its own size, ``resamples`` times
+    (``random.Random(seed)``), and the interval is the (1 - level)/2 and (1 + level)/2
+    quantiles of the resampled ratios stat(a*) / stat(b*)."""
+    if not a or not b:
+        raise ValueError(f"bootstrap_ratio needs two non-empty samples, got sizes {len(a)} and "
+                         f"{len(b)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
+    rng = random.Random(seed)
+    ratios = [stat(rng.choices(a, k=len(a))) / stat(rng.choices(b, k=len(b)))
+              for _ in range(resamples)]
+    return (stat(a) / stat(b), quantile(ratios, (1 - level) / 2),
+            quantile(ratios, (1 + level) / 2))
