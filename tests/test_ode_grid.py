@@ -26,6 +26,20 @@ class Field(nn.Module):
         return self.l2(torch.tanh(self.l1(x) + t * self.c))
 
 
+def state_and_adjoint(f: nn.Module, x0: torch.Tensor, V: torch.Tensor, tj: float, t1: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x(t_j) by a tight forward solve and a(t_j) = d<V, x(t1)>/dx(t_j) by autograd through a
+    tight solve from t_j to t1."""
+    with torch.no_grad():
+        xj = torchdiffeq.odeint(f, x0, torch.tensor([0.0, tj], dtype=D), rtol=1e-11, atol=1e-13)[-1] \
+            if tj > 0 else x0
+    xr = xj.clone().requires_grad_(True)
+    out = torchdiffeq.odeint(f, xr, torch.tensor([tj, t1], dtype=D), rtol=1e-11, atol=1e-13)[-1] \
+        if tj < t1 else xr
+    (aj,) = torch.autograd.grad((out * V).sum(), xr)
+    return xj, aj
+
+
 def test_grid_statistics_are_average_of_factors():
     torch.manual_seed(0)
     blk = ODEBlock(Field(), t1=0.5, method="dopri5", rtol=1e-10, atol=1e-12).to(D)
@@ -40,13 +54,7 @@ def test_grid_statistics_are_average_of_factors():
     f = blk.func
     A1 = G1 = A2 = G2 = 0
     for tj in times:
-        with torch.no_grad():
-            xj = torchdiffeq.odeint(f, x0, torch.tensor([0.0, tj], dtype=D), rtol=1e-11, atol=1e-13)[-1] \
-                if tj > 0 else x0
-        xr = xj.clone().requires_grad_(True)
-        out = torchdiffeq.odeint(f, xr, torch.tensor([tj, 0.5], dtype=D), rtol=1e-11, atol=1e-13)[-1] \
-            if tj < 0.5 else xr
-        (aj,) = torch.autograd.grad((out * V).sum(), xr)
+        xj, aj = state_and_adjoint(f, x0, V, tj, 0.5)
         with torch.no_grad():
             h = torch.tanh(f.l1(xj) + tj * f.c)
             g2 = aj                                  # cotangent of l2's output
@@ -116,13 +124,7 @@ def test_grid_statistics_of_conv_layers_are_average_of_factors():
     P = S * S
     acc = {n: [0, 0] for n in ("conv1", "conv2")}
     for tj in times:
-        with torch.no_grad():
-            xj = torchdiffeq.odeint(f, x0, torch.tensor([0.0, tj], dtype=D), rtol=1e-11, atol=1e-13)[-1] \
-                if tj > 0 else x0
-        xr = xj.clone().requires_grad_(True)
-        out = torchdiffeq.odeint(f, xr, torch.tensor([tj, 0.5], dtype=D), rtol=1e-11, atol=1e-13)[-1] \
-            if tj < 0.5 else xr
-        (aj,) = torch.autograd.grad((out * V).sum(), xr)
+        xj, aj = state_and_adjoint(f, x0, V, tj, 0.5)
         z1 = f.conv1(xj.detach()).requires_grad_(True)
         h = torch.tanh(z1)
         (g1,) = torch.autograd.grad((f.conv2(h) * aj).sum(), z1)

@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from test_ode_grid import Field  # the field of the grid-statistics tests
 from torch import nn
 
 import ocnopt
@@ -26,16 +27,6 @@ torchdiffeq = pytest.importorskip("torchdiffeq")
 D = torch.float64
 T1, H, B = 0.5, 0.125, 6
 TIGHT = {"rtol": 1e-11, "atol": 1e-13}
-
-
-class Field(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(3, 5), nn.Linear(5, 3)
-        self.c = nn.Parameter(torch.randn(5) * 0.3)
-
-    def forward(self, t, x):
-        return self.l2(torch.tanh(self.l1(x) + t * self.c))
 
 
 def make(head: bool) -> nn.Module:
