@@ -23,6 +23,8 @@ REL = dict(rtol=1e-10, atol=1e-12)
 # value derivatives in another order than autograd: Adam and RMSprop divide that rounding noise
 # by sqrt(v) + eps, which moves such a parameter by up to lr * noise / eps (~1e-11 here)
 NORM_REL = dict(rtol=1e-10, atol=1e-10)
+# a gradient at most this large (float64) is rounding noise of a structurally zero gradient
+DEAD = 1e-12
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -223,11 +225,15 @@ TORCH_TWINS = [
 
 
 def _torch_steps(model, make_opt, lr, batches):
+    """torch.optim's steps on ``batches``; returns per parameter the largest |gradient| seen."""
     opt = make_opt(list(model.parameters()), lr)
+    largest = [0.0] * len(list(model.parameters()))
     for x, y in batches:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
+        largest = [max(m, float(p.grad.abs().max())) for m, p in zip(largest, model.parameters())]
         opt.step()
+    return largest
 
 
 @SETTINGS
@@ -242,9 +248,15 @@ def test_random_graph_order_one_equals_torch_optim(dag, B, twin, backend):
     batches = [batch(d_in, classes, B, seed=s) for s in range(3)]
     for x, y in batches:
         opt.step(x, y)
-    _torch_steps(ref, make, 0.01, batches)
-    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, **NORM_REL, msg=lambda m, n=n: f"{n}: {m}")
+    largest = _torch_steps(ref, make, 0.01, batches)
+    for (n, p), q, g in zip(ours.named_parameters(), ref.parameters(), largest):
+        # a parameter whose gradient is zero up to rounding (a bias or BatchNorm shift just
+        # before a normalisation) moves by rounding noise / (sqrt(v) + eps) under Adam and
+        # RMSprop, in both implementations differently: only bounded by its largest move
+        # (and ocnopt's gradient of the last step, in .grad, is zero up to rounding there too)
+        tol = NORM_REL if g > DEAD else dict(rtol=0.0, atol=len(batches) * 0.01 * 1.01)
+        torch.testing.assert_close(p, q, **tol, msg=lambda m, n=n: f"{n}: {m}")
+        assert g > DEAD or float(p.grad.abs().max()) <= 100 * DEAD, n
     for a, b in zip(ours.buffers(), ref.buffers()):  # BatchNorm's running statistics
         torch.testing.assert_close(a.double(), b.double(), **REL)
 
