@@ -189,8 +189,10 @@ def test_sweep_then_run_with_chosen_lrs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_digits_run_under_three_minutes(tmp_path: Path) -> None:
-    """The README's set-up command: the default comparison on digits-fcn (3 seeds, 8 optimizers:
-    torch SGD/Adam, curvlinops K-FAC, ocnopt order 1 and order 2) within 3 minutes."""
+    """The README's set-up command: the default comparison on digits-fcn (3 seeds, 10
+    optimizers: torch SGD/Adam, curvlinops K-FAC, SOAP, Shampoo, ocnopt order 1 and order 2)
+    within 3 minutes; every optimizer but Shampoo reaches 90 % (pytorch-optimizer's Shampoo at
+    its documented defaults does not train digits: docs/benchmarks.md, docs/claims.md)."""
     import time
 
     start = time.perf_counter()
@@ -200,7 +202,9 @@ def test_default_digits_run_under_three_minutes(tmp_path: Path) -> None:
     rows = json.loads(res.stdout)["rows"]
     assert {"torch-sgd", "torch-adam", "curvlinops-kfac"} <= {r["optimizer"] for r in rows}
     assert {1, 2} <= {r["order"] for r in rows}
-    assert all(r["seeds"] == [0, 1, 2] and r["test"] > 0.9 for r in rows)
+    assert {"soap", "shampoo"} <= {r["optimizer"] for r in rows}
+    assert all(r["seeds"] == [0, 1, 2] for r in rows)
+    assert all(r["test"] > 0.9 for r in rows if r["optimizer"] != "shampoo"), rows
     assert seconds < 180, f"default run took {seconds:.0f} s"
 
 
