@@ -95,6 +95,15 @@ def batch(B: int = 6, n: int = 4, classes: int = 3, seed: int = 1) -> tuple[Tens
     return torch.randn(B, n, generator=g, dtype=D), torch.randint(0, classes, (B,), generator=g)
 
 
+def step_with_twin(opt, ref: nn.Module, ref_opt, batches) -> None:
+    """OCNOpt and its torch.optim twin (on the copy ``ref``) each step on the same batches."""
+    for x, y in batches:
+        opt.step(x, y)
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+
+
 # ---- identity 12: order 1 ----------------------------------------------------------------------
 @pytest.mark.parametrize("curvature,torch_opt", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
 @pytest.mark.parametrize("method,N,tol", [("rk4", 4, 1e-12), ("dopri5", None, 1e-6)])
@@ -107,12 +116,7 @@ def test_order1_matches_torch_optim(curvature, torch_opt, method, N, tol):
     opt = ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.05, curvature=curvature,
                         backend="lowrank", order=1)
     ref_opt = torch_opt(ref.parameters(), lr=0.05)
-    for s in range(3):
-        x, y = batch(seed=10 + s)
-        opt.step(x, y)
-        ref_opt.zero_grad()
-        nn.functional.cross_entropy(ref(x), y).backward()
-        ref_opt.step()
+    step_with_twin(opt, ref, ref_opt, [batch(seed=10 + s) for s in range(3)])
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
     assert not torch.equal(model[1].func.l1.weight, block(method, N).func.l1.weight)  # it moved
@@ -410,12 +414,7 @@ def test_traced_graph_with_ode_block_matches_torch_optim():
     assert [type(st.module).__name__ for st in opt.stages] == ["Linear", "ODEBlock", "FunctionStep",
                                                                "Linear"]
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    for s in range(3):
-        x, y = batch(seed=30 + s)
-        opt.step(x, y)
-        ref_opt.zero_grad()
-        nn.functional.cross_entropy(ref(x), y).backward()
-        ref_opt.step()
+    step_with_twin(opt, ref, ref_opt, [batch(seed=30 + s) for s in range(3)])
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
@@ -498,12 +497,9 @@ def test_property_order1_matches_torch_optim(n, hidden, B, seed, curvature):
     opt = ocnopt.OCNOpt(model, loss="cross_entropy", lr=0.05, curvature=curvature, backend="lowrank")
     ref_opt = (torch.optim.SGD if curvature == "sgd" else torch.optim.Adam)(ref.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(2):
-        x, y = torch.randn(B, 3, generator=g, dtype=D), torch.randint(0, 2, (B,), generator=g)
-        opt.step(x, y)
-        ref_opt.zero_grad()
-        nn.functional.cross_entropy(ref(x), y).backward()
-        ref_opt.step()
+    step_with_twin(opt, ref, ref_opt,
+                   [(torch.randn(B, 3, generator=g, dtype=D), torch.randint(0, 2, (B,), generator=g))
+                    for _ in range(2)])
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-12)
 
