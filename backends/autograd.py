@@ -215,8 +215,7 @@ class GraphBackend(Backend):
             if stage.has_control and not (skip_u and skip_u[t]):
                 where.append((t, len(wrt), len(stage.params)))
                 wrt.extend(stage.params)
-            grid = isinstance(stage.derivatives, AdjointDerivatives)  # statistics inside it
-            if need_stats[t] and (stage.kronecker or grid) and t < T - 1:
+            if need_stats[t] and t < T - 1 and _reads_output_value(stage):
                 out = traj.handles[t][1]
                 if out.requires_grad:
                     vz_at[t] = len(wrt)
@@ -232,8 +231,7 @@ class GraphBackend(Backend):
         for t, stage in enumerate(stages):
             if not need_stats[t]:
                 continue
-            grid = isinstance(stage.derivatives, AdjointDerivatives)
-            if not (stage.kronecker or grid):
+            if not _reads_output_value(stage):
                 expansions[t].stats = StageStatistics()
                 continue
             if t == T - 1:
@@ -241,11 +239,9 @@ class GraphBackend(Backend):
             else:
                 g = grads[vz_at[t]] if t in vz_at else None
                 V_z = torch.zeros_like(traj.states[stage.output]) if g is None else g
-            if grid:  # an ODE block: the factors of the layers in its field on the time grid
-                expansions[t].stats = sublayer_statistics(stage, traj.states[stage.output], V_z)
-                continue
-            expansions[t].stats = kronecker_statistics(stage, traj.states[stage.inputs[0]],
-                                                       V_z, None)
+            expansions[t].stats = (
+                kronecker_statistics(stage, traj.states[stage.inputs[0]], V_z, None)
+                if stage.kronecker else sublayer_statistics(stage, traj.states[stage.output], V_z))
         return expansions
 
     # -- first order ----------------------------------------------------------------------------
@@ -601,6 +597,12 @@ def psd_sqrt_factor(V: Tensor) -> Tensor:
     evals, evecs = torch.linalg.eigh(V64)
     root = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)) @ evecs.transpose(1, 2)
     return root.to(V.dtype)
+
+
+def _reads_output_value(stage: Stage) -> bool:
+    """Whether a step's statistics are formed from V'_z at its output: a Kronecker layer's
+    factors, or an ODE block's grid factors of the layers inside it (``sublayer_statistics``)."""
+    return stage.kronecker or isinstance(stage.derivatives, AdjointDerivatives)
 
 
 def sublayer_statistics(stage: Stage, out: Tensor, V_z: Tensor) -> StageStatistics:
