@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import hessian, jacfwd, jacrev, vmap
 
-from ocnopt.curvature.base import Solver, StageStatistics
+from ocnopt.curvature.base import Solver, StageStatistics, scalar_arg
 from ocnopt.derivatives.ode import AdjointDerivatives
 from ocnopt.engine import (
     Feedback,
@@ -170,12 +170,23 @@ class GraphBackend(Backend):
     #: ``backward_connected``)
     connected_first_order = True
 
-    def forward_connected(self, graph: Graph, inputs: Tensor) -> Trajectory:
+    def forward_connected(self, graph: Graph, inputs: Tensor, *, record: bool = True
+                          ) -> Trajectory:
         """The nominal pass of order 1 without cutting the autograd graph between steps: every
         step reads the outputs of earlier steps as they are (no detached leaves), so
         ``backward_connected`` backpropagates the whole graph in one call. ``handles[t]``
-        holds (the tensors step t read, its output); ``states`` hold the detached values."""
+        holds (the tensors step t read, its output); ``states`` hold the detached values.
+        ``record=False`` (a ``Graph.direct`` graph): the model's own forward, ``root(x)``,
+        the same operations without the per-step bookkeeping; ``states`` = [input, output]
+        and ``final`` the output with its graph (nothing per step is kept)."""
         x0 = inputs.detach()
+        if not record:
+            with torch.enable_grad():
+                out = graph.root(x0)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"the model returned {type(out).__name__}: the network must "
+                                "return one tensor")
+            return Trajectory([x0, out.detach()], [], None, [], final=out)
         states, live = [x0], [x0]
         tracked = [False]
         contexts, pieces = [], []
@@ -207,7 +218,7 @@ class GraphBackend(Backend):
         stages = graph.stages
         T = len(stages)
         B = terminal.V_x.shape[0]
-        final = traj.handles[T - 1][1]
+        final = traj.final if traj.final is not None else traj.handles[T - 1][1]
         wrt: list[Tensor] = []
         where: list[tuple[int, int, int]] = []  # (step, first index in wrt, count) of Qbar_u
         vz_at: dict[int, int] = {}  # step -> index in wrt of V'_z (statistics)
@@ -221,10 +232,10 @@ class GraphBackend(Backend):
                     vz_at[t] = len(wrt)
                     wrt.append(out)
         grads = _vjp(final, terminal.V_x, wrt) if wrt else ()
-        expansions = [QExpansion(Q_args=[None] * len(st.inputs), Q_u=None) for st in stages]
         found = [g for t, i, n in where for g in grads[i:i + n] if g is not None]
-        if found:
-            torch._foreach_div_(found, B)  # (one call: the same divisions as g.div_(B))
+        if found:  # (one call: the same divisions as g.div_(B))
+            torch._foreach_div_(found, scalar_arg(B, found))
+        expansions = [QExpansion(Q_args=[None] * len(st.inputs), Q_u=None) for st in stages]
         for t, i, n in where:
             expansions[t].Q_u = [torch.zeros_like(p) if g is None else g
                                  for g, p in zip(grads[i:i + n], stages[t].params)]

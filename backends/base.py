@@ -67,8 +67,11 @@ class Backend(abc.ABC):
     #: implements ``forward_connected`` and ``backward_connected``
     connected_first_order = False
 
-    def forward_connected(self, graph: Graph, inputs: Tensor) -> Trajectory:
-        """The nominal pass of order 1 for ``backward_connected`` (``connected_first_order``)."""
+    def forward_connected(self, graph: Graph, inputs: Tensor, *, record: bool = True
+                          ) -> Trajectory:
+        """The nominal pass of order 1 for ``backward_connected`` (``connected_first_order``);
+        ``record=False`` (only for a ``Graph.direct`` graph, and no statistics asked for):
+        the model's own forward, with the input and the output only."""
         raise NotImplementedError
 
     def backward_connected(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,

@@ -53,6 +53,9 @@ class Trajectory:
     targets: Tensor | None = None  # set by ``terminal``
     generator: torch.Generator | None = None  # set by ``terminal``: the step's sampler
     backend_data: dict[str, Any] = field(default_factory=dict)
+    #: the output with its autograd graph, for a connected pass that recorded nothing per
+    #: step (the model's own forward: ``states`` then holds the input and the output only)
+    final: Tensor | None = None
 
     @property
     def output(self) -> Tensor:
@@ -150,6 +153,10 @@ class Policy:
     params: list[Tensor] | None = None
     k_norm: Tensor | None = None  # |k| when the caller has it (the update pass's trust bound)
     feedback_scale: Tensor | None = None  # set by the update pass: the trust bound's factor
+    #: k = alpha * direction when the caller has the direction d (alpha = -lr): the update
+    #: pass then moves u by ``add_(d, alpha=alpha)``, the same rounding as order 1's update
+    direction: list[Tensor] | None = None
+    alpha: float = 1.0
 
 
 @dataclass
@@ -363,6 +370,16 @@ class BellmanEngine:
         #: per step, the control its curvature model sees (its own parameters)
         self.controls = [st.control_view() if st.has_control else st for st in self.stages]
         self._tied = any(st.shared for st in self.stages)
+        #: the players (steps with parameters of their own), their controls and parameters
+        self._players = [st.index for st in self.stages
+                         if st.has_control and self.controls[st.index].params]
+        self._player_views = [self.controls[t] for t in self._players]
+        self._player_params = [p for v in self._player_views for p in v.params]
+        #: the largest finite step entry in the parameters' dtypes (the update check)
+        self._finite_max = min((torch.finfo(p.dtype).max for p in self._player_params
+                                if p.is_floating_point()), default=math.inf)
+        #: ``_need_stats`` of a model that never asks for statistics
+        self._no_stats = [False] * len(self.stages)
         #: data-parallel communication (``ocnopt.distributed``; the identity on one process):
         #: every batch mean below is made global by one of its calls (docs/method.md section 13)
         self.comm: Collective = NO_COMM
@@ -520,22 +537,16 @@ class BellmanEngine:
     def step(self, inputs: Tensor, targets: Tensor, config: StepConfig, controls: Controls
              ) -> StepOutcome:
         """One Bellman step on the batch: nominal pass, terminal cost, the backward recursion
-        (order 1: backprop; order 2 or curvature "full": the second-order pass with the
-        policies), the finiteness checks and the update (order 1 open loop, order 2 the update
-        pass). Parameters are moved in place only by a step that succeeds (restored from
-        ``controls.backup`` when the update pass ends non-finite); the curvature states of
-        the step are returned, not committed."""
-        stages = self.stages
+        (order 1: backprop, ``_first_order_step``; order 2 or curvature "full": the
+        second-order pass with the policies, ``_second_order_step``), the finiteness checks
+        and the update (order 1 open loop, order 2 the update pass). Parameters are moved in
+        place only by a step that succeeds (restored from ``controls.backup`` when the update
+        pass ends non-finite); the curvature states of the step are returned, not committed."""
         curv = controls.model
         hp, k = controls.hp, controls.step
-        views = self.controls
-        if type(curv).wants_statistics is CurvatureModel.wants_statistics:  # never any
-            need_stats = [False] * len(stages)
-        else:
-            need_stats = [st.has_control and any(st.owned) and curv.uses_statistics(st, hp)
-                          and curv.wants_statistics(k, hp, controls.states(views[st.index]))
-                          for st in stages]
-        fisher = config.fisher_type if any(need_stats) else None
+        need_stats = self._need_stats(curv, hp, k, controls)
+        fisher = config.fisher_type if need_stats is not self._no_stats and any(need_stats) \
+            else None
         if fisher == "empirical":
             fisher = None
         second = config.order == 2 or curv.needs_full
@@ -546,8 +557,11 @@ class BellmanEngine:
                      and self.backend.connected_first_order)
         try:
             if connected:
+                # nothing recorded per step where nothing reads it: the model's own forward
+                record = (not self.graph.direct or config.track_loss_after
+                          or (need_stats is not self._no_stats and any(need_stats)))
                 with region("ocnopt.nominal"):
-                    traj = self.backend.forward_connected(self.graph, inputs)
+                    traj = self.backend.forward_connected(self.graph, inputs, record=record)
             else:
                 traj = self.nominal(inputs)
         except RuntimeError as err:
@@ -561,24 +575,143 @@ class BellmanEngine:
         B, terminal.loss = self.comm.begin(inputs.shape[0], terminal.loss)
         if not math.isfinite(terminal.loss.item()):
             return StepOutcome(terminal.loss, skipped="loss")
-        # Qbar_u's tensors the curvature model will not read (its direction comes from the
-        # statistics' rows, which are the gradient's with the empirical Fisher): not formed
-        # (order 2 also needs M^-1 Qbar_u for the value correction: the direction when it is
-        # that solve, i.e. without momentum)
+        skip_u = self._skip_u(config, curv, hp, need_stats, traj, B)
+        if second:
+            return self._second_order_step(traj, terminal, targets, config, controls,
+                                           need_stats, skip_u)
+        return self._first_order_step(traj, terminal, targets, config, controls, need_stats,
+                                      skip_u, connected)
+
+    def _need_stats(self, curv: CurvatureModel, hp: dict[str, Any], k: int, controls: Controls
+                    ) -> list[bool]:
+        """Per step, whether the curvature model asks for statistics at step ``k``
+        (``self._no_stats``, shared, for a model that never does)."""
+        if type(curv).wants_statistics is CurvatureModel.wants_statistics:  # never any
+            return self._no_stats
+        views = self.controls
+        return [st.has_control and any(st.owned) and curv.uses_statistics(st, hp)
+                and curv.wants_statistics(k, hp, controls.states(views[st.index]))
+                for st in self.stages]
+
+    def _skip_u(self, config: StepConfig, curv: CurvatureModel, hp: dict[str, Any],
+                need_stats: list[bool], traj: Trajectory, B: int) -> list[bool] | None:
+        """Per step, whether Qbar_u's tensors may be left unformed: the curvature model will
+        not read them (its direction comes from the statistics' rows, which are the
+        gradient's with the empirical Fisher); order 2 also needs M^-1 Qbar_u for the value
+        correction: the direction when it is that solve, i.e. without momentum. None: none."""
+        if (config.set_grad or config.max_grad_norm is not None or not any(need_stats)
+                or not (config.order == 1 or curv.direction_is_solve(hp))):
+            return None
         gradient_rows = config.fisher_type in (None, "empirical")
-        may_skip = (not config.set_grad and config.max_grad_norm is None
-                    and (config.order == 1 or curv.direction_is_solve(hp)))
-        skip_u = [may_skip and need_stats[t] and st.kronecker
-                  and curv.gradient_unused(st, hp, B, weight_positions(st, traj),
-                                           gradient_rows=gradient_rows)
-                  for t, st in enumerate(stages)]
+        return [need_stats[t] and st.kronecker
+                and curv.gradient_unused(st, hp, B, weight_positions(st, traj),
+                                         gradient_rows=gradient_rows)
+                for t, st in enumerate(self.stages)]
+
+    def _first_order_step(self, traj: Trajectory, terminal: Terminal, targets: Tensor,
+                          config: StepConfig, controls: Controls, need_stats: list[bool],
+                          skip_u: list[bool] | None, connected: bool) -> StepOutcome:
+        """Order 1: Qbar_u of every player from one backward (backprop), every player's
+        curvature update at once (``CurvatureModel.update_many``: the directions d), the
+        finiteness check of the steps k = -lr d, and u <- u + k in one multi-tensor call (or
+        the update pass when the loss after the step is asked for)."""
+        stages, curv, hp = self.stages, controls.model, controls.hp
+        if connected:
+            with region("ocnopt.backward"):
+                expansions = self.backend.backward_connected(
+                    self.graph, traj, terminal, need_stats=need_stats, skip_u=skip_u)
+        else:
+            expansions, _ = self.expand(traj, terminal, need_stats=need_stats, skip_u=skip_u)
+        # the batch quantities of order 1: Qbar_u per player (expansions[t].Q_u) and the
+        # curvature statistics (expansions[t].stats)
+        grads = [e.Q_u for e in expansions]
+        if self.comm.active:  # hook: Qbar_u of every step, one bucketed all-reduce
+            grads = self._reduce_gradients(grads)
+        if self._tied:
+            grads = _gather_tied(stages, grads)
+        players, p_views = self._players, self._player_views
+        player_norms: list[Tensor] = []
+        if config.max_grad_norm is not None and players:  # the global norm, as torch's clip
+            with torch.no_grad():
+                norm = _norm([g for t in players for g in grads[t] or ()])
+                player_norms.append(norm)
+                c = clip_factor(norm, config.max_grad_norm)
+                grads = [None if g is None else [x * c for x in g] for g in grads]
+        p_states = [controls.states(v) for v in p_views]
+        if self.comm.active:  # hook: the model may start its communication for all players
+            curv.prefetch([(v, s, expansions[t].stats)
+                           for t, v, s in zip(players, p_views, p_states)], hp, controls.step)
+        lr, wd = config.lr, config.weight_decay
+        grads_out: dict[int, tuple[Sequence[Tensor], list[Tensor]]] = {}
+        p_grads: list[list[Tensor]] = []
+        for t, view in zip(players, p_views):
+            Q_u = grads[t]
+            if config.set_grad and Q_u is not None:
+                grads_out[t] = (view.params, Q_u)
+            if wd:  # gradient_unused is False with weight decay: Q_u was formed
+                assert Q_u is not None
+                Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, view.params)]
+            p_grads.append(Q_u if Q_u is not None else [])
+        if not players:
+            return StepOutcome(terminal.loss, result=StepResult(loss=terminal.loss))
+        # every player's curvature update at once (one multi-tensor pass for the diagonal
+        # models): the directions d, the step k = -lr d
+        with torch.no_grad(), region("ocnopt.curvature"):
+            upds, dirs = curv.update_many(p_views, p_states, p_grads,
+                                          [expansions[t].stats for t in players], hp,
+                                          controls.step, scratch=True)
+            flat = [d for ds in dirs for d in ds]
+            # |k| = lr |d| per tensor: one multi-tensor norm and one transfer
+            norms = torch.stack(torch._foreach_norm(flat)).tolist()
+        sq_norms, i = [], 0
+        for ds in dirs:
+            sq_norms.append(lr * lr * math.fsum(v * v for v in norms[i:i + len(ds)]))
+            i += len(ds)
+        # a step that is not finite in the parameters' dtype is skipped
+        if not all(map(math.isfinite, norms)) or lr * max(norms) > self._finite_max:
+            return StepOutcome(terminal.loss, skipped="update")
+        loss_after = None
+        if config.track_loss_after:  # the update pass: u + k, then the loss at the output
+            policies: list[Policy | None] = [None] * len(stages)
+            for t, view, ds in zip(players, p_views, dirs):
+                policies[t] = Policy(k=list(torch._foreach_mul(ds, -lr)), params=view.params,
+                                     direction=ds, alpha=-lr)
+            backup = controls.backup()
+            _, loss_after, _ = self.update_pass(traj, policies, targets)
+            if loss_after is None or not math.isfinite(loss_after):
+                controls.restore(backup)
+                return StepOutcome(terminal.loss, skipped="update")
+        else:
+            controls.backup()  # an exception while moving the parameters restores them
+            self.apply_directions(self._player_params, flat, -lr)
+        diagnostics = [StageDiagnostics(t, stages[t].name, math.sqrt(sq))
+                       for t, sq in zip(players, sq_norms)]
+        return StepOutcome(terminal.loss,
+                           new_states={t: (view.params, upd)
+                                       for t, view, upd in zip(players, p_views, upds)},
+                           result=StepResult(loss=terminal.loss, loss_after=loss_after,
+                                             stages=diagnostics,
+                                             grad_norm=float(player_norms[0])
+                                             if player_norms else None),
+                           grads=grads_out)
+
+    def _second_order_step(self, traj: Trajectory, terminal: Terminal, targets: Tensor,
+                           config: StepConfig, controls: Controls, need_stats: list[bool],
+                           skip_u: list[bool] | None) -> StepOutcome:
+        """Order 2 (or curvature "full"): the second-order backward pass with every player's
+        policy (``second_order``), then the update pass (order 2, or the loss after the step
+        asked for) or the open-loop update."""
+        stages, views, curv, hp = self.stages, self.controls, controls.model, controls.hp
+        k = controls.step
+        gradient_rows = config.fisher_type in (None, "empirical")
         lr, wd = config.lr, config.weight_decay
         new_states: dict[int, list[dict[str, Any]]] = {}
+        directions: dict[int, list[Tensor]] = {}
         grads_out: dict[int, tuple[Sequence[Tensor], list[Tensor]]] = {}
         player_norms: list[Tensor] = []
 
         def gradient(stage: Stage, Q_u: list[Tensor]) -> list[Tensor]:
-            """Order 2: one player's Qbar_u, clipped by its own norm, recorded for ``.grad``."""
+            """One player's Qbar_u, clipped by its own norm, recorded for ``.grad``."""
             if config.max_grad_norm is not None:
                 norm = _norm(Q_u)
                 player_norms.append(norm)
@@ -595,6 +728,7 @@ class BellmanEngine:
                 upd, dirs = curv.update(view, states, Q_u if Q_u is not None else [],
                                         view.params, stats, hp, k)
             new_states[stage.index] = upd
+            directions[stage.index] = dirs
             solver = Solver(curv, view, upd, hp)
             if stats is not None and stats.aA is not None:
                 solver.cache["aA"] = (stats.a, stats.aA)  # a A^-1 of the direction: Gram reuses it
@@ -602,99 +736,42 @@ class BellmanEngine:
                 solver.remember(Q_u, dirs)
             return [d.mul(-lr) for d in dirs], solver
 
-        predicted, bounded = None, None
-        if second:
-            with torch.no_grad():
-                try:
-                    result = self.second_order(
-                        traj, terminal, policy_fn, lr=lr, weight_decay=wd,
-                        feedback=config.order == 2 and config.feedback,
-                        value_correction=config.order == 2 and config.value_correction,
-                        gauss_newton=config.gauss_newton, mu=config.mu, clip=config.clip,
-                        need_stats=need_stats, need_quu=curv.needs_full, targets=targets,
-                        generator=controls.generator,
-                        stats_from_value=not gradient_rows,
-                        trust=config.trust if config.order == 2 else None, skip_u=skip_u,
-                        game=config.game,
-                        gradient=gradient if config.set_grad or config.max_grad_norm is not None
-                        else None)
-                except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
-                    return StepOutcome(terminal.loss, skipped="value expansion")
-            policies, predicted = result.policies, result.predicted_change
-            bounded = result.value_bounded
-        else:
-            if connected:
-                with region("ocnopt.backward"):
-                    expansions = self.backend.backward_connected(
-                        self.graph, traj, terminal, need_stats=need_stats, skip_u=skip_u)
-            else:
-                expansions, _ = self.expand(traj, terminal, need_stats=need_stats, skip_u=skip_u)
-            # the batch quantities of order 1: Qbar_u per player (expansions[t].Q_u) and the
-            # curvature statistics (expansions[t].stats)
-            grads = [e.Q_u for e in expansions]
-            if self.comm.active:  # hook: Qbar_u of every step, one bucketed all-reduce
-                grads = self._reduce_gradients(grads)
-            if self._tied:
-                grads = _gather_tied(stages, grads)
-            players = [g for st, g in zip(stages, grads)
-                       if st.has_control and views[st.index].params and g is not None]
-            if config.max_grad_norm is not None and players:  # the global norm, as torch's clip
-                with torch.no_grad():
-                    norm = _norm([t for g in players for t in g])
-                    player_norms.append(norm)
-                    c = clip_factor(norm, config.max_grad_norm)
-                    grads = [None if g is None else [t * c for t in g] for g in grads]
-            if self.comm.active:  # hook: the model may start its communication for all players
-                curv.prefetch([(views[st.index], controls.states(views[st.index]), exp.stats)
-                               for st, exp in zip(stages, expansions)
-                               if st.has_control and views[st.index].params], hp, k)
-            policies = [None] * len(stages)
-            players_1: list[tuple[Stage, list[Tensor], StageStatistics | None]] = []
-            for st, exp, Q_u in zip(stages, expansions, grads):
-                view = views[st.index]
-                if not st.has_control or not view.params:  # no control, no curvature state
-                    continue
-                if config.set_grad and Q_u is not None:
-                    grads_out[st.index] = (view.params, Q_u)
-                if wd:  # gradient_unused is False with weight decay: Q_u was formed
-                    assert Q_u is not None
-                    Q_u = [g.add(p.detach(), alpha=wd) for g, p in zip(Q_u, view.params)]
-                players_1.append((view, Q_u if Q_u is not None else [], exp.stats))
-            if players_1:
-                # every player's curvature update at once (one multi-tensor pass for the
-                # diagonal models), then k = -lr d
-                with torch.no_grad(), region("ocnopt.curvature"):
-                    upds, steps = curv.update_many(
-                        [v for v, _, _ in players_1],
-                        [controls.states(v) for v, _, _ in players_1],
-                        [g for _, g, _ in players_1], [s for _, _, s in players_1], hp, k,
-                        scale=-lr)
-                for (view, _, _), upd, k_t in zip(players_1, upds, steps):
-                    new_states[view.index] = upd
-                    policies[view.index] = Policy(k=k_t, params=view.params)
+        with torch.no_grad():
+            try:
+                result = self.second_order(
+                    traj, terminal, policy_fn, lr=lr, weight_decay=wd,
+                    feedback=config.order == 2 and config.feedback,
+                    value_correction=config.order == 2 and config.value_correction,
+                    gauss_newton=config.gauss_newton, mu=config.mu, clip=config.clip,
+                    need_stats=need_stats, need_quu=curv.needs_full, targets=targets,
+                    generator=controls.generator,
+                    stats_from_value=not gradient_rows,
+                    trust=config.trust if config.order == 2 else None, skip_u=skip_u,
+                    game=config.game,
+                    gradient=gradient if config.set_grad or config.max_grad_norm is not None
+                    else None)
+            except torch.linalg.LinAlgError:  # a decomposition of non-finite matrices
+                return StepOutcome(terminal.loss, skipped="value expansion")
+        policies, predicted = result.policies, result.predicted_change
+        bounded = result.value_bounded
         controlled = [(st, pol) for st, pol in zip(stages, policies) if pol is not None]
+        for st, pol in controlled:  # u moves by add_(d, alpha=-lr), as at order 1
+            pol.direction, pol.alpha = directions[st.index], -lr
         update_pass = config.order == 2 or config.track_loss_after
         with torch.no_grad():
-            # squared norms |k|^2 per player, without a parameter-sized temporary per tensor
-            if update_pass:  # as tensors: the update pass's trust bound reads |k|
-                k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
-                                       .square().sum() for _, pol in controlled])
-                sq_norms = k_norms.tolist()
-            else:  # one multi-tensor norm and one transfer; squares summed here
-                norms = torch.stack(torch._foreach_norm(
-                    [d for _, pol in controlled for d in pol.k])).tolist()
-                sq_norms, i = [], 0
-                for _, pol in controlled:
-                    sq_norms.append(math.fsum(v * v for v in norms[i:i + len(pol.k)]))
-                    i += len(pol.k)
+            # squared norms |k|^2 per player (as tensors: the update pass's trust bound reads
+            # |k|), without a parameter-sized temporary per tensor
+            k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
+                                   .square().sum() for _, pol in controlled]) \
+                if controlled else terminal.V_x.new_zeros(0)
+            sq_norms = k_norms.tolist()
         if not all(map(math.isfinite, sq_norms)):
             return StepOutcome(terminal.loss, skipped="update")
-        if update_pass:
-            for (_, pol), n in zip(controlled, k_norms.sqrt()):
-                pol.k_norm = n
+        for (_, pol), n in zip(controlled, k_norms.sqrt()):
+            pol.k_norm = n
 
         loss_after, fb_norms = None, [0.0] * len(controlled)
-        if config.order == 2 or config.track_loss_after:  # order 2: the update pass is the step
+        if update_pass:  # order 2: the update pass is the step
             backup = controls.backup()
             _, loss_after, norms = self.update_pass(
                 traj, policies, targets, trust=config.trust if config.order == 2 else None)
@@ -707,20 +784,18 @@ class BellmanEngine:
             controls.backup()  # an exception while moving the parameters restores them
             self.apply_open_loop(policies)
         n = len(controlled)
-        scales, cut = [1.0] * n, [0.0] * n
-        if second:  # the trust bound's diagnostics, converted at once
-            one, zero = terminal.V_x.new_ones(()), terminal.V_x.new_zeros(())
-            stacked = torch.stack(
-                [one if pol.feedback_scale is None else pol.feedback_scale.reshape(())
-                 for _, pol in controlled]
-                + [zero if bounded is None or bounded[st.index] is None
-                   else bounded[st.index].reshape(()).to(zero.dtype)  # type: ignore[union-attr]
-                   for st, _ in controlled])
-            if self.comm.active:  # hook: the shares the trust bound cut are batch means
-                stacked = torch.cat([stacked[:n],
-                                     *self.comm.mean([stacked[n:]], tag="diagnostics")])
-            values = stacked.tolist()
-            scales, cut = values[:n], values[n:]
+        # the trust bound's diagnostics, converted at once
+        one, zero = terminal.V_x.new_ones(()), terminal.V_x.new_zeros(())
+        stacked = torch.stack(
+            [one if pol.feedback_scale is None else pol.feedback_scale.reshape(())
+             for _, pol in controlled]
+            + [zero if bounded is None or bounded[st.index] is None
+               else bounded[st.index].reshape(()).to(zero.dtype)  # type: ignore[union-attr]
+               for st, _ in controlled]) if controlled else zero.new_zeros(0)
+        if self.comm.active:  # hook: the shares the trust bound cut are batch means
+            stacked = torch.cat([stacked[:n], *self.comm.mean([stacked[n:]], tag="diagnostics")])
+        values = stacked.tolist()
+        scales, cut = values[:n], values[n:]
         diagnostics = [StageDiagnostics(st.index, st.name, float(nk) ** 0.5, fb, sc, vb)
                        for (st, _), nk, fb, sc, vb in zip(controlled, sq_norms, fb_norms,
                                                           scales, cut)]
@@ -790,12 +865,16 @@ class BellmanEngine:
                                                                      max=1.0), scale)
                         fb_norm = fb_norm * scale
                     policy.feedback_scale = scale
-                    for p, k, f in zip(policy.params or stage.params, policy.k, fb):  # u+k+sKdx
-                        p.add_(k).addcmul_(f, scale)
+                    ks, alpha = (policy.k, 1.0) if policy.direction is None \
+                        else (policy.direction, policy.alpha)
+                    for p, k, f in zip(policy.params or stage.params, ks, fb):  # u+k+sKdx
+                        p.add_(k, alpha=alpha).addcmul_(f, scale)
                     fb_norms.append(fb_norm)
                 else:
-                    for p, k in zip(policy.params or stage.params, policy.k):
-                        p.add_(k)
+                    ks, alpha = (policy.k, 1.0) if policy.direction is None \
+                        else (policy.direction, policy.alpha)
+                    for p, k in zip(policy.params or stage.params, ks):
+                        p.add_(k, alpha=alpha)
                     fb_norms.append(states[0].new_zeros(()))
             if stage.is_function:
                 z = stage.replay(tuple(live[j] for j in stage.inputs), traj.contexts[stage.index])
@@ -815,13 +894,26 @@ class BellmanEngine:
 
     @profiled("ocnopt.update")
     @torch.no_grad()
+    def apply_directions(self, params: list[Tensor], directions: list[Tensor], alpha: float
+                         ) -> None:
+        """u <- u + alpha d for every parameter (order 1: k = -lr d), one multi-tensor call."""
+        torch._foreach_add_(params, directions, alpha=alpha)
+
+    @profiled("ocnopt.update")
+    @torch.no_grad()
     def apply_open_loop(self, policies: Sequence[Policy | None]) -> None:
         """u_t <- u_t + k_t for every player (order 1: no feedback, no forward pass needed)."""
         params = [p for stage, policy in zip(self.stages, policies) if policy is not None
                   for p in (policy.params or stage.params)]
-        ks = [d for policy in policies if policy is not None for d in policy.k]
-        if params:
-            torch._foreach_add_(params, ks)
+        if not params:
+            return
+        given = [pol for pol in policies if pol is not None]
+        alphas = {pol.alpha for pol in given if pol.direction is not None}
+        if len(alphas) == 1 and all(pol.direction is not None for pol in given):
+            torch._foreach_add_(params, [d for pol in given for d in pol.direction or ()],
+                                alpha=alphas.pop())  # u <- u + alpha d, k = alpha d
+        else:
+            torch._foreach_add_(params, [d for pol in given for d in pol.k])
 
 
 __all__ = ["BellmanEngine", "StepConfig", "Controls", "StepOutcome", "weight_positions",

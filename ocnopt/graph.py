@@ -85,7 +85,10 @@ class Graph:
     ``ancestors[t]``: indices of the steps step t depends on; ``players``: steps with
     parameters; ``nash_ignored[t]``: value ids of the augmented state X_t that depend on the
     output of a player simultaneous with player t (``game="nash"`` drops them from t's
-    feedback); ``live[t]``: the value ids in X_t; ``chain``: built from ``nn.Sequential``."""
+    feedback); ``live[t]``: the value ids in X_t; ``chain``: built from ``nn.Sequential``;
+    ``direct``: ``root(x)`` runs the same operations with the same random draws as the steps
+    one by one (every step's ``plain_forward``), so a pass that records nothing per step (order
+    1 without statistics) may call the model itself."""
 
     stages: list[Stage]
     root: nn.Module
@@ -96,6 +99,7 @@ class Graph:
 
     def __post_init__(self) -> None:
         T = len(self.stages)
+        self.direct = all(st.derivatives.plain_forward for st in self.stages)
         anc: list[frozenset[int]] = []
         for st in self.stages:
             a: set[int] = set()

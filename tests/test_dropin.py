@@ -279,12 +279,12 @@ def inject(phase: str, opt: OCNOpt, mp: pytest.MonkeyPatch) -> None:
             last = opt.stages[-1]
             mp.setattr(last, "replay", fail_after(last.replay))
         else:
-            original = opt.engine.apply_open_loop
+            original = opt.engine.apply_directions
 
-            def half(policies):
-                original([policies[0]] + [None] * (len(policies) - 1))
+            def half(params, directions, alpha):
+                original(params[:1], directions[:1], alpha)
                 raise Injected("injected failure")
-            mp.setattr(opt.engine, "apply_open_loop", half)
+            mp.setattr(opt.engine, "apply_directions", half)
     elif phase == "commit":  # after the curvature states were replaced
         mp.setattr(ocnopt.optimizer, "_set_grad", fail_after(ocnopt.optimizer._set_grad, calls=2))
 

@@ -18,8 +18,10 @@ from .base import (
     buffer_or_zeros,
     check_nonneg,
     flatten_stages,
+    foreach_add_scalar_,
     foreach_ready,
     require,
+    scalar_arg,
     split_stages,
 )
 
@@ -77,7 +79,7 @@ class Adam(DiagonalCurvature):
 
     def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
                     grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
-                    hp: dict[str, Any], step: int, *, scale: float | None = None
+                    hp: dict[str, Any], step: int, *, scratch: bool = False
                     ) -> tuple[list[list[State]], list[list[Tensor]]]:
         """``update``'s arithmetic (the same operations in the same order: the same results)
         over every tensor of ``stages``: with ``_foreach`` ops when they are small, else per
@@ -86,7 +88,7 @@ class Adam(DiagonalCurvature):
         flat_states, flat_g, counts = flatten_stages(states, grads)
         ks = {float(st["step"]) + 1 if "step" in st else 1.0 for st in flat_states}
         if hp["amsgrad"] or len(ks) != 1 or not all(g.is_floating_point() for g in flat_g):
-            return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+            return super().update_many(stages, states, grads, stats, hp, step, scratch=scratch)
         (k,) = ks
         beta1, beta2 = hp["betas"]
         wd = hp["weight_decay"]
@@ -98,30 +100,27 @@ class Adam(DiagonalCurvature):
         v: list[Tensor]
         d: list[Tensor]
         if foreach_ready(flat_g):
+            # (scalar_arg: the same results without a wrapped number per tensor on the CPU)
             m = list(torch._foreach_lerp(m_old, flat_g, 1 - beta1))
-            v = list(torch._foreach_mul(v_old, beta2))
+            v = list(torch._foreach_mul(v_old, scalar_arg(beta2, v_old)))
             torch._foreach_addcmul_(v, flat_g, flat_g, value=1 - beta2)
             denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
-            d = list(torch._foreach_div(m, bc1))
+            torch._foreach_div_(denom, scalar_arg(bc2_sqrt, denom))
+            foreach_add_scalar_(denom, eps)
+            d = list(torch._foreach_div(m, scalar_arg(bc1, m)))
             torch._foreach_div_(d, denom)
             if self.decoupled and wd != 0:
                 torch._foreach_add_(d, params, alpha=wd)
-            if scale is not None:
-                torch._foreach_mul_(d, scale)  # (d is fresh)
         else:
             m, v, d = [], [], []
             for i, (g, p, mo, vo) in enumerate(zip(flat_g, params, m_old, v_old)):
                 m.append(mo.lerp(g, 1 - beta1))
                 v.append(vo.mul(beta2).addcmul_(g, g, value=1 - beta2))
                 den = torch.sqrt(v[-1], out=self.workspace(0, i, g)).div_(bc2_sqrt).add_(eps)
-                di = torch.div(m[-1], bc1, out=self.workspace(1, i, g) if scale is not None
-                               else None).div_(den)
+                di = torch.div(m[-1], bc1, out=self.workspace_or_none(scratch, 1, i, g)
+                               ).div_(den)
                 if self.decoupled and wd != 0:
                     di.add_(p, alpha=wd)
-                if scale is not None:
-                    di.mul_(scale)
                 d.append(di)
         step_t = torch.scalar_tensor(k)  # one 0-dim tensor for all (states are never mutated)
         new = [{"step": step_t, "exp_avg": mi, "exp_avg_sq": vi} for mi, vi in zip(m, v)]

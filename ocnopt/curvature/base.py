@@ -126,22 +126,21 @@ class CurvatureModel:
         hp: dict[str, Any],
         step: int,
         *,
-        scale: float | None = None,
+        scratch: bool = False,
     ) -> tuple[list[list[State]], list[list[Tensor]]]:
         """``update`` of several stages at once (order 1: every player of a step), per stage
-        (new states, directions d; with ``scale``, the steps scale * d instead, which may live
-        in the model's workspace, ``workspace``: valid until the next call). The default calls
-        ``update`` per stage; the diagonal models run the same arithmetic over all tensors with
-        torch's multi-tensor (``_foreach``) ops when they are small (``FOREACH_MAX_NUMEL``),
-        else per tensor into kept workspaces (no allocation per step for the temporaries)."""
+        (new states, directions d; the caller moves u <- u - lr d). ``scratch``: the
+        directions are read once before the next call (the order-1 step), so they may live in
+        the model's workspace (``workspace``) or be Qbar_u itself; else each is a tensor the
+        caller may keep. The default calls ``update`` per stage; the diagonal models run the
+        same arithmetic over all tensors with torch's multi-tensor (``_foreach``) ops when
+        they are small (``FOREACH_MAX_NUMEL``), else per tensor into kept workspaces (no
+        allocation per step for the temporaries)."""
         out_states, out_dirs = [], []
         for stage, st, g, s in zip(stages, states, grads, stats):
             new, dirs = self.update(stage, st, g, stage.params, s, hp, step)
             out_states.append(new)
             out_dirs.append(dirs)
-        if scale is not None:
-            flat = torch._foreach_mul([d for ds in out_dirs for d in ds], scale)
-            out_dirs = split_stages(flat, [len(ds) for ds in out_dirs])
         return out_states, out_dirs
 
     def workspace_or_none(self, keep: bool, slot: int, i: int, like: Tensor) -> Tensor | None:
@@ -378,6 +377,41 @@ def foreach_ready(grads: Sequence[Tensor]) -> bool:
     ``FOREACH_MAX_NUMEL`` entries in all."""
     return (bool(grads) and all(g.is_floating_point() for g in grads)
             and sum(g.numel() for g in grads) <= FOREACH_MAX_NUMEL)
+
+
+_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def scalar_arg(value: float, ts: Sequence[Tensor]) -> float | Tensor:
+    """``value`` as the scalar argument of a multi-tensor op over ``ts``: on the CPU a 0-dim
+    tensor of their dtype (kept), elsewhere (or for mixed dtypes) the number itself. The
+    results are the same; the CPU ``_foreach`` ops wrap a Python number into a new tensor for
+    every tensor of the list (about 1.5 us each: 15 us of a 10-tensor op), a 0-dim tensor
+    they take as it is."""
+    t0 = ts[0]
+    if t0.device.type != "cpu":
+        return value
+    dtype = t0.dtype
+    for t in ts:
+        if t.dtype is not dtype:
+            return value
+    key = (value, dtype)
+    s = _SCALARS.get(key)
+    if s is None:
+        if len(_SCALARS) > 256:  # (bias corrections change every step)
+            _SCALARS.clear()
+        s = _SCALARS[key] = torch.full((), value, dtype=dtype)
+    return s
+
+
+def foreach_add_scalar_(ts: list[Tensor], value: float) -> None:
+    """t += value for every t of ``ts`` (``torch._foreach_add_``; on the CPU with the 0-dim
+    tensor as a list, the form without a wrapped number per tensor)."""
+    s = scalar_arg(value, ts)
+    if isinstance(s, Tensor):
+        torch._foreach_add_(ts, [s] * len(ts))
+    else:
+        torch._foreach_add_(ts, s)
 
 
 def buffer_or_zeros(state: State, key: str, like: Tensor) -> Tensor:

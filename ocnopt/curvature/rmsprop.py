@@ -16,8 +16,10 @@ from .base import (
     buffer_or_zeros,
     check_nonneg,
     flatten_stages,
+    foreach_add_scalar_,
     foreach_ready,
     require,
+    scalar_arg,
     split_stages,
 )
 
@@ -61,14 +63,14 @@ class RMSprop(DiagonalCurvature):
 
     def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
                     grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
-                    hp: dict[str, Any], step: int, *, scale: float | None = None
+                    hp: dict[str, Any], step: int, *, scratch: bool = False
                     ) -> tuple[list[list[State]], list[list[Tensor]]]:
         """``update``'s arithmetic (the same results) over every tensor of ``stages``: with
         ``_foreach`` ops when they are small, else per tensor with the temporaries in kept
         workspaces; per stage where ``centered``."""
         flat_states, flat_g, counts = flatten_stages(states, grads)
         if hp["centered"] or not all(g.is_floating_point() for g in flat_g):
-            return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+            return super().update_many(stages, states, grads, stats, hp, step, scratch=scratch)
         alpha, momentum, eps = hp["alpha"], hp["momentum"], hp["eps"]
         sq_old = [buffer_or_zeros(st, "square_avg", g) for st, g in zip(flat_states, flat_g)]
         buf_old = [buffer_or_zeros(st, "momentum_buffer", g) for st, g in zip(flat_states, flat_g)
@@ -77,28 +79,25 @@ class RMSprop(DiagonalCurvature):
         sq: list[Tensor]
         d: list[Tensor]
         if foreach_ready(flat_g):
-            sq = list(torch._foreach_mul(sq_old, alpha))
+            # (scalar_arg: the same results without a wrapped number per tensor on the CPU)
+            sq = list(torch._foreach_mul(sq_old, scalar_arg(alpha, sq_old)))
             torch._foreach_addcmul_(sq, flat_g, flat_g, value=1 - alpha)
             denom = torch._foreach_sqrt(sq)
-            torch._foreach_add_(denom, eps)
+            foreach_add_scalar_(denom, eps)
             d = list(torch._foreach_div(flat_g, denom))
             if momentum > 0:
-                buf = list(torch._foreach_mul(buf_old, momentum))
+                buf = list(torch._foreach_mul(buf_old, scalar_arg(momentum, buf_old)))
                 torch._foreach_add_(buf, d)
-                d = list(torch._foreach_mul(buf, scale)) if scale is not None else buf
-            elif scale is not None:
-                torch._foreach_mul_(d, scale)  # (d is fresh)
+                d = buf
         else:
             sq, d = [], []
             for i, g in enumerate(flat_g):
                 sq.append(sq_old[i].mul(alpha).addcmul_(g, g, value=1 - alpha))
-                den = torch.sqrt(sq[-1], out=self.workspace_or_none(scale is not None, 0, i, g))
+                den = torch.sqrt(sq[-1], out=self.workspace_or_none(scratch, 0, i, g))
                 di = torch.div(g, den.add_(eps), out=den)
                 if momentum > 0:
                     buf.append(buf_old[i].mul(momentum).add_(di))
-                    di = torch.mul(buf[-1], scale, out=den) if scale is not None else buf[-1]
-                elif scale is not None:
-                    di.mul_(scale)
+                    di = buf[-1]
                 d.append(di)
         new: list[State] = [{"step": st.get("step", 0) + 1, "square_avg": s}
                             for st, s in zip(flat_states, sq)]

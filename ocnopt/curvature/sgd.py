@@ -18,6 +18,7 @@ from .base import (
     foreach_ready,
     require,
     rows_gram,
+    scalar_arg,
     split_stages,
     weight_bias_gram,
 )
@@ -58,15 +59,16 @@ class SGD(CurvatureModel):
 
     def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
                     grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
-                    hp: dict[str, Any], step: int, *, scale: float | None = None
+                    hp: dict[str, Any], step: int, *, scratch: bool = False
                     ) -> tuple[list[list[State]], list[list[Tensor]]]:
         """``update``'s arithmetic (the same results) over every tensor of ``stages``: with
-        ``_foreach`` ops when they are small, else per tensor with the scaled steps in kept
-        workspaces; per stage while some momentum buffers are still absent."""
+        ``_foreach`` ops when they are small, else per tensor; per stage while some momentum
+        buffers are still absent. The direction is Qbar_u itself (no momentum) or the new
+        momentum buffer (no copy: the caller reads it)."""
         flat_states, flat_g, counts = flatten_stages(states, grads)
         momentum = hp["momentum"]
         if not all(g.is_floating_point() for g in flat_g):
-            return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+            return super().update_many(stages, states, grads, stats, hp, step, scratch=scratch)
         new_states: list[State]
         d: list[Tensor]
         if momentum == 0:
@@ -74,22 +76,18 @@ class SGD(CurvatureModel):
         else:
             bufs = [st.get("momentum_buffer") for st in flat_states]
             if any(b is None for b in bufs):
-                return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+                return super().update_many(stages, states, grads, stats, hp, step, scratch=scratch)
             old = [b for b in bufs if b is not None]
             new: list[Tensor]
             if foreach_ready(flat_g):
-                new = list(torch._foreach_mul(old, momentum))
+                # (scalar_arg: the same results without a wrapped number per tensor)
+                new = list(torch._foreach_mul(old, scalar_arg(momentum, old)))
                 torch._foreach_add_(new, flat_g, alpha=1 - hp["dampening"])
             else:
                 new = [b.mul(momentum).add_(g, alpha=1 - hp["dampening"])
                        for b, g in zip(old, flat_g)]
             d = list(torch._foreach_add(flat_g, new, alpha=momentum)) if hp["nesterov"] else new
             new_states = [{"momentum_buffer": b} for b in new]
-        if scale is not None:  # (d may be Qbar_u or a state: scaled into new tensors)
-            if foreach_ready(flat_g):
-                d = list(torch._foreach_mul(d, scale))
-            else:
-                d = [torch.mul(x, scale, out=self.workspace(0, i, x)) for i, x in enumerate(d)]
         return split_stages(new_states, counts), split_stages(d, counts)
 
     def solve(self, stage: Stage, states: list[State], v: list[Tensor], hp: dict[str, Any]) -> list[Tensor]:

@@ -38,6 +38,10 @@ class StageDerivatives:
     kronecker: bool = False
     #: the stage draws random numbers; its context makes later evaluations draw the same
     random: bool = False
+    #: ``forward`` is the module's own call (same operations, same random draws; any context
+    #: it records consumes nothing): order 1 may then run the model's own forward instead
+    #: of the steps one by one (``Graph.direct``)
+    plain_forward: bool = True
 
     # ---- checks ------------------------------------------------------------------------------
     def refusal(self, module: nn.Module) -> str | None:

@@ -34,6 +34,9 @@ class DropoutDerivatives(StageDerivatives):
     mask (B, C, 1, ..., 1) broadcast over the spatial dimensions, as torch's channel dropout.
     """
 
+    #: the mask is drawn here (replayable), not by the module's own kernel
+    plain_forward = False
+
     def __init__(self, channelwise: bool = False):
         self.channelwise = channelwise
 
@@ -66,6 +69,9 @@ class EvalOnlyDerivatives(StageDerivatives):
     """Layers that draw random numbers in training mode in a way no mask replays (``nn.RReLU``,
     ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``): supported in eval mode only, where they
     are deterministic; refused (``TypeError``) when the stage runs in training mode."""
+
+    #: ``forward`` refuses training mode (the module's own call would not)
+    plain_forward = False
 
     def refusal(self, module: nn.Module) -> str | None:
         if module.training:
