@@ -313,6 +313,20 @@ def _gather_tied(stages: Sequence[Stage], grads: Sequence[list[Tensor] | None]
     return out
 
 
+class no_grad_fast:
+    """``torch.no_grad()`` for the per-step path: the grad mode set and restored directly
+    (torch's context object costs about 1.5 us per use, this one a fifth of that)."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self) -> None:
+        self.prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch._C._set_grad_enabled(self.prev)
+
+
 def _norm(ts: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t) for t in ts]).square().sum().sqrt()
 
@@ -656,7 +670,7 @@ class BellmanEngine:
             return StepOutcome(terminal.loss, result=StepResult(loss=terminal.loss))
         # every player's curvature update at once (one multi-tensor pass for the diagonal
         # models): the directions d, the step k = -lr d
-        with torch.no_grad(), region("ocnopt.curvature"):
+        with no_grad_fast(), region("ocnopt.curvature"):
             upds, dirs = curv.update_many(p_views, p_states, p_grads,
                                           [expansions[t].stats for t in players], hp,
                                           controls.step, scratch=True)
@@ -682,8 +696,9 @@ class BellmanEngine:
                 controls.restore(backup)
                 return StepOutcome(terminal.loss, skipped="update")
         else:
-            controls.backup()  # an exception while moving the parameters restores them
-            self.apply_directions(self._player_params, flat, -lr)
+            with no_grad_fast():
+                controls.backup()  # an exception while moving the parameters restores them
+                self.apply_directions(self._player_params, flat, -lr)
         diagnostics = [StageDiagnostics(t, stages[t].name, math.sqrt(sq))
                        for t, sq in zip(players, sq_norms)]
         return StepOutcome(terminal.loss,
@@ -886,17 +901,17 @@ class BellmanEngine:
             states.append(z)
         loss_after = None
         if targets is not None:
-            after = self.loss.per_sample(states[-1], targets).mean()
+            after = self.loss.mean(states[-1], targets)
             (after,) = self.comm.mean([after], tag="loss after")  # hook: the global mean
             loss_after = float(after)
         norms = torch.stack(fb_norms).tolist() if fb_norms else []
         return states, loss_after, norms
 
     @profiled("ocnopt.update")
-    @torch.no_grad()
     def apply_directions(self, params: list[Tensor], directions: list[Tensor], alpha: float
                          ) -> None:
-        """u <- u + alpha d for every parameter (order 1: k = -lr d), one multi-tensor call."""
+        """u <- u + alpha d for every parameter (order 1: k = -lr d), one multi-tensor call
+        (called with gradients off)."""
         torch._foreach_add_(params, directions, alpha=alpha)
 
     @profiled("ocnopt.update")

@@ -26,6 +26,10 @@ class Loss:
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def mean(self, output: Tensor, target: Tensor) -> Tensor:
+        """J = mean_i phi^(i), rounded as ``value_gradient``'s mean loss."""
+        return self.per_sample(output, target).mean()
+
     def check(self, output: Tensor, target: Tensor) -> None:
         """Raise ``ValueError`` when ``target`` does not fit ``output``."""
 
@@ -100,22 +104,28 @@ class CrossEntropy(Loss):
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target, reduction="none")
 
+    def mean(self, output: Tensor, target: Tensor) -> Tensor:
+        if target.is_floating_point():
+            return super().mean(output, target)
+        return F.cross_entropy(output, target)  # log_softmax and nll_loss: value_gradient's
+
     def value_gradient(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         logp = F.log_softmax(output.detach(), dim=1)
         if target.is_floating_point():
             loss = -(target * logp).sum(1)
             grad = logp.exp() * target.sum(1, keepdim=True) - target
         else:
-            idx = target.long().unsqueeze(1)
+            if target.dtype != torch.int64:
+                target = target.long()
             try:  # (CPU: an index out of range raises here, checked only then)
-                picked = logp.gather(1, idx)
-            except RuntimeError:
+                mean = F.nll_loss(logp, target)  # -mean_i logp_(i, y_i), as torch's loss
+            except (RuntimeError, IndexError):
                 self.check_range(logp.shape[1], target)
                 raise
-            loss = -picked.squeeze(1)
             grad = logp.exp()
             # p - e_y: adding -1 rounds as subtracting 1
-            grad.scatter_add_(1, idx, self._minus_one(grad))
+            grad.scatter_add_(1, target.unsqueeze(1), self._minus_one(grad))
+            return mean, grad
         return loss.mean(), grad
 
     def _minus_one(self, like: Tensor) -> Tensor:

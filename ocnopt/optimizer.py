@@ -22,7 +22,14 @@ from .curvature import CURVATURES, CurvatureModel
 from .curvature.base import check_nonneg
 from .derivatives.ode import AdjointDerivatives
 from .distributed import Collective, make_collective
-from .engine import BellmanEngine, Controls, StepConfig, StepOutcome, StepResult
+from .engine import (
+    BellmanEngine,
+    Controls,
+    StepConfig,
+    StepOutcome,
+    StepResult,
+    no_grad_fast,
+)
 from .graph import build_graph
 from .losses import Loss, make_loss
 from .profiling import profiled
@@ -351,6 +358,9 @@ class OCNOpt(torch.optim.Optimizer):
         self.last_step: StepResult | None = None
         #: the hyper-parameters last validated by ``step`` (``_frozen``)
         self._checked_hp: tuple[Any, ...] | None = None
+        #: the structural options ``_config`` (the step's ``StepConfig``) was made with
+        self._config_options: tuple[Any, ...] | None = None
+        self._config: StepConfig | None = None
         if self.comm.active:  # every process starts from rank 0's parameters and buffers
             self._broadcast_from_rank0(params, tag="setup")
 
@@ -483,18 +493,25 @@ class OCNOpt(torch.optim.Optimizer):
             same = items == self._checked_hp
         except Exception:  # a value whose == is not a truth value (a tensor)
             same = False
+        model = self.model_
         if not same:  # validated once per setting
             self._check(hp)
             self._checked_hp = items if _immutable(hp) else None
-        model = self.model_
-        config = StepConfig(
-            order=self.order, lr=float(hp["lr"]),
-            weight_decay=float(hp["weight_decay"]) if model.coupled_weight_decay(hp) else 0.0,
-            feedback=self.feedback, value_correction=self.value_correction,
-            gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)), clip=self.psd_clip,
-            trust=hp.get("trust"), game=self.game, fisher_type=hp.get("fisher_type"),
-            track_loss_after=self.track_loss_after, set_grad=self.set_grad,
-            max_grad_norm=hp.get("max_grad_norm"))
+        options = (self.order, self.feedback, self.value_correction, self.gauss_newton,
+                   self.psd_clip, self.game, self.track_loss_after, self.set_grad)
+        if not same or options != self._config_options:  # the step's options, once per setting
+            self._config_options = options if same or self._checked_hp is not None else None
+            self._config = StepConfig(
+                order=self.order, lr=float(hp["lr"]),
+                weight_decay=float(hp["weight_decay"]) if model.coupled_weight_decay(hp)
+                else 0.0,
+                feedback=self.feedback, value_correction=self.value_correction,
+                gauss_newton=self.gauss_newton, mu=float(hp.get("mu", 0.0)), clip=self.psd_clip,
+                trust=hp.get("trust"), game=self.game, fisher_type=hp.get("fisher_type"),
+                track_loss_after=self.track_loss_after, set_grad=self.set_grad,
+                max_grad_norm=hp.get("max_grad_norm"))
+        config = self._config
+        assert config is not None
         #: taken when the engine first asks for the generator (``_OptimizerControls``)
         self._generator_state: Tensor | None = None
         snapshot = self._snapshot()
@@ -535,8 +552,10 @@ class OCNOpt(torch.optim.Optimizer):
         params = self.param_groups[0]["params"]
         self._backup_taken = False
         live = [b for m in self._buffer_modules for b in m._buffers.values() if b is not None]
-        with torch.no_grad():
-            buffers = [b.clone() for b in live]
+        buffers = []
+        if live:
+            with torch.no_grad():
+                buffers = [b.clone() for b in live]
         return {"live": live, "buffers": buffers, "grads": [p.grad for p in params],
                 "state": dict(self.state),  # (a shallow copy: the entries are replaced)
                 "meta": dict(self._meta),
@@ -580,11 +599,12 @@ class OCNOpt(torch.optim.Optimizer):
         in buffers kept between steps: no allocation per step."""
         params = self.param_groups[0]["params"]
         buf = getattr(self, "_backup", None)
-        if buf is None or any(b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
-                              for b, p in zip(buf, params)):
+        # (a parameter moved to another device still copies to and from its buffer exactly)
+        if buf is None or [b.shape for b in buf] != [p.shape for p in params] \
+                or [b.dtype for b in buf] != [p.dtype for p in params]:
             buf = self._backup = [torch.empty_like(p, memory_format=torch.preserve_format)
                                   for p in params]
-        with torch.no_grad():
+        with no_grad_fast():
             torch._foreach_copy_(buf, params)
         self._backup_taken = True
         return buf
