@@ -213,6 +213,16 @@ class StepResult:
     #: blocks) and the integration-time updates of the blocks with ``learn_t1``
     solver: dict[str, int] | None = None
     t1_updates: list[Any] = field(default_factory=list)
+    #: order 1: ``stages`` not made yet; ``materialize`` makes them (``OCNOpt.last_step`` does
+    #: on first read, from the step's directions, which nothing changes before the next step)
+    pending: Callable[[], list[StageDiagnostics]] | None = field(default=None, repr=False,
+                                                                  compare=False)
+
+    def materialize(self) -> StepResult:
+        """Make the per-player diagnostics left for later (order 1); returns self."""
+        if self.pending is not None:
+            self.stages, self.pending = self.pending(), None
+        return self
 
 
 @dataclass
@@ -327,6 +337,57 @@ class no_grad_fast:
         torch._C._set_grad_enabled(self.prev)
 
 
+_FOUND: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def all_finite(ts: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite: one multi-tensor check (torch's
+    ``_amp_foreach_non_finite_check_and_unscale_`` with scale 1, which leaves the values
+    as they are) and one transfer; per-tensor norms where it does not apply."""
+    if not ts:
+        return True
+    device = ts[0].device
+    try:
+        found, one = _FOUND[device]
+    except KeyError:
+        found, one = _FOUND.setdefault(device, (torch.zeros(1, device=device),
+                                                torch.ones((), device=device)))
+    try:
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(list(ts), found, one)
+        return not found.item()
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        # (another device per tensor, an older torch): the norms, which a non-finite
+        # entry makes non-finite
+        return all(math.isfinite(v) for v in torch.stack(
+            [torch.linalg.vector_norm(t.detach().double()).cpu() for t in ts]).tolist())
+
+
+def _aliases(a: Sequence[Tensor], bs: Sequence[Sequence[Tensor]]) -> bool:
+    """Whether a tensor of ``a`` is one of ``bs`` (by identity)."""
+    ids = {id(b) for bb in bs for b in bb}
+    return any(id(x) in ids for x in a)
+
+
+def _diagnostics_fn(players: list[int], names: list[str], dirs: list[list[Tensor]],
+                    lr: float) -> Callable[[], list[StageDiagnostics]]:
+    """The per-player diagnostics of an order-1 step: |k| = lr |d| (one multi-tensor norm
+    and one transfer when called)."""
+
+    def make() -> list[StageDiagnostics]:
+        flat = [d for ds in dirs for d in ds]
+        with no_grad_fast():
+            norms = torch.stack(torch._foreach_norm(flat)).tolist() if flat else []
+        out, i = [], 0
+        for t, name, ds in zip(players, names, dirs):
+            sq = math.fsum(v * v for v in norms[i:i + len(ds)])
+            out.append(StageDiagnostics(t, name, lr * math.sqrt(sq)))
+            i += len(ds)
+        return out
+
+    return make
+
+
 def _norm(ts: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t) for t in ts]).square().sum().sqrt()
 
@@ -389,9 +450,10 @@ class BellmanEngine:
                          if st.has_control and self.controls[st.index].params]
         self._player_views = [self.controls[t] for t in self._players]
         self._player_params = [p for v in self._player_views for p in v.params]
-        #: the largest finite step entry in the parameters' dtypes (the update check)
-        self._finite_max = min((torch.finfo(p.dtype).max for p in self._player_params
-                                if p.is_floating_point()), default=math.inf)
+        #: order-1 diagnostics are made on first read (``StepResult.pending``) where the
+        #: directions are small (at most ``FOREACH_MAX_NUMEL`` entries: kept until then)
+        from .curvature.base import FOREACH_MAX_NUMEL
+        self._lazy_diagnostics = sum(p.numel() for p in self._player_params) <= FOREACH_MAX_NUMEL
         #: ``_need_stats`` of a model that never asks for statistics
         self._no_stats = [False] * len(self.stages)
         #: data-parallel communication (``ocnopt.distributed``; the identity on one process):
@@ -674,17 +736,16 @@ class BellmanEngine:
             upds, dirs = curv.update_many(p_views, p_states, p_grads,
                                           [expansions[t].stats for t in players], hp,
                                           controls.step, scratch=True)
-            flat = [d for ds in dirs for d in ds]
-            # |k| = lr |d| per tensor: one multi-tensor norm and one transfer
-            norms = torch.stack(torch._foreach_norm(flat)).tolist()
-        sq_norms, i = [], 0
-        for ds in dirs:
-            sq_norms.append(lr * lr * math.fsum(v * v for v in norms[i:i + len(ds)]))
-            i += len(ds)
-        # a step that is not finite in the parameters' dtype is skipped
-        if not all(map(math.isfinite, norms)) or lr * max(norms) > self._finite_max:
-            return StepOutcome(terminal.loss, skipped="update")
+        flat = [d for ds in dirs for d in ds]
+        names = [stages[t].name for t in players]
+        # |k| = lr |d| per player: left for the first read of ``last_step`` where the
+        # directions stay as they are until then and are small (kept at most until the next
+        # step); else now (the directions are Qbar_u, which ``.grad`` exposes, or large)
+        pending = None
+        if self._lazy_diagnostics and not _aliases(flat, [g for _, g in grads_out.values()]):
+            pending = _diagnostics_fn(players, names, dirs, lr)
         loss_after = None
+        params = self._player_params
         if config.track_loss_after:  # the update pass: u + k, then the loss at the output
             policies: list[Policy | None] = [None] * len(stages)
             for t, view, ds in zip(players, p_views, dirs):
@@ -692,23 +753,27 @@ class BellmanEngine:
                                      direction=ds, alpha=-lr)
             backup = controls.backup()
             _, loss_after, _ = self.update_pass(traj, policies, targets)
-            if loss_after is None or not math.isfinite(loss_after):
-                controls.restore(backup)
-                return StepOutcome(terminal.loss, skipped="update")
+            finite = loss_after is not None and math.isfinite(loss_after)
         else:
             with no_grad_fast():
-                controls.backup()  # an exception while moving the parameters restores them
-                self.apply_directions(self._player_params, flat, -lr)
-        diagnostics = [StageDiagnostics(t, stages[t].name, math.sqrt(sq))
-                       for t, sq in zip(players, sq_norms)]
+                backup = controls.backup()  # restored on an exception or a non-finite update
+                self.apply_directions(params, flat, -lr)
+            finite = True
+        # a step that leaves a parameter non-finite (d not finite, or lr d or u + k beyond the
+        # dtype's range) is undone and skipped: one check of every parameter after the move
+        if not finite or not all_finite(params):
+            controls.restore(backup)
+            return StepOutcome(terminal.loss, skipped="update")
+        result = StepResult(loss=terminal.loss, loss_after=loss_after,
+                            grad_norm=float(player_norms[0]) if player_norms else None)
+        if pending is None:
+            result.stages = _diagnostics_fn(players, names, dirs, lr)()
+        else:
+            result.pending = pending
         return StepOutcome(terminal.loss,
                            new_states={t: (view.params, upd)
                                        for t, view, upd in zip(players, p_views, upds)},
-                           result=StepResult(loss=terminal.loss, loss_after=loss_after,
-                                             stages=diagnostics,
-                                             grad_norm=float(player_norms[0])
-                                             if player_norms else None),
-                           grads=grads_out)
+                           result=result, grads=grads_out)
 
     def _second_order_step(self, traj: Trajectory, terminal: Terminal, targets: Tensor,
                            config: StepConfig, controls: Controls, need_stats: list[bool],

@@ -355,7 +355,7 @@ class OCNOpt(torch.optim.Optimizer):
         #: replaces them; the modules stay)
         self._buffer_modules = [m for m in model.modules() if m._buffers]
         self._warned_nonfinite = False
-        self.last_step: StepResult | None = None
+        self._last_step: StepResult | None = None
         #: the hyper-parameters last validated by ``step`` (``_frozen``)
         self._checked_hp: tuple[Any, ...] | None = None
         #: the structural options ``_config`` (the step's ``StepConfig``) was made with
@@ -402,6 +402,17 @@ class OCNOpt(torch.optim.Optimizer):
             raise ValueError("OCNOpt takes its parameters from the model's stages; "
                              "add_param_group is not supported")
         super().add_param_group(param_group)
+
+    @property
+    def last_step(self) -> StepResult | None:
+        """What the last call of ``step`` did (``StepResult``); order 1 makes its per-player
+        diagnostics here, at the first read after the step."""
+        r = self._last_step
+        return r.materialize() if r is not None and r.pending is not None else r
+
+    @last_step.setter
+    def last_step(self, value: StepResult | None) -> None:
+        self._last_step = value
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -559,7 +570,7 @@ class OCNOpt(torch.optim.Optimizer):
         return {"live": live, "buffers": buffers, "grads": [p.grad for p in params],
                 "state": dict(self.state),  # (a shallow copy: the entries are replaced)
                 "meta": dict(self._meta),
-                "last_step": self.last_step}
+                "last_step": self._last_step}
 
     def _rollback(self, snap: dict[str, Any]) -> None:
         params = self.param_groups[0]["params"]
