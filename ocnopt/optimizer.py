@@ -380,6 +380,12 @@ class OCNOpt(torch.optim.Optimizer):
         if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
                 and lr >= 0):
             raise ValueError(f"invalid lr={lr!r}: accepted a finite number >= 0")
+        dtype = min((p.dtype for st in self.stages for p in st.params if p.is_floating_point()),
+                    key=lambda d: torch.finfo(d).max, default=None)
+        if dtype is not None and lr > torch.finfo(dtype).max:  # (the step scales by -lr)
+            raise ValueError(f"invalid lr={lr!r}: accepted a finite number >= 0 that the "
+                             f"parameters' dtype {str(dtype).replace('torch.', '')} can hold "
+                             f"(at most {torch.finfo(dtype).max:.3g})")
         check_nonneg(hp, "weight_decay", "mu")
         trust = hp.get("trust")
         if trust is not None and not (isinstance(trust, (int, float)) and not isinstance(trust, bool)

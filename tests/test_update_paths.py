@@ -85,3 +85,99 @@ def test_connected_backward_equals_per_step_backward(curvature, monkeypatch):
     (p1, g1), (p2, g2) = runs
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_the_direct_forward_runs_the_model_itself_and_equals_the_steps(monkeypatch):
+    """Order 1 without statistics calls the model's own forward (``Graph.direct``); its
+    parameters after three steps are bitwise those of the step-by-step forward."""
+    runs = []
+    for direct in (True, False):
+        model = copy.deepcopy(_model())
+        opt = ocnopt.OCNOpt(model, curvature="adam", lr=0.02)
+        assert opt.graph.direct
+        calls = []
+        model.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        with monkeypatch.context() as mp:
+            if not direct:
+                mp.setattr(opt.graph, "direct", False)
+            for x, y in _batches():
+                opt.step(x, y)
+        assert len(calls) == (3 if direct else 0)  # the root module itself was called
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_graphs_whose_steps_draw_their_own_randomness_are_not_direct():
+    """Dropout's mask is drawn by ocnopt (replayable), RReLU refuses training mode in its
+    step: the model's own call would differ, so such graphs run step by step."""
+    assert not ocnopt.OCNOpt(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 2))
+                             ).graph.direct
+    assert not ocnopt.OCNOpt(nn.Sequential(nn.Linear(3, 3), nn.RReLU().eval(), nn.Linear(3, 2))
+                             ).graph.direct
+    assert ocnopt.OCNOpt(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU(),
+                                       nn.Linear(3, 2))).graph.direct
+
+
+@pytest.mark.parametrize("curvature, hp", [("sgd", {}), ("sgd", {"momentum": 0.9}),
+                                           ("adam", {}), ("rmsprop", {"momentum": 0.5})])
+def test_order1_diagnostics_are_the_step_norms(curvature, hp):
+    """last_step.stages[i].k_norm = |u_i after - u_i before| per player (order 1: k = -lr d),
+    also when read after .grad was zeroed in place, and kept by a result held across the
+    next step."""
+    model = copy.deepcopy(_model())
+    opt = ocnopt.OCNOpt(model, curvature=curvature, lr=0.02, **hp)
+    players = [model[0], model[2], model[4]]
+    held = None
+    for x, y in _batches():
+        before = [[p.detach().clone() for p in m.parameters()] for m in players]
+        opt.step(x, y)
+        for p in model.parameters():  # (in place: a diagnostic made later must not see it)
+            p.grad.zero_()
+        want = [torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(m.parameters(), bs)))
+                for m, bs in zip(players, before)]
+        got = opt.last_step.stages
+        assert [d.index for d in got] == [0, 2, 4]
+        for d, w in zip(got, want):
+            assert d.k_norm == pytest.approx(float(w), rel=1e-9)
+        if held is None:
+            held, held_norms = opt.last_step, [d.k_norm for d in got]
+    assert [d.k_norm for d in held.stages] == held_norms
+
+
+@pytest.mark.parametrize("entry, lr", [(1e30, 1e10), (float("inf"), 1e-2)])
+def test_an_update_beyond_the_dtype_range_is_skipped(entry, lr, monkeypatch):
+    """A step whose move is not finite in float32 (a finite direction whose -lr d overflows,
+    or a direction with an infinite entry) leaves the parameters and the optimizer state as
+    they were: the moved parameters are checked and the backup put back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = ocnopt.OCNOpt(model, curvature="sgd", momentum=0.9, lr=lr)
+    opt.step(x, y)  # (a finite first step, also at lr 1e10)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    bufs = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    original = opt.model_.update_many
+
+    def poisoned(*args, **kwargs):
+        states, dirs = original(*args, **kwargs)
+        dirs[0][0] = dirs[0][0].clone()
+        dirs[0][0][0, 0] = entry
+        return states, dirs
+    monkeypatch.setattr(opt.model_, "update_many", poisoned)
+    with pytest.warns(ocnopt.optimizer.NonFiniteStepWarning, match="update is not finite"):
+        opt.step(x, y)
+    assert opt.skipped_steps == 1 and opt.step_count == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    assert all(opt.state[p]["momentum_buffer"] is b for p, b in zip(model.parameters(), bufs))
+
+
+def test_a_learning_rate_the_parameters_dtype_cannot_hold_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"invalid lr=1e\+300: .*float32.*3\.4"):
+        ocnopt.OCNOpt(model, curvature="sgd", lr=1e300)
+    opt = ocnopt.OCNOpt(model, curvature="sgd", lr=0.1)
+    opt.param_groups[0]["lr"] = 1e300
+    with pytest.raises(ValueError, match=r"invalid lr=1e\+300"):
+        opt.step(torch.randn(2, 4), torch.tensor([0, 1]))
+    assert ocnopt.OCNOpt(copy.deepcopy(model).double(), curvature="sgd", lr=1e300)  # float64
