@@ -141,6 +141,12 @@ def _vjp(output: Tensor, cotangent: Tensor, inputs: Sequence[Tensor]) -> tuple[T
     return torch.autograd.grad(output, inputs, grad_outputs=cotangent, allow_unused=True)
 
 
+#: ``backward_connected``'s expansion of a step without Qbar_u or statistics (shared, read
+#: only), and its ``Q_args`` (not formed on the connected path)
+_NO_ARGS: list[Tensor | None] = []
+_NOTHING = QExpansion(Q_args=_NO_ARGS, Q_u=None)
+
+
 class GraphBackend(Backend):
     """The nominal pass on per-step graph pieces and the first-order value recursion (one VJP
     per step, value derivatives added where a tensor is read twice: the fork rule): shared by
@@ -213,7 +219,7 @@ class GraphBackend(Backend):
         statistics are asked for) = (sum_i f_u^(i)T V'_z^(i), ...) with V'_x = the terminal
         V_x: the same products as ``backward``'s per-step calls, summed by autograd where a
         tensor is read twice (the fork rule). Qbar_u is then divided by B. ``Q_args`` are not
-        formed (None): the order-1 step reads Qbar_u and the statistics only (Kronecker factors,
+        formed (empty): the order-1 step reads Qbar_u and the statistics only (Kronecker factors,
         and an ODE block's grid factors from V'_z at its output, ``sublayer_statistics``)."""
         stages = graph.stages
         T = len(stages)
@@ -235,13 +241,18 @@ class GraphBackend(Backend):
         found = [g for t, i, n in where for g in grads[i:i + n] if g is not None]
         if found:  # (one call: the same divisions as g.div_(B))
             torch._foreach_div_(found, scalar_arg(B, found))
-        expansions = [QExpansion(Q_args=[None] * len(st.inputs), Q_u=None) for st in stages]
+        # an expansion per step with Qbar_u or statistics; the others share an empty one
+        # (nothing is formed for them, and the order-1 step reads nothing there)
+        expansions = [_NOTHING] * T
         for t, i, n in where:
-            expansions[t].Q_u = [torch.zeros_like(p) if g is None else g
-                                 for g, p in zip(grads[i:i + n], stages[t].params)]
+            expansions[t] = QExpansion(Q_args=_NO_ARGS, Q_u=[
+                torch.zeros_like(p) if g is None else g
+                for g, p in zip(grads[i:i + n], stages[t].params)])
         for t, stage in enumerate(stages):
             if not need_stats[t]:
                 continue
+            if expansions[t] is _NOTHING:
+                expansions[t] = QExpansion(Q_args=_NO_ARGS, Q_u=None)
             if not _reads_output_value(stage):
                 expansions[t].stats = StageStatistics()
                 continue

@@ -365,8 +365,7 @@ def all_finite(ts: Sequence[Tensor]) -> bool:
 
 def _aliases(a: Sequence[Tensor], bs: Sequence[Sequence[Tensor]]) -> bool:
     """Whether a tensor of ``a`` is one of ``bs`` (by identity)."""
-    ids = {id(b) for bb in bs for b in bb}
-    return any(id(x) in ids for x in a)
+    return not set(map(id, a)).isdisjoint([id(b) for bb in bs for b in bb])
 
 
 def _diagnostics_fn(players: list[int], names: list[str], dirs: list[list[Tensor]],

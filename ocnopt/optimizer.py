@@ -600,9 +600,9 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _commit(self, outcome: StepOutcome) -> None:
         """The new curvature states, ``.grad`` (Qbar_u) and the step counter."""
+        state = self.state
         for params, states in outcome.new_states.values():
-            for p, s in zip(params, states):
-                self.state[p] = s
+            state.update(zip(params, states))
         if self.set_grad:
             for owners, grads in outcome.grads.values():
                 for p, g in zip(owners, grads):

@@ -520,8 +520,10 @@ def test_property_columns_converge_at_rk4_rate(n, hidden, B, r, seed):
         pscale = max(float(ref["p"].abs().max()), 1e-3)
         errs.append(max(float((exp.a_blocks[1] - ref["q"]).abs().max()) / scale,
                         float((exp.W - ref["p"]).abs().max()) / pscale))
-    # halving h divides the difference by ~16 (rk4); rounding floor 1e-12
-    assert errs[1] < errs[0] / 8 + 1e-12 and errs[0] < 1e-2, errs
+    # halving h divides the difference by ~16 (rk4) once asymptotic; at h = 1/4, 1/8 some
+    # fields are not yet (hypothesis found 7.4 at n=3, hidden=1, B=2, r=1, seed=58): more than
+    # 6 still rules out a second-order error (4); rounding floor 1e-12
+    assert errs[1] < errs[0] / 6 + 1e-12 and errs[0] < 1e-2, errs
 
 
 def _ode_model(learn_t1: bool = False) -> nn.Sequential:
