@@ -404,9 +404,10 @@ def scalar_arg(value: float, ts: Sequence[Tensor]) -> float | Tensor:
     return s
 
 
-def foreach_add_scalar_(ts: list[Tensor], value: float) -> None:
+def foreach_add_scalar_(ts: Sequence[Tensor], value: float) -> None:
     """t += value for every t of ``ts`` (``torch._foreach_add_``; on the CPU with the 0-dim
     tensor as a list, the form without a wrapped number per tensor)."""
+    ts = list(ts)
     s = scalar_arg(value, ts)
     if isinstance(s, Tensor):
         torch._foreach_add_(ts, [s] * len(ts))
