@@ -30,7 +30,12 @@ def sgd_direction(
     """torch.optim.SGD's direction d (param -= lr * d) and new momentum buffer."""
     if momentum == 0:
         return grad, None
-    buf = grad.clone() if buf is None else buf.mul(momentum).add_(grad, alpha=1 - dampening)
+    if buf is None:
+        buf = grad.clone()
+    elif dampening == 0:  # g + momentum b in one operation (torch: b momentum, then + g)
+        buf = grad.add(buf, alpha=momentum)
+    else:
+        buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
     d = grad.add(buf, alpha=momentum) if nesterov else buf
     return d, buf
 
@@ -79,13 +84,17 @@ class SGD(CurvatureModel):
                 return super().update_many(stages, states, grads, stats, hp, step, scratch=scratch)
             old = [b for b in bufs if b is not None]
             new: list[Tensor]
+            damp = hp["dampening"]
             if foreach_ready(flat_g):
-                # (scalar_arg: the same results without a wrapped number per tensor)
-                new = list(torch._foreach_mul(old, scalar_arg(momentum, old)))
-                torch._foreach_add_(new, flat_g, alpha=1 - hp["dampening"])
+                if damp == 0:  # g + momentum b in one operation, as ``sgd_direction``
+                    new = list(torch._foreach_add(flat_g, old, alpha=momentum))
+                else:  # (scalar_arg: the same results without a wrapped number per tensor)
+                    new = list(torch._foreach_mul(old, scalar_arg(momentum, old)))
+                    torch._foreach_add_(new, flat_g, alpha=1 - damp)
+            elif damp == 0:
+                new = [g.add(b, alpha=momentum) for b, g in zip(old, flat_g)]
             else:
-                new = [b.mul(momentum).add_(g, alpha=1 - hp["dampening"])
-                       for b, g in zip(old, flat_g)]
+                new = [b.mul(momentum).add_(g, alpha=1 - damp) for b, g in zip(old, flat_g)]
             d = list(torch._foreach_add(flat_g, new, alpha=momentum)) if hp["nesterov"] else new
             new_states = [{"momentum_buffer": b} for b in new]
         return split_stages(new_states, counts), split_stages(d, counts)
