@@ -53,7 +53,7 @@ from ocnopt.graph import Graph
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
-from .autograd import GraphBackend, kronecker_statistics, psd_sqrt_factor, sublayer_statistics
+from .autograd import GraphBackend, _vjp, kronecker_statistics, psd_sqrt_factor, sublayer_statistics
 
 TERMINALS = ("empirical", "exact", "mc")
 #: the terminal factor whose propagation gives the Kronecker statistics of each fisher_type
@@ -114,13 +114,17 @@ def parallel_ratio(value: LowRankValue) -> Tensor | None:
 
 
 def _inner(Z: Tensor, v: Tensor) -> Tensor:
-    """<Z[:, c], v> per sample: (B, r, *n), (B, *n) -> (B, r)."""
-    return torch.einsum("brn,bn->br", Z.flatten(2), v.reshape(v.shape[0], -1))
+    """<Z[:, c], v> per sample: (B, r, *n), (B, *n) -> (B, r) (one batched product)."""
+    if Z.dim() == 3:
+        return (Z @ v.unsqueeze(2)).squeeze(2)
+    return (Z.flatten(2) @ v.reshape(v.shape[0], -1, 1)).squeeze(2)
 
 
 def _combine(Z: Tensor, s: Tensor) -> Tensor:
-    """sum_c s[:, c] Z[:, c]: (B, r, *n), (B, r) -> (B, *n)."""
-    return torch.einsum("brn,br->bn", Z.flatten(2), s).reshape(Z.shape[0], *Z.shape[2:])
+    """sum_c s[:, c] Z[:, c]: (B, r, *n), (B, r) -> (B, *n) (one batched product)."""
+    if Z.dim() == 3:
+        return (s.unsqueeze(1) @ Z).squeeze(1)
+    return (s.unsqueeze(1) @ Z.flatten(2)).reshape(Z.shape[0], *Z.shape[2:])
 
 
 def _add(blocks: dict[int, Tensor], j: int, v: Tensor) -> None:
@@ -265,12 +269,12 @@ class LowRankBackend(GraphBackend):
     @staticmethod
     def _vjp_columns(xin: Tensor, out: Tensor, Z: Tensor) -> Tensor:
         """f_x^T Z[:, c] for every column c: (B, r, *n_in)."""
-        cols = [torch.autograd.grad(out, xin, Z[:, c], retain_graph=True, allow_unused=True)[0]
-                for c in range(Z.shape[1])]
+        cols = [_vjp(out, Z[:, c], (xin,), retain=True)[0] for c in range(Z.shape[1])]
         return torch.stack([torch.zeros_like(xin) if c is None else c for c in cols], 1)
 
     def _fu_k(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
-        params = {n: p.detach() for n, p in zip(stage.param_names, stage.params)}
+        params = ({n: p.detach() for n, p in zip(stage.param_names, stage.params)}
+                  if stage.derivatives.jvp_reads_params else {})
         tangent = dict(zip(stage.param_names, k))
         assert exp.x is not None
         return stage.derivatives.param_jvp(stage.module, params, exp.x, exp.ctx, tangent)
@@ -324,7 +328,8 @@ class LowRankBackend(GraphBackend):
                                          d.kfac_output(stage.module, cot.unsqueeze(1))[:, 0])
                 if solved is not None:
                     return [v.mul(-lr / B) for v in solved]
-            g = torch.autograd.grad(out, stage.params, cot, retain_graph=True)
+            g = [torch.zeros_like(p) if v is None else v
+                 for v, p in zip(_vjp(out, cot, stage.params, retain=True), stage.params)]
             return [v.mul(-lr) for v in minv([x / B for x in g])]
 
         return Feedback(K, blocks)
@@ -346,21 +351,26 @@ class LowRankBackend(GraphBackend):
             Wk = _inner(Zn, self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)]))
         S = self.gram(stage, exp, minv)
         if rho is not None:  # r = 1, a = rho' Q_X: every update is a per-sample scalar
-            kappa = rho * Wk[:, 0]  # V_X = Q_X (1 + kappa); the trust bound is |kappa| <= trust
+            kappa = rho * Wk.reshape(-1)  # V_X = Q_X (1 + kappa); the trust bound: |kappa| <= trust
             bounded = None
             if trust is not None:
                 bounded = (kappa.abs() > trust).to(kappa.dtype).mean()
-                kappa = kappa.clamp(-trust, trust)
-            c = (1 - (lr / B) * S[:, 0, 0]).clamp_min(0).sqrt()
-            one_k = 1 + kappa
+                kappa.clamp_(-trust, trust)
+            c = S.reshape(-1).mul(-lr / B).add_(1).clamp_min_(0).sqrt_()  # (1 - lr/B S)_+^(1/2)
+            one_k = kappa.add_(1)
             rc = rho * c
             V, Zb = {}, {}
+            cols: dict[int, tuple[Tensor, Tensor]] = {}  # (rho c, 1 + kappa) shaped per dim
             for j, q in Q_X.items():
-                view = (-1, *[1] * (q.dim() - 1))
-                Zb[j] = (q * rc.reshape(view)).unsqueeze(1)
-                V[j] = q * one_k.reshape(view)
+                d = q.dim()
+                if d not in cols:
+                    view = (-1, *[1] * (d - 1))
+                    cols[d] = (rc.reshape(view), one_k.reshape(view))
+                rc_d, one_d = cols[d]
+                Zb[j] = (q * rc_d).unsqueeze(1)
+                V[j] = q * one_d
             safe = trust is not None and trust < 1  # 1 + kappa >= 1 - trust > 0: no check
-            new_rho = rho * c / one_k if safe or bool((one_k != 0).all()) else None
+            new_rho = rc / one_k if safe or bool((one_k != 0).all()) else None
             return LowRankValue(V, Zb, new_rho, bounded)
         keys = list(Q_X)
         corrected = [Q_X[j] + _combine(a_X[j], Wk) for j in keys]

@@ -38,6 +38,8 @@ class StageDerivatives:
     kronecker: bool = False
     #: the stage draws random numbers; its context makes later evaluations draw the same
     random: bool = False
+    #: ``param_jvp`` reads the values of ``params`` (False: only the tangent, a linear layer)
+    jvp_reads_params: bool = True
 
     # ---- checks ------------------------------------------------------------------------------
     def refusal(self, module: nn.Module) -> str | None:

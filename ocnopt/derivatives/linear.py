@@ -13,6 +13,7 @@ class LinearDerivatives(StageDerivatives):
     cotangents; extra leading dimensions beyond the batch are weight-sharing positions P."""
 
     kronecker = True
+    jvp_reads_params = False  # f_u k = x k_U^T + k_b
 
     def kfac_input(self, module: nn.Module, x: Tensor) -> Tensor:
         # (B, ..., d_in) -> (B, P, d_in)
