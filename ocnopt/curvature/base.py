@@ -401,15 +401,25 @@ class DiagonalCurvature(CurvatureModel):
         shared between the calls. The kept values are dropped when a new step begins
         (``new_step``)."""
         cache: dict[Any, tuple[State, Tensor]] = self.__dict__.setdefault("_denominators", {})
-        betas = hp.get("betas")
-        key = (id(state), hp["eps"], None if betas is None else tuple(betas), hp.get("amsgrad"),
-               hp.get("centered"))
+        key = self._denominator_key(state, hp)
         hit = cache.get(key)
         if hit is not None and hit[0] is state:
             return hit[1]
         den = self._denominator(state, hp)
         cache[key] = (state, den)  # (holding the state: its id is not reused meanwhile)
         return den
+
+    @staticmethod
+    def _denominator_key(state: State, hp: dict[str, Any]) -> tuple[Any, ...]:
+        betas = hp.get("betas")
+        return (id(state), hp["eps"], None if betas is None else tuple(betas), hp.get("amsgrad"),
+                hp.get("centered"))
+
+    def keep_denominator(self, state: State, hp: dict[str, Any], den: Tensor) -> None:
+        """Record ``_denominator(state, hp)`` = ``den`` (computed by ``update`` with the same
+        operations), so ``denominator`` does not compute it again this step."""
+        cache: dict[Any, tuple[State, Tensor]] = self.__dict__.setdefault("_denominators", {})
+        cache[self._denominator_key(state, hp)] = (state, den)
 
     def new_step(self, step: int) -> None:
         """Drop the denominators kept for earlier steps (``denominator``)."""
