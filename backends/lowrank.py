@@ -114,10 +114,10 @@ def parallel_ratio(value: LowRankValue) -> Tensor | None:
 
 
 def _inner(Z: Tensor, v: Tensor) -> Tensor:
-    """<Z[:, c], v> per sample: (B, r, *n), (B, *n) -> (B, r) (one batched product)."""
+    """<Z[:, c], v> per sample: (B, r, *n), (B, *n) -> (B, r)."""
     if Z.dim() == 3:
-        return (Z @ v.unsqueeze(2)).squeeze(2)
-    return (Z.flatten(2) @ v.reshape(v.shape[0], -1, 1)).squeeze(2)
+        return torch.linalg.vecdot(Z, v.unsqueeze(1))
+    return torch.linalg.vecdot(Z.flatten(2), v.reshape(v.shape[0], 1, -1))
 
 
 def _combine(Z: Tensor, s: Tensor) -> Tensor:
@@ -125,6 +125,23 @@ def _combine(Z: Tensor, s: Tensor) -> Tensor:
     if Z.dim() == 3:
         return (s.unsqueeze(1) @ Z).squeeze(1)
     return (s.unsqueeze(1) @ Z.flatten(2)).reshape(Z.shape[0], *Z.shape[2:])
+
+
+def _rows_gradient(stage: Stage, a: Tensor, g: Tensor) -> list[Tensor] | None:
+    """The control gradient of a stage with exact factor rows (a Linear or convolution) from
+    its rows, (sum_{b,p} g_bp a_bp^T, sum_{b,p} g_bp) for (weight, bias), a (B, P, d_in) and
+    g (B, P, d_out): the vector-Jacobian product in u without the autograd engine; None for
+    a stage with other parameters."""
+    g2 = g.flatten(0, 1)
+    out = []
+    for name, p in zip(stage.param_names, stage.params):
+        if name == "weight":
+            out.append((g2.T @ a.flatten(0, 1)).reshape(p.shape))
+        elif name == "bias":
+            out.append(g2.sum(0))
+        else:
+            return None
+    return out
 
 
 def _add(blocks: dict[int, Tensor], j: int, v: Tensor) -> None:
@@ -315,22 +332,26 @@ class LowRankBackend(GraphBackend):
                 term = _inner(a_X[j], dX[j])
                 s = term if s is None else s + term
             assert s is not None
+            s = s * (-lr / B)  # (everything below is linear in s: the factor on (B, r) only)
             if exp.W is not None:  # sum_i W^(i) s^(i) from the handler's W
-                Ws = stage.unflatten(torch.einsum("brm,br->m", exp.W, s))
-                return [v.mul(-lr) for v in minv([w / B for w in Ws])]
+                return minv(stage.unflatten(torch.einsum("brm,br->m", exp.W, s)))
             solved = minv.cached_feedback(s) if rows else None
             if solved is not None:  # from the Gram matrices' products (value_update)
-                return [v.mul(-lr / B) for v in solved]
+                return solved
             cot = _combine(Z, s)
             if rows:  # the curvature model's closed form on the rows, if it has one
                 d = stage.derivatives
-                solved = minv.solve_rows(d.kfac_input(stage.module, x),
-                                         d.kfac_output(stage.module, cot.unsqueeze(1))[:, 0])
+                a_rows = d.kfac_input(stage.module, x)
+                g_rows = d.kfac_output(stage.module, cot.unsqueeze(1))[:, 0]
+                solved = minv.solve_rows(a_rows, g_rows)
                 if solved is not None:
-                    return [v.mul(-lr / B) for v in solved]
+                    return solved
+                g = _rows_gradient(stage, a_rows, g_rows)
+                if g is not None:
+                    return minv(g)
             g = [torch.zeros_like(p) if v is None else v
                  for v, p in zip(_vjp(out, cot, stage.params, retain=True), stage.params)]
-            return [v.mul(-lr) for v in minv([x / B for x in g])]
+            return minv(g)
 
         return Feedback(K, blocks)
 

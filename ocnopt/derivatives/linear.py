@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from einops import rearrange
+import math
+
 from torch import Tensor, nn
 
 from .base import StageDerivatives
@@ -16,12 +17,12 @@ class LinearDerivatives(StageDerivatives):
     jvp_reads_params = False  # f_u k = x k_U^T + k_b
 
     def kfac_input(self, module: nn.Module, x: Tensor) -> Tensor:
-        # (B, ..., d_in) -> (B, P, d_in)
-        return rearrange(x, "b ... d -> b (...) d")
+        # (B, ..., d_in) -> (B, P, d_in) (einops' "b ... d -> b (...) d", without its parsing)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
     def kfac_output(self, module: nn.Module, g: Tensor) -> Tensor:
         # (B, r, ..., d_out) -> (B, r, P, d_out)
-        return rearrange(g, "b r ... d -> b r (...) d")
+        return g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:-1]), g.shape[-1])
 
     def exact_rows(self, module: nn.Module) -> bool:
         return True
