@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from ocnopt.curvature.base import Solver, StageStatistics
+from ocnopt.curvature.base import CurvatureModel, Solver, StageStatistics
+from ocnopt.derivatives.linear import LinearDerivatives
 from ocnopt.derivatives.ode import AdjointDerivatives
 from ocnopt.engine import Feedback, QExpansion, Terminal, Trajectory, ValueFunction, bound_blocks
 from ocnopt.graph import Graph
@@ -325,6 +326,10 @@ class LowRankBackend(GraphBackend):
         rows = stage.kronecker and stage.derivatives.exact_rows(stage.module)
         x = exp.x
         assert x is not None
+        # a Linear on vectors whose model has no closed form on the rows: the gradient directly
+        linear_2d = (rows and x.dim() == 2 and isinstance(stage.derivatives, LinearDerivatives)
+                     and set(stage.param_names) <= {"weight", "bias"}
+                     and type(minv.model).solve_rows is CurvatureModel.solve_rows)
 
         def K(dX: Mapping[int, Tensor]) -> list[Tensor]:
             s = None
@@ -339,6 +344,9 @@ class LowRankBackend(GraphBackend):
             if solved is not None:  # from the Gram matrices' products (value_update)
                 return solved
             cot = _combine(Z, s)
+            if linear_2d:  # (sum_i cot_i x_i^T, sum_i cot_i): the rows are x and cot
+                return minv([cot.T @ x if name == "weight" else cot.sum(0)
+                             for name in stage.param_names])
             if rows:  # the curvature model's closed form on the rows, if it has one
                 d = stage.derivatives
                 a_rows = d.kfac_input(stage.module, x)

@@ -344,7 +344,16 @@ def diagonal_weight_gram(a: Tensor, g: Tensor, D: Tensor) -> Tensor:
 
 def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> Tensor:
     """sum_params w_c^T D^{-1} w_d for per-sample gradients given by rows (see
-    ``CurvatureModel.per_sample_gram``): ``diagonal_weight_gram`` plus the bias term."""
+    ``CurvatureModel.per_sample_gram``): ``diagonal_weight_gram`` plus the bias term. One
+    column without weight sharing (r = P = 1, a Linear stage at order 2 with the empirical
+    factor): sum_o g_o^2 (t_o + 1 / D_bias,o), t_o = sum_i a_i^2 / D_oi, in one contraction."""
+    B, r, P, d_out = g.shape
+    names = list(stage.param_names)
+    if r == 1 and P == 1 and names in (["weight", "bias"], ["weight"]):
+        t = a.reshape(B, -1).square() @ D["weight"].reshape(d_out, -1).reciprocal().T
+        if "bias" in D:
+            t = t.add_(D["bias"].reciprocal())
+        return torch.linalg.vecdot(g.reshape(B, d_out).square(), t).reshape(B, 1, 1)
     return weight_bias_gram(stage, a, g, lambda a, g: diagonal_weight_gram(a, g, D["weight"]),
                             lambda gs: (gs / D["bias"]) @ gs.transpose(1, 2))
 
