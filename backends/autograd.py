@@ -269,7 +269,10 @@ class GraphBackend(Backend):
                 Q_args.append(None)
         if not control:
             return Q_args, None
-        Q_u = [torch.zeros_like(p) if g is None else g.div_(B) for g, p in zip(it, params)]
+        Q_u = [torch.zeros_like(p) if g is None else g for g, p in zip(it, params)]
+        found = [g for g in grads[len(wrt_x):] if g is not None]
+        if found:
+            torch._foreach_div_(found, B)  # (one call: the same divisions as g.div_(B))
         return Q_args, Q_u
 
     def backward(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,

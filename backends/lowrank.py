@@ -251,7 +251,7 @@ class LowRankBackend(GraphBackend):
             a_args = [self._vjp_columns(x, out, Z) if x.requires_grad else None for x in leaves]
         Q_args, Q_u = self.first_order(stage, piece, V_z, B, retain=True, control=not skip_u)
         if rho is not None:  # f_x^T (rho V'_z)
-            a_args = [None if q is None else (q * rho.reshape(B, *[1] * (q.dim() - 1))).unsqueeze(1)
+            a_args = [None if q is None else q.unsqueeze(1) * rho.reshape(B, *[1] * q.dim())
                       for q in Q_args]
         Q_X = {j: v for j, v in value.V.items() if j != z}
         a_X = {j: v for j, v in value.Zb.items() if j != z}
@@ -383,7 +383,7 @@ class LowRankBackend(GraphBackend):
             kappa = rho * Wk.reshape(-1)  # V_X = Q_X (1 + kappa); the trust bound: |kappa| <= trust
             bounded = None
             if trust is not None:
-                bounded = (kappa.abs() > trust).to(kappa.dtype).mean()
+                bounded = kappa.abs().gt_(trust).mean()  # (gt_ writes 1.0 / 0.0 in place)
                 kappa.clamp_(-trust, trust)
             c = S.reshape(-1).mul(-lr / B).add_(1).clamp_min_(0).sqrt_()  # (1 - lr/B S)_+^(1/2)
             one_k = kappa.add_(1)
