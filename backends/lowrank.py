@@ -122,7 +122,10 @@ def _inner(Z: Tensor, v: Tensor) -> Tensor:
 
 
 def _combine(Z: Tensor, s: Tensor) -> Tensor:
-    """sum_c s[:, c] Z[:, c]: (B, r, *n), (B, r) -> (B, *n) (one batched product)."""
+    """sum_c s[:, c] Z[:, c]: (B, r, *n), (B, r) -> (B, *n) (one batched product; r = 1: one
+    product per sample)."""
+    if Z.shape[1] == 1:
+        return Z[:, 0] * s.reshape(s.shape[0], *[1] * (Z.dim() - 2))
     if Z.dim() == 3:
         return (s.unsqueeze(1) @ Z).squeeze(1)
     return (s.unsqueeze(1) @ Z.flatten(2)).reshape(Z.shape[0], *Z.shape[2:])
@@ -309,7 +312,7 @@ class LowRankBackend(GraphBackend):
         Wk = exp.Wk = _inner(exp.next_value.Zb[z], fu_k)  # value_update reuses it
         if exp.Q_u is None:  # k . Qbar_u = (1/B) sum_i <V'_z^(i), f_u k> (predicted change)
             exp.kQ = (exp.next_value.V[z] * fu_k).sum() / fu_k.shape[0]
-        return Wk.square().sum() / Wk.shape[0]
+        return (Wk * Wk).sum() / Wk.shape[0]
 
     def feedback(self, stage: Stage, exp: QExpansion, minv: Solver, lr: float, B: int, *,
                  ignore: frozenset[int] = frozenset()) -> Feedback | None:
@@ -377,7 +380,7 @@ class LowRankBackend(GraphBackend):
         elif exp.W is not None:
             Wk = torch.einsum("brm,m->br", exp.W, stage.flatten([v.mul(-lr) for v in minv(exp.Q_u)]))
         else:
-            Wk = _inner(Zn, self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)]))
+            Wk = _inner(Zn, self._fu_k(stage, exp, minv(exp.Q_u))).mul_(-lr)  # (f_u linear)
         S = self.gram(stage, exp, minv)
         if rho is not None:  # r = 1, a = rho' Q_X: every update is a per-sample scalar
             kappa = rho * Wk.reshape(-1)  # V_X = Q_X (1 + kappa); the trust bound: |kappa| <= trust
@@ -385,7 +388,7 @@ class LowRankBackend(GraphBackend):
             if trust is not None:
                 bounded = kappa.abs().gt_(trust).mean()  # (gt_ writes 1.0 / 0.0 in place)
                 kappa.clamp_(-trust, trust)
-            c = S.reshape(-1).mul(-lr / B).add_(1).clamp_min_(0).sqrt_()  # (1 - lr/B S)_+^(1/2)
+            c = torch.rsub(S.reshape(-1), 1, alpha=lr / B).clamp_min_(0).sqrt_()  # (1 - lr/B S)^(1/2)
             one_k = kappa.add_(1)
             rc = rho * c
             V, Zb = {}, {}
