@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.modules.module as _module_mod
+from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from ocnopt.curvature.base import CurvatureModel, Solver, StageStatistics
@@ -146,6 +147,51 @@ def _rows_gradient(stage: Stage, a: Tensor, g: Tensor) -> list[Tensor] | None:
         else:
             return None
     return out
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks (the module's or global) and no parametrization: the module computes exactly
+    its textbook function, so autograd's backward of it is the closed form below."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_mod._global_forward_hooks
+                or _module_mod._global_forward_pre_hooks or _module_mod._global_backward_hooks
+                or _module_mod._global_backward_pre_hooks
+                or hasattr(module, "parametrizations"))
+
+
+def _closed_first_order(stage: Stage, traj: Trajectory, V_z: Tensor, B: int, *, control: bool
+                        ) -> tuple[list[Tensor | None], list[Tensor] | None] | None:
+    """``GraphBackend.first_order`` without the autograd engine for the stages whose backward
+    is one or two kernels: ``nn.Linear`` on vectors (f_x^T V' = V' U, sum_i V'_i x_i^T, sum_i
+    V'_i), ``nn.ReLU`` and ``nn.Tanh`` (their backward kernels on the output). The same
+    kernels on the same operands as autograd's backward of these modules (AddmmBackward,
+    MmBackward, ReluBackward, TanhBackward): the same bits. None for any other stage."""
+    module = stage.module
+    kind = type(module)
+    if stage.is_function or kind not in _CLOSED or not _plain(module):
+        return None
+    (x_leaf,), _ = traj.handles[stage.index]
+    if kind is nn.Linear:
+        x = traj.states[stage.inputs[0]]
+        names = stage.param_names
+        if (x.dim() != 2 or names not in (["weight", "bias"], ["weight"])
+                or stage.params[0] is not module.weight):
+            return None
+        Q_x = V_z.mm(stage.params[0].detach()) if x_leaf.requires_grad else None
+        if not control:
+            return [Q_x], None
+        Q_u = [V_z.t().mm(x)] + ([V_z.sum(0)] if len(names) == 2 else [])
+        torch._foreach_div_(Q_u, B)  # (one call: the same divisions as g.div_(B))
+        return [Q_x], Q_u
+    if not x_leaf.requires_grad:
+        return [None], None if not control else []
+    y = traj.states[stage.output]
+    if kind is nn.ReLU:
+        return [torch.ops.aten.threshold_backward(V_z, y, 0)], None if not control else []
+    return [torch.ops.aten.tanh_backward(V_z, y)], None if not control else []
+
+
+_CLOSED = (nn.Linear, nn.ReLU, nn.Tanh)
 
 
 def _add(blocks: dict[int, Tensor], j: int, v: Tensor) -> None:
@@ -252,7 +298,9 @@ class LowRankBackend(GraphBackend):
         a_args: list[Tensor | None] = [None] * len(leaves)
         if rho is None:
             a_args = [self._vjp_columns(x, out, Z) if x.requires_grad else None for x in leaves]
-        Q_args, Q_u = self.first_order(stage, piece, V_z, B, retain=True, control=not skip_u)
+        closed = _closed_first_order(stage, traj, V_z, B, control=not skip_u)
+        Q_args, Q_u = closed if closed is not None else self.first_order(
+            stage, piece, V_z, B, retain=True, control=not skip_u)
         if rho is not None:  # f_x^T (rho V'_z)
             a_args = [None if q is None else q.unsqueeze(1) * rho.reshape(B, *[1] * q.dim())
                       for q in Q_args]
