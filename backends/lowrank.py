@@ -156,7 +156,7 @@ def _plain(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or _module_mod._global_forward_hooks
                 or _module_mod._global_forward_pre_hooks or _module_mod._global_backward_hooks
                 or _module_mod._global_backward_pre_hooks
-                or hasattr(module, "parametrizations"))
+                or "parametrizations" in module._modules)  # (no __getattr__ raising)
 
 
 def _closed_first_order(stage: Stage, traj: Trajectory, V_z: Tensor, B: int, *, control: bool

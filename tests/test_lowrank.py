@@ -321,3 +321,12 @@ def test_closed_form_first_order_is_autograds_backward_bit_for_bit(dtype):
                                    control=True) is None
     finally:
         handle.remove()
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model[4], "weight", Double())
+    assert _closed_first_order(eng.stages[4], traj, torch.zeros(6, 4, dtype=dtype), 6,
+                               control=True) is None
