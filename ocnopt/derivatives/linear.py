@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StageDerivatives
@@ -28,10 +29,9 @@ class LinearDerivatives(StageDerivatives):
         return True
 
     def param_jvp(self, module, params, x, ctx, tangent):  # type: ignore[no-untyped-def]
-        out = x @ tangent["weight"].T if "weight" in tangent else None
-        if "bias" in tangent:
-            out = tangent["bias"].expand(*x.shape[:-1], -1) if out is None else out + tangent["bias"]
-        return out
+        if "weight" in tangent:  # x k_U^T + k_b as one linear map (one kernel)
+            return F.linear(x, tangent["weight"], tangent.get("bias"))
+        return tangent["bias"].expand(*x.shape[:-1], -1)
 
     def weight_matrix_shape(self, module: nn.Module) -> tuple[int, int]:
         assert isinstance(module, nn.Linear)
