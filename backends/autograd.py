@@ -129,16 +129,19 @@ def _split_blocks(flat: Tensor, layout: Sequence[int], shapes: Mapping[int, torc
 _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 
 
-def _vjp(output: Tensor, cotangent: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(output, inputs, cotangent, allow_unused=True)`` (None for an input
-    the output does not depend on); ``cotangent`` has the output's shape and dtype."""
+def _vjp(output: Tensor, cotangent: Tensor, inputs: Sequence[Tensor], retain: bool = False
+         ) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(output, inputs, cotangent, retain_graph=retain,
+    allow_unused=True)`` (None for an input the output does not depend on); ``cotangent`` has
+    the output's shape and dtype."""
     if _ENGINE is not None:
         try:
-            return tuple(_ENGINE.run_backward((output,), (cotangent,), False, False,
+            return tuple(_ENGINE.run_backward((output,), (cotangent,), retain, False,
                                               tuple(inputs), True, False))
         except TypeError:  # another signature: the public function
             pass
-    return torch.autograd.grad(output, inputs, grad_outputs=cotangent, allow_unused=True)
+    return torch.autograd.grad(output, inputs, grad_outputs=cotangent, retain_graph=retain,
+                               allow_unused=True)
 
 
 #: ``backward_connected``'s expansion of a step without Qbar_u or statistics (shared, read
@@ -277,8 +280,7 @@ class GraphBackend(Backend):
         wrt_x = [x for x in leaves if x.requires_grad]
         params = list(stage.params) if control else []
         wrt = wrt_x + params
-        grads = torch.autograd.grad(out, wrt, grad_outputs=V_z, retain_graph=retain,
-                                    allow_unused=True) if wrt else ()
+        grads = _vjp(out, V_z, wrt, retain) if wrt else ()
         it = iter(grads)
         Q_args: list[Tensor | None] = []
         for x in leaves:
@@ -289,7 +291,10 @@ class GraphBackend(Backend):
                 Q_args.append(None)
         if not control:
             return Q_args, None
-        Q_u = [torch.zeros_like(p) if g is None else g.div_(B) for g, p in zip(it, params)]
+        Q_u = [torch.zeros_like(p) if g is None else g for g, p in zip(it, params)]
+        found = [g for g in grads[len(wrt_x):] if g is not None]
+        if found:
+            torch._foreach_div_(found, B)  # (one call: the same divisions as g.div_(B))
         return Q_args, Q_u
 
     def backward(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,

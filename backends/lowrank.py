@@ -43,17 +43,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.modules.module as _module_mod
+from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from ocnopt.curvature.base import Solver, StageStatistics
+from ocnopt.curvature.base import CurvatureModel, Solver, StageStatistics
+from ocnopt.derivatives.linear import LinearDerivatives
 from ocnopt.derivatives.ode import AdjointDerivatives
 from ocnopt.engine import Feedback, QExpansion, Terminal, Trajectory, ValueFunction, bound_blocks
 from ocnopt.graph import Graph
 from ocnopt.losses import Loss
 from ocnopt.stages import Stage
 
-from .autograd import GraphBackend, kronecker_statistics, psd_sqrt_factor, sublayer_statistics
+from .autograd import GraphBackend, _vjp, kronecker_statistics, psd_sqrt_factor, sublayer_statistics
 
 TERMINALS = ("empirical", "exact", "mc")
 #: the terminal factor whose propagation gives the Kronecker statistics of each fisher_type
@@ -115,12 +117,81 @@ def parallel_ratio(value: LowRankValue) -> Tensor | None:
 
 def _inner(Z: Tensor, v: Tensor) -> Tensor:
     """<Z[:, c], v> per sample: (B, r, *n), (B, *n) -> (B, r)."""
-    return torch.einsum("brn,bn->br", Z.flatten(2), v.reshape(v.shape[0], -1))
+    if Z.dim() == 3:
+        return torch.linalg.vecdot(Z, v.unsqueeze(1))
+    return torch.linalg.vecdot(Z.flatten(2), v.reshape(v.shape[0], 1, -1))
 
 
 def _combine(Z: Tensor, s: Tensor) -> Tensor:
-    """sum_c s[:, c] Z[:, c]: (B, r, *n), (B, r) -> (B, *n)."""
-    return torch.einsum("brn,br->bn", Z.flatten(2), s).reshape(Z.shape[0], *Z.shape[2:])
+    """sum_c s[:, c] Z[:, c]: (B, r, *n), (B, r) -> (B, *n) (one batched product; r = 1: one
+    product per sample)."""
+    if Z.shape[1] == 1:
+        return Z[:, 0] * s.reshape(s.shape[0], *[1] * (Z.dim() - 2))
+    if Z.dim() == 3:
+        return (s.unsqueeze(1) @ Z).squeeze(1)
+    return (s.unsqueeze(1) @ Z.flatten(2)).reshape(Z.shape[0], *Z.shape[2:])
+
+
+def _rows_gradient(stage: Stage, a: Tensor, g: Tensor) -> list[Tensor] | None:
+    """The control gradient of a stage with exact factor rows (a Linear or convolution) from
+    its rows, (sum_{b,p} g_bp a_bp^T, sum_{b,p} g_bp) for (weight, bias), a (B, P, d_in) and
+    g (B, P, d_out): the vector-Jacobian product in u without the autograd engine; None for
+    a stage with other parameters."""
+    g2 = g.flatten(0, 1)
+    out = []
+    for name, p in zip(stage.param_names, stage.params):
+        if name == "weight":
+            out.append((g2.T @ a.flatten(0, 1)).reshape(p.shape))
+        elif name == "bias":
+            out.append(g2.sum(0))
+        else:
+            return None
+    return out
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks (the module's or global) and no parametrization: the module computes exactly
+    its textbook function, so autograd's backward of it is the closed form below."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_mod._global_forward_hooks
+                or _module_mod._global_forward_pre_hooks or _module_mod._global_backward_hooks
+                or _module_mod._global_backward_pre_hooks
+                or "parametrizations" in module._modules)  # (no __getattr__ raising)
+
+
+def _closed_first_order(stage: Stage, traj: Trajectory, V_z: Tensor, B: int, *, control: bool
+                        ) -> tuple[list[Tensor | None], list[Tensor] | None] | None:
+    """``GraphBackend.first_order`` without the autograd engine for the stages whose backward
+    is one or two kernels: ``nn.Linear`` on vectors (f_x^T V' = V' U, sum_i V'_i x_i^T, sum_i
+    V'_i), ``nn.ReLU`` and ``nn.Tanh`` (their backward kernels on the output). The same
+    kernels on the same operands as autograd's backward of these modules (AddmmBackward,
+    MmBackward, ReluBackward, TanhBackward): the same bits. None for any other stage."""
+    module = stage.module
+    kind = type(module)
+    if stage.is_function or kind not in _CLOSED or not _plain(module):
+        return None
+    (x_leaf,), _ = traj.handles[stage.index]
+    if kind is nn.Linear:
+        x = traj.states[stage.inputs[0]]
+        names = stage.param_names
+        if (x.dim() != 2 or names not in (["weight", "bias"], ["weight"])
+                or stage.params[0] is not module.weight):
+            return None
+        Q_x = V_z.mm(stage.params[0].detach()) if x_leaf.requires_grad else None
+        if not control:
+            return [Q_x], None
+        Q_u = [V_z.t().mm(x)] + ([V_z.sum(0)] if len(names) == 2 else [])
+        torch._foreach_div_(Q_u, B)  # (one call: the same divisions as g.div_(B))
+        return [Q_x], Q_u
+    if not x_leaf.requires_grad:
+        return [None], None if not control else []
+    y = traj.states[stage.output]
+    if kind is nn.ReLU:
+        return [torch.ops.aten.threshold_backward(V_z, y, 0)], None if not control else []
+    return [torch.ops.aten.tanh_backward(V_z, y)], None if not control else []
+
+
+_CLOSED = (nn.Linear, nn.ReLU, nn.Tanh)
 
 
 def _add(blocks: dict[int, Tensor], j: int, v: Tensor) -> None:
@@ -227,9 +298,11 @@ class LowRankBackend(GraphBackend):
         a_args: list[Tensor | None] = [None] * len(leaves)
         if rho is None:
             a_args = [self._vjp_columns(x, out, Z) if x.requires_grad else None for x in leaves]
-        Q_args, Q_u = self.first_order(stage, piece, V_z, B, retain=True, control=not skip_u)
+        closed = _closed_first_order(stage, traj, V_z, B, control=not skip_u)
+        Q_args, Q_u = closed if closed is not None else self.first_order(
+            stage, piece, V_z, B, retain=True, control=not skip_u)
         if rho is not None:  # f_x^T (rho V'_z)
-            a_args = [None if q is None else (q * rho.reshape(B, *[1] * (q.dim() - 1))).unsqueeze(1)
+            a_args = [None if q is None else q.unsqueeze(1) * rho.reshape(B, *[1] * q.dim())
                       for q in Q_args]
         Q_X = {j: v for j, v in value.V.items() if j != z}
         a_X = {j: v for j, v in value.Zb.items() if j != z}
@@ -265,12 +338,12 @@ class LowRankBackend(GraphBackend):
     @staticmethod
     def _vjp_columns(xin: Tensor, out: Tensor, Z: Tensor) -> Tensor:
         """f_x^T Z[:, c] for every column c: (B, r, *n_in)."""
-        cols = [torch.autograd.grad(out, xin, Z[:, c], retain_graph=True, allow_unused=True)[0]
-                for c in range(Z.shape[1])]
+        cols = [_vjp(out, Z[:, c], (xin,), retain=True)[0] for c in range(Z.shape[1])]
         return torch.stack([torch.zeros_like(xin) if c is None else c for c in cols], 1)
 
     def _fu_k(self, stage: Stage, exp: LowRankExpansion, k: list[Tensor]) -> Tensor:
-        params = {n: p.detach() for n, p in zip(stage.param_names, stage.params)}
+        params = ({n: p.detach() for n, p in zip(stage.param_names, stage.params)}
+                  if stage.derivatives.jvp_reads_params else {})
         tangent = dict(zip(stage.param_names, k))
         assert exp.x is not None
         return stage.derivatives.param_jvp(stage.module, params, exp.x, exp.ctx, tangent)
@@ -287,7 +360,7 @@ class LowRankBackend(GraphBackend):
         Wk = exp.Wk = _inner(exp.next_value.Zb[z], fu_k)  # value_update reuses it
         if exp.Q_u is None:  # k . Qbar_u = (1/B) sum_i <V'_z^(i), f_u k> (predicted change)
             exp.kQ = (exp.next_value.V[z] * fu_k).sum() / fu_k.shape[0]
-        return Wk.square().sum() / Wk.shape[0]
+        return (Wk * Wk).sum() / Wk.shape[0]
 
     def feedback(self, stage: Stage, exp: QExpansion, minv: Solver, lr: float, B: int, *,
                  ignore: frozenset[int] = frozenset()) -> Feedback | None:
@@ -304,6 +377,10 @@ class LowRankBackend(GraphBackend):
         rows = stage.kronecker and stage.derivatives.exact_rows(stage.module)
         x = exp.x
         assert x is not None
+        # a Linear on vectors whose model has no closed form on the rows: the gradient directly
+        linear_2d = (rows and x.dim() == 2 and isinstance(stage.derivatives, LinearDerivatives)
+                     and set(stage.param_names) <= {"weight", "bias"}
+                     and type(minv.model).solve_rows is CurvatureModel.solve_rows)
 
         def K(dX: Mapping[int, Tensor]) -> list[Tensor]:
             s = None
@@ -311,21 +388,29 @@ class LowRankBackend(GraphBackend):
                 term = _inner(a_X[j], dX[j])
                 s = term if s is None else s + term
             assert s is not None
+            s = s * (-lr / B)  # (everything below is linear in s: the factor on (B, r) only)
             if exp.W is not None:  # sum_i W^(i) s^(i) from the handler's W
-                Ws = stage.unflatten(torch.einsum("brm,br->m", exp.W, s))
-                return [v.mul(-lr) for v in minv([w / B for w in Ws])]
+                return minv(stage.unflatten(torch.einsum("brm,br->m", exp.W, s)))
             solved = minv.cached_feedback(s) if rows else None
             if solved is not None:  # from the Gram matrices' products (value_update)
-                return [v.mul(-lr / B) for v in solved]
+                return solved
             cot = _combine(Z, s)
+            if linear_2d:  # (sum_i cot_i x_i^T, sum_i cot_i): the rows are x and cot
+                return minv([cot.T @ x if name == "weight" else cot.sum(0)
+                             for name in stage.param_names])
             if rows:  # the curvature model's closed form on the rows, if it has one
                 d = stage.derivatives
-                solved = minv.solve_rows(d.kfac_input(stage.module, x),
-                                         d.kfac_output(stage.module, cot.unsqueeze(1))[:, 0])
+                a_rows = d.kfac_input(stage.module, x)
+                g_rows = d.kfac_output(stage.module, cot.unsqueeze(1))[:, 0]
+                solved = minv.solve_rows(a_rows, g_rows)
                 if solved is not None:
-                    return [v.mul(-lr / B) for v in solved]
-            g = torch.autograd.grad(out, stage.params, cot, retain_graph=True)
-            return [v.mul(-lr) for v in minv([x / B for x in g])]
+                    return solved
+                g = _rows_gradient(stage, a_rows, g_rows)
+                if g is not None:
+                    return minv(g)
+            g = [torch.zeros_like(p) if v is None else v
+                 for v, p in zip(_vjp(out, cot, stage.params, retain=True), stage.params)]
+            return minv(g)
 
         return Feedback(K, blocks)
 
@@ -343,24 +428,29 @@ class LowRankBackend(GraphBackend):
         elif exp.W is not None:
             Wk = torch.einsum("brm,m->br", exp.W, stage.flatten([v.mul(-lr) for v in minv(exp.Q_u)]))
         else:
-            Wk = _inner(Zn, self._fu_k(stage, exp, [v.mul(-lr) for v in minv(exp.Q_u)]))
+            Wk = _inner(Zn, self._fu_k(stage, exp, minv(exp.Q_u))).mul_(-lr)  # (f_u linear)
         S = self.gram(stage, exp, minv)
         if rho is not None:  # r = 1, a = rho' Q_X: every update is a per-sample scalar
-            kappa = rho * Wk[:, 0]  # V_X = Q_X (1 + kappa); the trust bound is |kappa| <= trust
+            kappa = rho * Wk.reshape(-1)  # V_X = Q_X (1 + kappa); the trust bound: |kappa| <= trust
             bounded = None
             if trust is not None:
-                bounded = (kappa.abs() > trust).to(kappa.dtype).mean()
-                kappa = kappa.clamp(-trust, trust)
-            c = (1 - (lr / B) * S[:, 0, 0]).clamp_min(0).sqrt()
-            one_k = 1 + kappa
+                bounded = kappa.abs().gt_(trust).mean()  # (gt_ writes 1.0 / 0.0 in place)
+                kappa.clamp_(-trust, trust)
+            c = torch.rsub(S.reshape(-1), 1, alpha=lr / B).clamp_min_(0).sqrt_()  # (1 - lr/B S)^(1/2)
+            one_k = kappa.add_(1)
             rc = rho * c
             V, Zb = {}, {}
+            cols: dict[int, tuple[Tensor, Tensor]] = {}  # (rho c, 1 + kappa) shaped per dim
             for j, q in Q_X.items():
-                view = (-1, *[1] * (q.dim() - 1))
-                Zb[j] = (q * rc.reshape(view)).unsqueeze(1)
-                V[j] = q * one_k.reshape(view)
+                d = q.dim()
+                if d not in cols:
+                    view = (-1, *[1] * (d - 1))
+                    cols[d] = (rc.reshape(view), one_k.reshape(view))
+                rc_d, one_d = cols[d]
+                Zb[j] = (q * rc_d).unsqueeze(1)
+                V[j] = q * one_d
             safe = trust is not None and trust < 1  # 1 + kappa >= 1 - trust > 0: no check
-            new_rho = rho * c / one_k if safe or bool((one_k != 0).all()) else None
+            new_rho = rc / one_k if safe or bool((one_k != 0).all()) else None
             return LowRankValue(V, Zb, new_rho, bounded)
         keys = list(Q_X)
         corrected = [Q_X[j] + _combine(a_X[j], Wk) for j in keys]

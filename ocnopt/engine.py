@@ -387,8 +387,22 @@ def _diagnostics_fn(players: list[int], names: list[str], dirs: list[list[Tensor
     return make
 
 
+def _move(params: list[Tensor], policy: Policy) -> None:
+    """u <- u + k for a policy's parameters: ``add_(d, alpha)`` where the policy has its
+    direction (the rounding of order 1's update), else ``add_(k)``."""
+    if policy.direction is None:
+        torch._foreach_add_(params, list(policy.k))
+    else:
+        torch._foreach_add_(params, list(policy.direction), alpha=policy.alpha)
+
+
 def _norm(ts: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t) for t in ts]).square().sum().sqrt()
+
+
+def _stacked_norm(ts: Sequence[Tensor]) -> Tensor:
+    """|(t_1, ..., t_n)| as the norm of the tensors' norms (one multi-tensor norm)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(ts))))
 
 
 def clip_factor(norm: Tensor, max_norm: float) -> Tensor:
@@ -554,7 +568,12 @@ class BellmanEngine:
         Vxx_list: list[Tensor | None] = [None] * (T + 1)
         if keep:
             Vx_list[T], Vxx_list[T] = value.V[T], value.hessian_block(T)
-        predicted: Tensor = terminal.V_x.new_zeros(())
+        # the predicted change sum_t (k_t . Qbar_u + k_t^T Qbar_uu k_t / 2), summed once at the
+        # end: the products k . Qbar_u of every player in one multi-tensor multiply
+        dot_k: list[Tensor] = []
+        dot_q: list[Tensor] = []
+        given_kQ: list[Tensor] = []
+        quads: list[Tensor] = []
         bounded: list[Tensor | None] = [None] * T
         for t in reversed(range(T)):
             stage = self.stages[t]
@@ -586,14 +605,13 @@ class BellmanEngine:
                                                           else None)
                 if weight_decay:
                     quad = quad + weight_decay * sum(kk.square().sum() for kk in k)
-                kQ: Tensor
                 if exp.Q_u is None:
                     assert exp.kQ is not None, "a backend that skips Qbar_u gives k . Qbar_u"
-                    kQ = exp.kQ
+                    given_kQ.append(exp.kQ.reshape(()))
                 else:
-                    kQ = torch.stack([torch.vdot(kk.flatten(), g.flatten())
-                                      for kk, g in zip(k, exp.Q_u)]).sum()
-                predicted = predicted + kQ + 0.5 * quad
+                    dot_k.extend(k)
+                    dot_q.extend(exp.Q_u)
+                quads.append(quad.reshape(()))
                 ignore = graph.nash_ignored[t] if game == "nash" else frozenset()
                 policies[t] = Policy(k=k, feedback=backend.feedback(stage, exp, minv, lr, B,
                                                                     ignore=ignore)
@@ -606,7 +624,12 @@ class BellmanEngine:
             expansions[t] = exp if keep else None
             if keep and t in value.V:
                 Vx_list[t], Vxx_list[t] = value.V[t], value.hessian_block(t)
-        return SecondOrderPass(policies, expansions, Vx_list, Vxx_list, float(predicted), bounded)
+        predicted = 0.0
+        if quads:
+            terms = [d.sum() for d in torch._foreach_mul(dot_k, dot_q)] if dot_k else []
+            predicted = float(torch.stack(terms + given_kQ).sum() + 0.5 * torch.stack(quads).sum()
+                              if terms or given_kQ else 0.5 * torch.stack(quads).sum())
+        return SecondOrderPass(policies, expansions, Vx_list, Vxx_list, predicted, bounded)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def step(self, inputs: Tensor, targets: Tensor, config: StepConfig, controls: Controls
@@ -838,16 +861,29 @@ class BellmanEngine:
             pol.direction, pol.alpha = directions[st.index], -lr
         update_pass = config.order == 2 or config.track_loss_after
         with torch.no_grad():
-            # squared norms |k|^2 per player (as tensors: the update pass's trust bound reads
-            # |k|), without a parameter-sized temporary per tensor
-            k_norms = torch.stack([torch.stack([torch.linalg.vector_norm(d) for d in pol.k])
-                                   .square().sum() for _, pol in controlled]) \
-                if controlled else terminal.V_x.new_zeros(0)
-            sq_norms = k_norms.tolist()
+            # squared norms |k|^2 per player, without a parameter-sized temporary per tensor
+            if update_pass:  # as tensors: the update pass's trust bound reads |k|
+                # (one multi-tensor norm; the squares summed per player)
+                counts = [len(pol.k) for _, pol in controlled]
+                flat_k = [d for _, pol in controlled for d in pol.k]
+                squares = (torch.stack(torch._foreach_norm(flat_k)).square() if flat_k
+                           else terminal.V_x.new_zeros(0))
+                k_norms = (squares.reshape(len(counts), counts[0]).sum(1)
+                           if len(set(counts)) == 1 else
+                           torch.stack([c.sum() for c in squares.split(counts)]))
+                sq_norms = k_norms.tolist()
+            else:  # one multi-tensor norm and one transfer; squares summed here
+                norms = torch.stack(torch._foreach_norm(
+                    [d for _, pol in controlled for d in pol.k])).tolist()
+                sq_norms, i = [], 0
+                for _, pol in controlled:
+                    sq_norms.append(math.fsum(v * v for v in norms[i:i + len(pol.k)]))
+                    i += len(pol.k)
         if not all(map(math.isfinite, sq_norms)):
             return StepOutcome(terminal.loss, skipped="update")
-        for (_, pol), n in zip(controlled, k_norms.sqrt()):
-            pol.k_norm = n
+        if update_pass:
+            for (_, pol), n in zip(controlled, k_norms.sqrt()):
+                pol.k_norm = n
 
         loss_after, fb_norms = None, [0.0] * len(controlled)
         if update_pass:  # order 2: the update pass is the step
@@ -936,24 +972,21 @@ class BellmanEngine:
                         {j: live[j] - nominal[j] for j in policy.feedback.blocks})
                     # hook: -lr M^-1 (1/B) sum_i Q_uX^(i) dX^(i), the sum over every process
                     fb = self.comm.sum(fb, tag="feedback")
-                    fb_norm = _norm(fb)
-                    scale = torch.ones_like(fb_norm)
+                    fb_norm = _stacked_norm(fb)
                     if trust is not None:
                         k_norm = policy.k_norm if policy.k_norm is not None else _norm(policy.k)
-                        scale = torch.where(fb_norm > 0, torch.clamp(trust * k_norm / fb_norm,
-                                                                     max=1.0), scale)
+                        # min(1, trust |k| / |K dX|), 1 where K dX = 0 (0/0 -> nan -> 1)
+                        scale = (k_norm * trust / fb_norm).clamp_(max=1.0).nan_to_num_(1.0)
                         fb_norm = fb_norm * scale
+                    else:
+                        scale = torch.ones_like(fb_norm)
                     policy.feedback_scale = scale
-                    ks, alpha = (policy.k, 1.0) if policy.direction is None \
-                        else (policy.direction, policy.alpha)
-                    for p, k, f in zip(policy.params or stage.params, ks, fb):  # u+k+sKdx
-                        p.add_(k, alpha=alpha).addcmul_(f, scale)
+                    params = list(policy.params or stage.params)  # u + k + s K dX
+                    _move(params, policy)
+                    torch._foreach_addcmul_(params, list(fb), [scale] * len(params))
                     fb_norms.append(fb_norm)
                 else:
-                    ks, alpha = (policy.k, 1.0) if policy.direction is None \
-                        else (policy.direction, policy.alpha)
-                    for p, k in zip(policy.params or stage.params, ks):
-                        p.add_(k, alpha=alpha)
+                    _move(list(policy.params or stage.params), policy)
                     fb_norms.append(states[0].new_zeros(()))
             if stage.is_function:
                 z = stage.replay(tuple(live[j] for j in stage.inputs), traj.contexts[stage.index])

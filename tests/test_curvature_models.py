@@ -177,6 +177,7 @@ def test_kfac_direction_from_rows_only_for_gradient_rows_without_weight_decay():
 GRAM_CASES = {
     # (module, input shape, path the cost rule takes)
     "linear": (lambda: nn.Linear(6, 4), (6,), "rows"),
+    "linear-no-bias": (lambda: nn.Linear(6, 4, bias=False), (6,), "rows"),
     "conv1d-one-position": (lambda: nn.Conv1d(2, 3, 3), (2, 3), "rows"),
     "conv2d-many-positions": (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 4, 4), "grads"),
     "conv2d-no-bias": (lambda: nn.Conv2d(2, 3, 3, padding=1, bias=False), (2, 4, 4), "grads"),
@@ -292,3 +293,31 @@ def test_the_dense_gradient_is_not_formed_where_the_rows_give_the_direction(set_
     opt.step(x, y)
     # B = 2 against 20 x 16 and 16 x 3 layers: rows at both (when .grad is not wanted)
     assert seen == [not set_grad, not set_grad]
+
+
+@pytest.mark.parametrize("name, hp", [("adam", {}), ("adamw", {"weight_decay": 0.1}),
+                                      ("adam", {"betas": (0.5, 0.9), "eps": 1e-3})])
+def test_adam_update_of_a_stage_in_one_pass_equals_the_update_per_tensor(name, hp):
+    """Order 2 updates one stage at a time: ``Adam.update`` of a stage's small tensors runs
+    the multi-tensor arithmetic of ``update_many``; it equals ``update`` tensor by tensor (the
+    per-tensor path) bit for bit, states, directions and the denominators it keeps for M^-1."""
+    from ocnopt.curvature import CURVATURES
+
+    model = tiny()
+    opt = ocnopt.OCNOpt(model, curvature=name, lr=0.01, **hp)
+    for x, y in batches(3):
+        opt.step(x, y)
+    group = opt.param_groups[0]
+    stage = opt.stages[0]
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in stage.params]
+    states = [opt.state[p] for p in stage.params]
+    one, per = CURVATURES[name](), CURVATURES[name]()
+    new, dirs = one.update(stage, states, grads, stage.params, None, group, 4)
+    for i, (st, gi, p) in enumerate(zip(states, grads, stage.params)):
+        ref_new, ref_dirs = per.update(stage, [st], [gi], [p], None, group, 4)
+        assert torch.equal(dirs[i], ref_dirs[0])
+        assert set(new[i]) == set(ref_new[0])
+        assert all(torch.equal(new[i][k], ref_new[0][k]) for k in new[i])
+        assert torch.equal(one.denominator(new[i], group), per.denominator(ref_new[0], group))
+        assert torch.equal(one.denominator(new[i], group), one._denominator(new[i], group))

@@ -288,3 +288,45 @@ def test_parallel_factor_shortcut_equals_the_column_vjps(chain, B, curv, trust):
     assert lowrank.parallel_ratio is original_ratio
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_form_first_order_is_autograds_backward_bit_for_bit(dtype):
+    """Order 2 forms f_x^T V' and Qbar_u of Linear (on vectors, with and without bias), ReLU
+    and Tanh steps without the autograd engine: the same bits as the engine's VJP on the kept
+    graph piece (GraphBackend.first_order); a module with a hook goes through the engine."""
+    from ocnopt.backends.lowrank import _closed_first_order
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 9, bias=False), nn.Tanh(),
+                          nn.Linear(9, 4)).to(dtype)
+    opt = ocnopt.OCNOpt(model, lr=0.1, order=2, backend="lowrank")
+    eng = opt.engine
+    x = torch.randn(6, 7, dtype=dtype)
+    traj = eng.nominal(x)
+    g = torch.Generator().manual_seed(1)
+    for stage in eng.stages:
+        out = traj.handles[stage.index][1]
+        V = torch.randn(out.shape, generator=g, dtype=dtype)
+        closed = _closed_first_order(stage, traj, V, 6, control=True)
+        assert closed is not None
+        ref = eng.backend.first_order(stage, traj.handles[stage.index], V, 6, retain=True)
+        for a, b in zip(closed[0], ref[0]):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert len(closed[1]) == len(ref[1]) and all(map(torch.equal, closed[1], ref[1]))
+    handle = model[2].register_forward_hook(lambda m, i, o: 2 * o)
+    try:
+        stage = eng.stages[2]
+        assert _closed_first_order(stage, traj, torch.zeros(6, 9, dtype=dtype), 6,
+                                   control=True) is None
+    finally:
+        handle.remove()
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model[4], "weight", Double())
+    assert _closed_first_order(eng.stages[4], traj, torch.zeros(6, 4, dtype=dtype), 6,
+                               control=True) is None

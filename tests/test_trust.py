@@ -137,3 +137,35 @@ def test_trust_is_a_param_group_hyperparameter_saved_with_the_state():
     other = ocnopt.OCNOpt(tiny_mlp(), order=2)
     other.load_state_dict(state)
     assert other.param_groups[0]["trust"] is None
+
+
+@pytest.mark.parametrize("fb_value, k_value, expected", [
+    (0.0, 1.0, 1.0),            # K dx = 0: nothing to cut (|k| / 0 = inf -> 1)
+    (0.0, 0.0, 1.0),            # K dx = 0 and k = 0: 0 / 0 -> 1, not nan
+    (3.0, 1.0, 0.5 / 3.0),      # |K dx| = 3 > trust |k| = 0.5 (one entry): scaled onto it
+    (0.1, 1.0, 1.0),            # inside the bound
+])
+def test_update_pass_trust_factor_min_one_trust_k_over_feedback(fb_value, k_value, expected):
+    """The update pass moves u by k + s K dx with s = min(1, trust |k| / |K dx|), and s = 1
+    where K dx = 0 (also for k = 0), on a hand-made policy of the first Linear layer."""
+    from ocnopt.engine import Feedback, Policy
+
+    model = tiny_mlp(seed=0, dtype=torch.float64, hidden=4)
+    opt = ocnopt.OCNOpt(model, curvature="sgd", lr=0.1, order=2, backend="lowrank")
+    eng = opt.engine
+    x, y = tiny_batches(1, dtype=torch.float64, batch=4)[0]
+    traj = eng.nominal(x)
+    t = next(i for i, st in enumerate(eng.stages) if st.has_control)
+    stage = eng.stages[t]
+    before = [p.detach().clone() for p in stage.params]
+    k = [torch.zeros_like(p) for p in stage.params]
+    k[0].view(-1)[0] = k_value
+    fb = [torch.zeros_like(p) for p in stage.params]
+    fb[0].view(-1)[0] = fb_value
+    policy = Policy(k=k, feedback=Feedback(lambda dX: fb, [stage.inputs[0]]))
+    policies = [policy if i == t else None for i in range(len(eng.stages))]
+    _, _, norms = eng.update_pass(traj, policies, y, trust=0.5)
+    assert float(policy.feedback_scale) == pytest.approx(expected, rel=1e-15)
+    assert norms[0] == pytest.approx(fb_value * expected, rel=1e-15)
+    for p, b, kk, f in zip(stage.params, before, k, fb):
+        torch.testing.assert_close(p.detach(), b + kk + expected * f, rtol=0, atol=1e-15)

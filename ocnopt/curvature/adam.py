@@ -54,6 +54,10 @@ class Adam(DiagonalCurvature):
         beta1, beta2 = hp["betas"]
         wd = hp["weight_decay"]
         self.new_step(step)
+        if not hp["amsgrad"] and foreach_ready(grads) and len(grads) > 1:
+            fast = self._update_foreach(states, grads, params, hp)
+            if fast is not None:
+                return fast
         new_states, dirs = [], []
         steps: dict[float, Tensor] = {}  # one 0-dim tensor per count (states are never mutated)
         for st, g, p in zip(states, grads, params):
@@ -76,6 +80,41 @@ class Adam(DiagonalCurvature):
             new_states.append(new)
             dirs.append(d)
         return new_states, dirs
+
+    def _update_foreach(self, states: list[State], grads: list[Tensor], params: Sequence[Tensor],
+                        hp: dict[str, Any]) -> tuple[list[State], list[Tensor]] | None:
+        """``update``'s arithmetic on one stage's small tensors with multi-tensor ops (the same
+        operations in the same order: the same results), keeping each new state's denominator
+        for ``denominator`` (order 2 reads it in M^-1 and the Gram matrices); None where the
+        tensors are at different step counts."""
+        counts: dict[int, float] = {}  # one transfer per step tensor (a stage's share one)
+        for st in states:
+            t = st.get("step")
+            if id(t) not in counts:
+                counts[id(t)] = float(t) + 1 if t is not None else 1.0
+        if len(set(counts.values())) != 1:
+            return None
+        (k,) = set(counts.values())
+        beta1, beta2 = hp["betas"]
+        wd, eps = hp["weight_decay"], hp["eps"]
+        bc1, bc2_sqrt = 1 - beta1**k, math.sqrt(1 - beta2**k)
+        m = list(torch._foreach_lerp([buffer_or_zeros(st, "exp_avg", g)
+                                      for st, g in zip(states, grads)], grads, 1 - beta1))
+        v = list(torch._foreach_mul([buffer_or_zeros(st, "exp_avg_sq", g)
+                                     for st, g in zip(states, grads)], beta2))
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        d = list(torch._foreach_div(m, bc1))
+        torch._foreach_div_(d, denom)
+        if self.decoupled and wd != 0:
+            torch._foreach_add_(d, list(params), alpha=wd)
+        step_t = torch.scalar_tensor(k)
+        new: list[State] = [{"step": step_t, "exp_avg": mi, "exp_avg_sq": vi} for mi, vi in zip(m, v)]
+        for st, den in zip(new, denom):
+            self.keep_denominator(st, hp, den)
+        return new, d
 
     def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
                     grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],

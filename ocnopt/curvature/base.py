@@ -343,7 +343,16 @@ def diagonal_weight_gram(a: Tensor, g: Tensor, D: Tensor) -> Tensor:
 
 def diagonal_gram(stage: Stage, a: Tensor, g: Tensor, D: dict[str, Tensor]) -> Tensor:
     """sum_params w_c^T D^{-1} w_d for per-sample gradients given by rows (see
-    ``CurvatureModel.per_sample_gram``): ``diagonal_weight_gram`` plus the bias term."""
+    ``CurvatureModel.per_sample_gram``): ``diagonal_weight_gram`` plus the bias term. One
+    column without weight sharing (r = P = 1, a Linear stage at order 2 with the empirical
+    factor): sum_o g_o^2 (t_o + 1 / D_bias,o), t_o = sum_i a_i^2 / D_oi, in one contraction."""
+    B, r, P, d_out = g.shape
+    names = list(stage.param_names)
+    if r == 1 and P == 1 and names in (["weight", "bias"], ["weight"]):
+        t = a.reshape(B, -1).square() @ D["weight"].reshape(d_out, -1).reciprocal().T
+        if "bias" in D:
+            t = t.add_(D["bias"].reciprocal())
+        return torch.linalg.vecdot(g.reshape(B, d_out).square(), t).reshape(B, 1, 1)
     return weight_bias_gram(stage, a, g, lambda a, g: diagonal_weight_gram(a, g, D["weight"]),
                             lambda gs: (gs / D["bias"]) @ gs.transpose(1, 2))
 
@@ -436,15 +445,25 @@ class DiagonalCurvature(CurvatureModel):
         shared between the calls. The kept values are dropped when a new step begins
         (``new_step``)."""
         cache: dict[Any, tuple[State, Tensor]] = self.__dict__.setdefault("_denominators", {})
-        betas = hp.get("betas")
-        key = (id(state), hp["eps"], None if betas is None else tuple(betas), hp.get("amsgrad"),
-               hp.get("centered"))
+        key = self._denominator_key(state, hp)
         hit = cache.get(key)
         if hit is not None and hit[0] is state:
             return hit[1]
         den = self._denominator(state, hp)
         cache[key] = (state, den)  # (holding the state: its id is not reused meanwhile)
         return den
+
+    @staticmethod
+    def _denominator_key(state: State, hp: dict[str, Any]) -> tuple[Any, ...]:
+        betas = hp.get("betas")
+        return (id(state), hp["eps"], None if betas is None else tuple(betas), hp.get("amsgrad"),
+                hp.get("centered"))
+
+    def keep_denominator(self, state: State, hp: dict[str, Any], den: Tensor) -> None:
+        """Record ``_denominator(state, hp)`` = ``den`` (computed by ``update`` with the same
+        operations), so ``denominator`` does not compute it again this step."""
+        cache: dict[Any, tuple[State, Tensor]] = self.__dict__.setdefault("_denominators", {})
+        cache[self._denominator_key(state, hp)] = (state, den)
 
     def new_step(self, step: int) -> None:
         """Drop the denominators kept for earlier steps (``denominator``)."""

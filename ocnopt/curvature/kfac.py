@@ -496,6 +496,11 @@ class KFAC(CurvatureModel):
         gG = known[1] if known is not None and known[0] is g else _rows_times(g, G_inv)
         if cache is not None:  # the feedback of the same step solves on these rows again
             cache["rows"] = (aA, gG)
+        if P == 1 and r == 1:  # one column: per-sample inner products, no batched matmul
+            gg = torch.linalg.vecdot(gG.reshape(B, d_out), g.reshape(B, d_out))
+            aa = torch.linalg.vecdot(aA.reshape(B, d_in), a.reshape(B, d_in))
+            out = gg * aa + gg if "bias" in stage.param_names else gg * aa
+            return out.reshape(B, 1, 1)
         if P == 1:  # Linear: (g_c^T G^-1 g_d)(a^T A^-1 a) (+ the bias term), no contraction path
             gg = gG[:, :, 0] @ g[:, :, 0].transpose(1, 2)
             aa = (aA[:, 0] * a[:, 0]).sum(-1).reshape(B, 1, 1)
@@ -524,7 +529,9 @@ class KFAC(CurvatureModel):
             return out
         if "rows" in cache:
             aA, gG = cache["rows"]
-            return self.solve_premultiplied_rows(stage, aA, torch.einsum("brpo,br->bpo", gG, s))
+            gs = (gG[:, 0] * s.reshape(-1, 1, 1) if gG.shape[1] == 1  # one column: a product
+                  else torch.einsum("brpo,br->bpo", gG, s))
+            return self.solve_premultiplied_rows(stage, aA, gs)
         return None
 
     def solve_premultiplied_rows(self, stage: Stage, aA: Tensor, gG: Tensor) -> list[Tensor]:

@@ -42,6 +42,8 @@ class StageDerivatives:
     #: it records consumes nothing): order 1 may then run the model's own forward instead
     #: of the steps one by one (``Graph.direct``)
     plain_forward: bool = True
+    #: ``param_jvp`` reads the values of ``params`` (False: only the tangent, a linear layer)
+    jvp_reads_params: bool = True
 
     # ---- checks ------------------------------------------------------------------------------
     def refusal(self, module: nn.Module) -> str | None:
