@@ -52,6 +52,7 @@ from .base import (
     eigh64,
     require,
     rows_gram,
+    split_stages,
     weight_bias_gram,
 )
 from .fallback import DiagonalFallback
@@ -351,6 +352,70 @@ class KFAC(CurvatureModel):
                 dirs[i], buf = sgd_direction(d, s.get("momentum_buffer"), hp["momentum"], 0.0, False)
                 s["momentum_buffer"] = buf
         return new_states, dirs
+
+    def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
+                    grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
+                    hp: dict[str, Any], step: int, *, scale: float | None = None
+                    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update`` of every player of an order-1 step, the steps scale * d: bitwise the
+        default (``update`` per stage, then one ``_foreach_mul``). A Kronecker stage at a step
+        that neither collects statistics nor inverts (the plain steps between refreshes: its
+        state is kept as is) takes G^-1 X A^-1 and G^-1 b directly (``precondition``'s two
+        matrix products and one vector product, without ``update``'s bookkeeping); the
+        fresh directions are scaled in place by one multi-tensor multiplication (on the CPU by
+        a 0-dim tensor: torch's CPU ``_foreach`` ops wrap a Python scalar into a tensor per
+        tensor). Momentum, data parallel (``prefetch``'s pending refreshes) and subclasses
+        that change the preconditioner or its state (EKFAC) take the default."""
+        if (scale is None or hp["momentum"] > 0 or self.comm.active
+                or type(self).precondition is not KFAC.precondition
+                or type(self)._finish is not KFAC._finish or type(self)._due is not KFAC._due):
+            return super().update_many(stages, states, grads, stats, hp, step, scale=scale)
+        inv_every = hp["inv_every"]
+        out_states: list[list[State]] = []
+        out_dirs: list[list[Tensor]] = []
+        fresh: list[Tensor] = []  # made here: scaled in place
+        other: list[tuple[int, int]] = []  # (player, count) of ``update``'s directions
+        for i, (stage, st, g, s) in enumerate(zip(stages, states, grads, stats)):
+            head = st[0] if st else None
+            if (s is None and g and head is not None and "A_inv" in head
+                    and step % inv_every != 0 and stage.kronecker and self.kronecker(stage, hp)):
+                A_inv, G_inv = head["A_inv"], head["G_inv"]
+                dirs = []
+                for name, x, p in zip(stage.param_names, g, stage.params):
+                    if name == "weight":
+                        X = x if x.dim() == 2 else x.reshape(p.shape[0], -1)
+                        d = torch.mm(torch.mm(G_inv, X), A_inv)
+                        dirs.append(d if x.dim() == 2 else d.reshape(x.shape))
+                    else:
+                        dirs.append(x @ G_inv)
+                fresh.extend(dirs)
+                out_states.append([dict(x) for x in st])
+            else:
+                new, dirs = self.update(stage, st, g, stage.params, s, hp, step)
+                other.append((i, len(dirs)))
+                out_states.append(new)
+            out_dirs.append(dirs)
+        if fresh:
+            torch._foreach_mul_(fresh, self._scalar(scale, fresh))
+        if other:
+            flat = torch._foreach_mul([d for i, _ in other for d in out_dirs[i]], scale)
+            for (i, _), ds in zip(other, split_stages(flat, [n for _, n in other])):
+                out_dirs[i] = ds
+        return out_states, out_dirs
+
+    def _scalar(self, scale: float, like: Sequence[Tensor]) -> float | Tensor:
+        """``scale`` for a multi-tensor multiplication of ``like``: on the CPU, when every
+        tensor is float32 or every one float64, a 0-dim tensor of that dtype (kept while
+        ``scale`` and the dtype stay; its product is bitwise the Python scalar's, which the
+        CPU ``_foreach`` ops wrap per tensor), else ``scale`` itself."""
+        dtype = like[0].dtype
+        if like[0].device.type != "cpu" or dtype not in (torch.float32, torch.float64) \
+                or any(t.dtype != dtype for t in like):
+            return scale
+        kept = self.__dict__.get("_scale_tensor")
+        if kept is None or kept[0] != scale or kept[1].dtype != dtype:
+            kept = self._scale_tensor = (scale, torch.tensor(scale, dtype=dtype))
+        return kept[1]
 
     # -- stages holding Kronecker layers (an ODE block's field, docs/method.md section 12) ------
     def _refresh_layers(self, layers: list[tuple[str, Stage, list[int]]], states: list[State],
