@@ -412,8 +412,9 @@ class KFAC(CurvatureModel):
             out_dirs.append(dirs)
         if fresh:
             torch._foreach_mul_(fresh, self._scalar(scale, fresh))
-        if other:
-            flat = torch._foreach_mul([d for i, _ in other for d in out_dirs[i]], scale)
+        if other:  # (out of place: ``update``'s directions may be its state's tensors)
+            dirs_o = [d for i, _ in other for d in out_dirs[i]]
+            flat = torch._foreach_mul(dirs_o, self._scalar(scale, dirs_o)) if dirs_o else []
             for (i, _), ds in zip(other, split_stages(flat, [n for _, n in other])):
                 out_dirs[i] = ds
         return out_states, out_dirs
