@@ -223,14 +223,24 @@ class GraphBackend(Backend):
         V_x: the same products as ``backward``'s per-step calls, summed by autograd where a
         tensor is read twice (the fork rule). Qbar_u is then divided by B. ``Q_args`` are not
         formed (empty): the order-1 step reads Qbar_u and the statistics only (Kronecker factors,
-        and an ODE block's grid factors from V'_z at its output, ``sublayer_statistics``)."""
+        and an ODE block's grid factors from V'_z at its output, ``sublayer_statistics``).
+
+        With a terminal factor Z (``fisher_type`` "mc" or "type-2": the Kronecker G from the
+        propagated columns of Z instead of V'_z), each column Z_c is backpropagated through the
+        retained graph first, one vector-Jacobian product of the whole graph per column taken
+        at the outputs of the Kronecker steps with statistics only (no parameter gradients):
+        the same products as ``backward``'s column VJPs per step, summed by autograd where a
+        tensor is read twice."""
         stages = graph.stages
         T = len(stages)
         B = terminal.V_x.shape[0]
         final = traj.final if traj.final is not None else traj.handles[T - 1][1]
+        factor = terminal.factor
         wrt: list[Tensor] = []
         where: list[tuple[int, int, int]] = []  # (step, first index in wrt, count) of Qbar_u
         vz_at: dict[int, int] = {}  # step -> index in wrt of V'_z (statistics)
+        z_wrt: list[Tensor] = []  # outputs where the columns of the terminal factor are read
+        z_at: dict[int, int] = {}  # step -> index in z_wrt
         for t, stage in enumerate(stages):
             if stage.has_control and not (skip_u and skip_u[t]):
                 where.append((t, len(wrt), len(stage.params)))
@@ -238,8 +248,15 @@ class GraphBackend(Backend):
             if need_stats[t] and t < T - 1 and _reads_output_value(stage):
                 out = traj.handles[t][1]
                 if out.requires_grad:
-                    vz_at[t] = len(wrt)
-                    wrt.append(out)
+                    if factor is not None and stage.kronecker:
+                        z_at[t] = len(z_wrt)
+                        z_wrt.append(out)
+                    else:
+                        vz_at[t] = len(wrt)
+                        wrt.append(out)
+        # the columns first, keeping the graph for Qbar_u's product
+        z_cols = [_vjp(final, factor[:, c], z_wrt, retain=True) for c in range(factor.shape[1])] \
+            if z_wrt and factor is not None else []
         grads = _vjp(final, terminal.V_x, wrt) if wrt else ()
         found = [g for t, i, n in where for g in grads[i:i + n] if g is not None]
         if found:  # (one call: the same divisions as g.div_(B))
@@ -259,14 +276,24 @@ class GraphBackend(Backend):
             if not _reads_output_value(stage):
                 expansions[t].stats = StageStatistics()
                 continue
+            Z, V_z = None, None
             if t == T - 1:
-                V_z = terminal.V_x
+                V_z, Z = terminal.V_x, factor
+            elif t in z_at:  # (V'_z is not read with Z)
+                cols = [c[z_at[t]] for c in z_cols]
+                if any(c is None for c in cols):  # the output does not reach the loss
+                    zero = torch.zeros_like(traj.states[stage.output])
+                    cols = [zero if c is None else c for c in cols]
+                Z = torch.stack(cols, 1)  # type: ignore[arg-type]
             else:
                 g = grads[vz_at[t]] if t in vz_at else None
                 V_z = torch.zeros_like(traj.states[stage.output]) if g is None else g
-            expansions[t].stats = (
-                kronecker_statistics(stage, traj.states[stage.inputs[0]], V_z, None)
-                if stage.kronecker else sublayer_statistics(stage, traj.states[stage.output], V_z))
+            if stage.kronecker:
+                expansions[t].stats = kronecker_statistics(stage, traj.states[stage.inputs[0]],
+                                                           V_z, Z)
+            else:
+                assert V_z is not None  # (only Kronecker steps read Z)
+                expansions[t].stats = sublayer_statistics(stage, traj.states[stage.output], V_z)
         return expansions
 
     # -- first order ----------------------------------------------------------------------------
@@ -306,7 +333,8 @@ class GraphBackend(Backend):
         B = terminal.V_x.shape[0]
         V: dict[int, Tensor] = {T: terminal.V_x}
         Zs: dict[int, Tensor] | None = None if terminal.factor is None else {T: terminal.factor}
-        last_stats = max((t for t in range(T) if need_stats[t]), default=-1)
+        # the columns of Z are propagated down to the first step whose statistics read them
+        first_stats = min((t for t in range(T) if need_stats[t]), default=T)
         expansions: list[QExpansion] = [None] * T  # type: ignore[list-item]
         values: list[Tensor | None] = [None] * (T + 1)
         for t in reversed(range(T)):
@@ -322,7 +350,7 @@ class GraphBackend(Backend):
             if need_stats[t]:
                 stats = kronecker_statistics(stage, leaves[0], V_z, Z) if stage.kronecker \
                     else sublayer_statistics(stage, out, V_z)
-            if Z is not None and t <= last_stats:
+            if Z is not None and t > first_stats:
                 for j, x in zip(stage.inputs, leaves):
                     if x.requires_grad:
                         cols = torch.stack([torch.autograd.grad(out, x, Z[:, c], retain_graph=True,

@@ -7,7 +7,7 @@ learning rates, hyper-parameters), by ``--compare``:
 ocnopt's default 0, adamw is adam); ``order2``: ``lowrank-<c>-fb`` against ``autograd-<c>``,
 c in adam, kfac; ``curvlinops``: ``curvlinops-kfac`` against ``autograd-kfac`` doing its work
 (its lr, damping and Fisher, statistics of the current batch only and inverses every
-``update_every`` steps, no ``.grad``).
+``update_every`` steps, inverted in the factors' dtype as curvlinops does, no ``.grad``).
 Networks (``--nets``): the problems' (``ocnopt.bench.problems``: network, batch size, fit data)
 and ``mlp784-w512`` (``random_mlp``: 784-512-512-10, B 256). Each runner has its own copy of
 the same initial model; a network's runners are timed together by
@@ -55,7 +55,7 @@ def pairs(compare: str, p: Problem) -> list[Pair]:
         every = peer.hyper["update_every"]
         hp = {"lr": peer.default_lr, "damping": peer.hyper["damping"], "stat_every": every,
               "inv_every": every, "stat_decay": 0.0, "fisher_type": peer.hyper["fisher_type"],
-              "set_grad": False}
+              "set_grad": False, "inv_dtype": "factor"}
         return [("autograd-kfac as peer", parse_optimizer("autograd-kfac", p, hp),
                  "curvlinops-kfac", peer)]
     out: list[Pair] = []
@@ -76,11 +76,18 @@ def pairs(compare: str, p: Problem) -> list[Pair]:
 
 
 class Baseline:
-    """``OCNOpt`` of the exported commit with the spec's arguments."""
+    """``OCNOpt`` of the exported commit with the spec's arguments, less the hyper-parameters
+    its curvature model does not have yet (at their defaults here, e.g. ``inv_dtype``)."""
 
     def __init__(self, lib: Any, spec: OptimizerSpec, p: Problem, seed: int):
+        kwargs = dict(spec.kwargs)
+        model = lib.curvature.CURVATURES.get(kwargs.get("curvature"))
+        if model is not None:
+            for key in ("inv_dtype",):
+                if key in kwargs and key not in model.defaults:
+                    del kwargs[key]
         self.opt = lib.OCNOpt(p.model(seed), loss=p.loss, lr=spec.default_lr, seed=seed,
-                              **spec.kwargs)
+                              **kwargs)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(self.opt.step(x, y))

@@ -649,10 +649,9 @@ class BellmanEngine:
             fisher = None
         second = config.order == 2 or curv.needs_full
         # order 1 as one backward over a connected forward (the backend's fast path): the
-        # same products as the per-step VJPs; not for tied parameters (their Qbar_u is
-        # gathered per owner) nor terminal factors (type-2 / mc statistics, column VJPs)
-        connected = (not second and fisher is None and not self._tied
-                     and self.backend.connected_first_order)
+        # same products as the per-step VJPs (the terminal factor's columns too: type-2 / mc
+        # statistics); not for tied parameters (their Qbar_u is gathered per owner)
+        connected = (not second and not self._tied and self.backend.connected_first_order)
         try:
             if connected:
                 # nothing recorded per step where nothing reads it: the model's own forward
@@ -665,9 +664,10 @@ class BellmanEngine:
         except RuntimeError as err:
             raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model: {err}"
                              ) from err
-        # (the connected path samples nothing: no generator, whose state is then not kept)
+        # (a step that samples nothing takes no generator, whose state is then not kept)
         terminal = self.terminal(traj, targets, fisher_type=fisher,
-                                 generator=None if connected else controls.generator)
+                                 generator=None if connected and fisher != "mc"
+                                 else controls.generator)
         # hook: the global batch B and the global mean loss (a non-finite loss on any process
         # is non-finite on every one: all skip)
         B, terminal.loss = self.comm.begin(inputs.shape[0], terminal.loss)

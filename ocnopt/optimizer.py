@@ -179,7 +179,10 @@ class OCNOpt(torch.optim.Optimizer):
             cheap as the empirical Fisher there, "empirical" otherwise, docs/method.md section
             4), kfac_max_dim (None: no limit; layers whose factor side d_in or d_out exceeds it
             use the diagonal fallback, listed in ``last_step.diagonal_fallback``; backend
-            "backpack" still has BackPACK compute every layer's factors); full: damping,
+            "backpack" still has BackPACK compute every layer's factors), kfac only:
+            inv_dtype ("float64", the default, or "factor": the Cholesky inversions in the
+            factors' dtype, float32 for a float32 model, as curvlinops; redone in float64 where
+            they fail); full: damping,
             eig_floor; soap: betas,
             shampoo_beta, precondition_frequency, max_precondition_dim, merge_dims,
             precondition_1d, correct_bias, normalize_gradient, data_format, eps, weight_decay

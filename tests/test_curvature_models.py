@@ -118,6 +118,37 @@ def test_damped_inverse_cholesky_and_fallback_agree():
                                torch.diag(torch.tensor([1 / 1.1, 1 / 0.1], dtype=torch.float64)))
 
 
+def test_damped_inverse_in_the_factor_dtype():
+    """``inv_dtype="factor"``: the Cholesky inverse of a float32 factor in float32 (not the
+    float64 one rounded, and within float32 accuracy of it: the condition number here is
+    below 100), a float32 factor that is not positive definite redone in float64 (its
+    eigen-decomposition, negative eigenvalues clipped), a float64 factor unchanged."""
+    torch.manual_seed(0)
+    X = torch.randn(200, 48)
+    M = X.T @ X / 200
+    ref = torch.linalg.inv(M.double() + 0.1 * torch.eye(48, dtype=torch.float64))
+    inv32 = kfac.damped_inverse(M, 0.1, "factor")
+    inv64 = kfac.damped_inverse(M, 0.1)
+    assert inv32.dtype == inv64.dtype == torch.float32
+    assert not torch.equal(inv32, inv64)
+    assert float((inv32.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    N = torch.diag(torch.tensor([1.0, -0.5]))
+    assert torch.equal(kfac.damped_inverse(N, 0.1, "factor"), kfac.damped_inverse(N, 0.1))
+    M64 = M.double()
+    assert torch.equal(kfac.damped_inverse(M64, 0.1, "factor"), kfac.damped_inverse(M64, 0.1))
+
+
+def test_inv_dtype_is_checked_and_kfac_only():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"invalid inv_dtype='float16': accepted one of "
+                                         r"\('float64', 'factor'\)"):
+        ocnopt.OCNOpt(model, curvature="kfac", inv_dtype="float16")
+    with pytest.raises(TypeError, match=r"unknown hyper-parameter\(s\) \['inv_dtype'\] for "
+                                        r"curvature 'ekfac'"):
+        ocnopt.OCNOpt(model, curvature="ekfac", inv_dtype="factor")
+    assert ocnopt.OCNOpt(model, curvature="kfac").param_groups[0]["inv_dtype"] == "float64"
+
+
 # -- K-FAC direction from the statistics' rows (small batch, wide layers) --------------------
 def _wide(kind: str) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)

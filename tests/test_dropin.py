@@ -267,10 +267,14 @@ def fail_after(fn, calls: int = 1):
 
 
 def inject(phase: str, opt: OCNOpt, mp: pytest.MonkeyPatch) -> None:
+    # order 1 runs the connected passes (the MC statistics too) where the backend has them
+    connected = opt.order == 1 and opt.backend.connected_first_order
     if phase == "nominal":  # after the forward pass updated the BatchNorm statistics
-        mp.setattr(opt.backend, "forward", fail_after(opt.backend.forward))
+        name = "forward_connected" if connected else "forward"
+        mp.setattr(opt.backend, name, fail_after(getattr(opt.backend, name)))
     elif phase == "expansion":
-        name = "expand_stage" if opt.order == 2 else "backward"
+        name = "expand_stage" if opt.order == 2 else \
+            "backward_connected" if connected else "backward"
         mp.setattr(opt.backend, name, fail_after(getattr(opt.backend, name)))
     elif phase == "policy":  # the second player's curvature update
         mp.setattr(opt.model_, "update", fail_after(opt.model_.update, calls=2))

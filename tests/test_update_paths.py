@@ -60,14 +60,21 @@ def test_update_paths_are_bitwise_equal(curvature, hp, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(ref, _model().parameters()))
 
 
-@pytest.mark.parametrize("curvature", ["adam", "kfac"])
-def test_connected_backward_equals_per_step_backward(curvature, monkeypatch):
-    """Qbar_u (``.grad``) and the parameters after a step are bitwise those of the per-step
-    vector-Jacobian products (the connected path switched off)."""
+@pytest.mark.parametrize("curvature, hp", [
+    ("adam", {}), ("kfac", {}), ("kfac", {"fisher_type": "mc"}),
+    ("kfac", {"fisher_type": "mc", "stat_every": 2, "inv_every": 2, "stat_decay": 0.0}),
+    ("kfac", {"fisher_type": "type-2"}), ("ekfac", {"fisher_type": "mc"})])
+def test_connected_backward_equals_per_step_backward(curvature, hp, monkeypatch):
+    """Qbar_u (``.grad``), the parameters and the curvature states (K-FAC's factors, for the
+    MC and type-2 Fisher from the terminal factor's columns) after the steps are bitwise those
+    of the per-step vector-Jacobian products (the connected path switched off), and the MC
+    labels come from the same draws (the generators end in the same state). Bitwise: both
+    paths run the same autograd functions on the same tensors in the same order (a chain: no
+    tensor read twice, whose sum autograd could order differently)."""
     runs = []
     for connected in (True, False):
         model = copy.deepcopy(_model())
-        opt = ocnopt.OCNOpt(model, curvature=curvature, lr=0.02)
+        opt = ocnopt.OCNOpt(model, curvature=curvature, lr=0.02, **hp)
         assert opt.backend.connected_first_order
         with monkeypatch.context() as mp:
             if not connected:
@@ -81,10 +88,101 @@ def test_connected_backward_equals_per_step_backward(curvature, monkeypatch):
                 opt.step(x, y)
             assert bool(calls) == connected
         runs.append(([p.detach().clone() for p in model.parameters()],
-                     [p.grad.clone() for p in model.parameters()]))
-    (p1, g1), (p2, g2) = runs
+                     [p.grad.clone() for p in model.parameters()],
+                     [(k, v.clone()) for p in model.parameters() for k, v in opt.state[p].items()
+                      if isinstance(v, torch.Tensor)], opt.generator.get_state()))
+    (p1, g1, s1, r1), (p2, g2, s2, r2) = runs
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert [k for k, _ in s1] == [k for k, _ in s2]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(s1, s2))
+    assert torch.equal(r1, r2)
+    if curvature != "adam":
+        assert {"A", "G"} <= {k for k, _ in s1}
+        if hp.get("fisher_type") == "mc":  # labels were drawn
+            assert not torch.equal(r1, torch.Generator().manual_seed(0).get_state())
+
+
+@pytest.mark.parametrize("connected", [True, False])
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_sampled_statistics_reach_layers_before_an_unparametrised_last_step(
+        connected, fisher_type, monkeypatch):
+    """K-FAC's G from the terminal factor Z (MC: one sampled gradient; type-2: the columns of
+    the square root of the loss Hessian) on a network ending with an activation, whose last
+    step has no statistics: G of each Linear is E_i[sum_c g_ic g_ic^T] with g_ic = the column
+    Z_ic backpropagated to the Linear's output (an independent autograd reference on the
+    module, the MC labels drawn from a copy of the optimizer's generator), on the connected
+    path and on the per-step one (which used to stop propagating Z at the last step with
+    statistics, falling back to the empirical Fisher here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh()).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    opt = ocnopt.OCNOpt(model, curvature="kfac", lr=0.02, fisher_type=fisher_type, seed=3)
+    if not connected:
+        monkeypatch.setattr(type(opt.backend), "connected_first_order", False)
+    gen = torch.Generator()
+    gen.set_state(opt.generator.get_state())
+    outs: list[torch.Tensor] = []
+    hooks = [model[i].register_forward_hook(lambda m, a, o: outs.append(o)) for i in (0, 2)]
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    loss = opt.loss_fn
+    Z = loss.sample_gradient(out.detach(), gen).unsqueeze(1) if fisher_type == "mc" \
+        else loss.hessian_sqrt(out.detach(), y)
+    Gs = [torch.zeros(o.shape[1], o.shape[1], dtype=torch.float64) for o in outs]
+    for c in range(Z.shape[1]):
+        cols = torch.autograd.grad(out, outs, Z[:, c], retain_graph=True)
+        for G, g in zip(Gs, cols):
+            G += g.T @ g / x.shape[0]
+    opt.step(x, y)
+    for i, G in zip((0, 2), Gs):
+        assert torch.allclose(opt.state[model[i].weight]["G"], G, rtol=1e-12, atol=1e-14), i
+    assert G.abs().max() > 1e-3  # not a zero factor
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hp", [
+    {}, {"stat_every": 2, "inv_every": 3},
+    {"stat_every": 3, "inv_every": 3, "stat_decay": 0.0, "fisher_type": "mc"},
+    {"stat_every": 2, "inv_every": 2, "weight_decay": 0.1},
+    {"stat_every": 2, "inv_every": 2, "kfac_max_dim": 16},
+    {"stat_every": 2, "inv_every": 2, "momentum": 0.9}])
+def test_kfac_update_many_equals_update_per_stage(hp, dtype, monkeypatch):
+    """K-FAC's ``update_many`` (the plain steps between refreshes as G^-1 X A^-1 without
+    ``update``) moves the parameters bitwise as ``update`` per stage (the default), on steps
+    with and
+    without statistics, stages on the diagonal fallback (``kfac_max_dim``: the 20-input layer)
+    and momentum (the default path); without momentum the plain steps skip ``update``."""
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 3)).to(dtype)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    runs = []
+    for default in (False, True):
+        m = copy.deepcopy(model)
+        opt = ocnopt.OCNOpt(m, curvature="kfac", lr=0.05, **hp)
+        calls = []
+        original = type(opt.model_).update
+        with monkeypatch.context() as mp:
+            if default:
+                mp.setattr(type(opt.model_), "update_many", CurvatureModel.update_many)
+            mp.setattr(type(opt.model_), "update",
+                       lambda *a, calls=calls, original=original, **k:
+                       calls.append(1) or original(*a, **k))
+            for x, y in _batches() * 3:
+                opt.step(x.to(dtype), y)
+        runs.append(([p.detach().clone() for p in m.parameters()], len(calls)))
+    (got, n_fast), (ref, n_default) = runs
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert any(not torch.equal(a, b) for a, b in zip(ref, model.parameters()))
+    assert n_default == 9 * 3  # every stage, every step
+    if hp.get("momentum") or hp.get("stat_every", 1) == 1:  # no plain step on the fast path
+        assert n_fast == n_default
+    else:  # the Kronecker stages' plain steps skip ``update``
+        assert n_fast < n_default
 
 
 def test_the_direct_forward_runs_the_model_itself_and_equals_the_steps(monkeypatch):

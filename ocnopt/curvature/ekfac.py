@@ -54,7 +54,7 @@ def eigenbasis_scales(stats: StageStatistics, QA: Tensor, QG: Tensor) -> tuple[T
 class EKFAC(KFAC):
     name = "ekfac"
     caches_rows = False  # its Gram is in the eigenbasis
-    defaults = {**KFAC.defaults}
+    defaults = {k: v for k, v in KFAC.defaults.items() if k != "inv_dtype"}  # eigh in float64
 
     @classmethod
     def _direction_from_rows(cls, stage: Stage, st: State, stats: StageStatistics | None,

@@ -4,7 +4,8 @@ A = E[a a^T] over samples and weight-sharing positions (divided by P), G = E[g g
 over positions and factor columns (curvlinops' "expand" convention), both running averages
 updated every ``stat_every`` steps; the damped inverses are recomputed every ``inv_every``
 steps in float64 (Cholesky, eigen-decomposition as fallback), keeping the previous inverses if
-both fail.
+both fail; with ``inv_dtype="factor"`` the Cholesky runs in the factors' own dtype (float32
+for a float32 model, as curvlinops and kfac-pytorch), redone in float64 where it fails.
 Weight and bias are preconditioned separately: the weight by G^-1 X A^-1, the bias by G^-1
 (curvlinops' ``separate_weight_and_bias=True``). Only stages with Kronecker structure (Linear,
 Conv1d, Conv2d) carry a control among the supported layers.
@@ -36,7 +37,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from einops import einsum
 from torch import Tensor
 
 from ..distributed import NO_COMM, Collective
@@ -71,9 +71,8 @@ def kronecker_factors(stage: Stage, stats: StageStatistics) -> tuple[Tensor, Ten
     a, g = stats.a, stats.g
     assert a is not None and g is not None
     B, P = a.shape[0], a.shape[1]
-    A = einsum(a, a, "b p i, b p j -> i j") / (B * P)
-    G = einsum(g, g, "b r p i, b r p j -> i j") / B
-    return A, G
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])  # (rows, d): one product each
+    return torch.mm(a2.T, a2).div_(B * P), torch.mm(g2.T, g2).div_(B)
 
 
 def _rows_times(rows: Tensor, M: Tensor) -> Tensor:
@@ -86,15 +85,25 @@ def ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
     return new if old is None else old.mul(decay).add_(new, alpha=1 - decay)
 
 
-def damped_inverse(M: Tensor, damping: float) -> Tensor | None:
-    """(M + damping I)^{-1} in float64: Cholesky (3-4x faster than an eigen-decomposition), or,
-    when M + damping I is not positive definite, the eigen-decomposition of M with negative
+INV_DTYPES = ("float64", "factor")
+
+
+def damped_inverse(M: Tensor, damping: float, inv_dtype: str = "float64") -> Tensor | None:
+    """(M + damping I)^{-1}: Cholesky of 0.5 (M + M^T) + damping I (3-4x faster than an
+    eigen-decomposition) in float64, or with ``inv_dtype="factor"`` in M's own dtype
+    (curvlinops' and kfac-pytorch's practice: float32 for a float32 model, 2-3x cheaper), where
+    a Cholesky that fails or ends non-finite is redone in float64; in float64, when
+    M + damping I is not positive definite, the eigen-decomposition of M with negative
     eigenvalues clipped to 0; None when both fail."""
-    M64 = M.to(torch.float64)
-    eye = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
-    L, info = torch.linalg.cholesky_ex(0.5 * (M64 + M64.T) + damping * eye)
+    dtype = M.dtype if inv_dtype == "factor" else torch.float64
+    S = M.to(dtype)
+    S = S + S.T
+    S.mul_(0.5).diagonal().add_(damping)  # (the entries of 0.5 (M + M^T) + damping I)
+    L, info = torch.linalg.cholesky_ex(S)
     if int(info) == 0:
         inv = torch.cholesky_inverse(L)
+    elif dtype != torch.float64:
+        return damped_inverse(M, damping)
     else:
         eig = eigh64(M)
         if eig is None:
@@ -102,7 +111,7 @@ def damped_inverse(M: Tensor, damping: float) -> Tensor | None:
         evals, evecs = eig
         inv = (evecs / (evals.clamp_min(0) + damping)) @ evecs.T
     if not torch.isfinite(inv).all():
-        return None
+        return damped_inverse(M, damping) if dtype != torch.float64 else None
     return inv.to(M.dtype)
 
 
@@ -149,16 +158,17 @@ class KFAC(CurvatureModel):
         self._pending = {}
     needs_kronecker = True
     defaults = {"damping": 1e-1, "stat_every": 1, "inv_every": 10, "stat_decay": 0.95,
-                "momentum": 0.0, "fisher_type": "empirical", "kfac_max_dim": None}
+                "momentum": 0.0, "fisher_type": "empirical", "kfac_max_dim": None,
+                "inv_dtype": "float64"}
 
     @staticmethod
     def kronecker(stage: Stage, hp: dict[str, Any]) -> bool:
         """Whether ``stage`` uses the Kronecker factors: it has them, and their sides are
         within ``kfac_max_dim``."""
-        if not stage.kronecker or "weight" not in stage.param_names:
-            return stage.kronecker
         limit = hp.get("kfac_max_dim")
-        return limit is None or max(factor_sides(stage)) <= limit
+        if limit is None or not stage.kronecker or "weight" not in stage.param_names:
+            return stage.kronecker
+        return max(factor_sides(stage)) <= limit
 
     def layers(self, stage: Stage, hp: dict[str, Any]) -> list[tuple[str, Stage, list[int]]]:
         """The Kronecker layers inside ``stage`` (``sublayer_views``) this model preconditions
@@ -172,6 +182,8 @@ class KFAC(CurvatureModel):
         return self.kronecker(stage, hp) or bool(self.layers(stage, hp))
 
     def fallback_stages(self, stages: Sequence[Stage], hp: dict[str, Any]) -> list[str]:
+        if hp.get("kfac_max_dim") is None:  # (every step: none without a limit)
+            return []
         return [st.name for st in stages if st.kronecker and not self.kronecker(st, hp)]
 
     def check_memory(self, stages: Sequence[Stage], hp: dict[str, Any], budget: int) -> None:
@@ -204,6 +216,9 @@ class KFAC(CurvatureModel):
         require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool)
                                   and limit >= 1),
                 "kfac_max_dim", limit, "an integer >= 1 or None (no limit)")
+        if "inv_dtype" in self.defaults:
+            require(hp.get("inv_dtype") in INV_DTYPES, "inv_dtype", hp.get("inv_dtype"),
+                    f"one of {INV_DTYPES}")
 
     def wants_statistics(self, step: int, hp: dict[str, Any], states: list[State]) -> bool:
         # "A" sits in the head state (the weight's) of each Kronecker layer of the stage
@@ -233,7 +248,7 @@ class KFAC(CurvatureModel):
         damping = damping_at(hp, step)
         out = []
         for key in ("A", "G"):
-            inv = damped_inverse(new[key], damping)
+            inv = damped_inverse(new[key], damping, hp.get("inv_dtype", "float64"))
             if inv is None:
                 warnings.warn(f"stage {stage.index}: eigen-decomposition of factor {key} "
                               "failed; keeping the previous inverse", CurvatureWarning,
@@ -351,6 +366,44 @@ class KFAC(CurvatureModel):
                 dirs[i], buf = sgd_direction(d, s.get("momentum_buffer"), hp["momentum"], 0.0, False)
                 s["momentum_buffer"] = buf
         return new_states, dirs
+
+    def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
+                    grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
+                    hp: dict[str, Any], step: int, *, scratch: bool = False
+                    ) -> tuple[list[list[State]], list[list[Tensor]]]:
+        """``update`` of every player of an order-1 step: bitwise the default (``update`` per
+        stage). A Kronecker stage at a step that neither collects statistics nor inverts (the
+        plain steps between refreshes: its state is kept as is) takes G^-1 X A^-1 and G^-1 b
+        directly (``precondition``'s two matrix products and one vector product, without
+        ``update``'s bookkeeping). Momentum, data parallel (``prefetch``'s pending refreshes)
+        and subclasses that change the preconditioner or its state (EKFAC) take the
+        default."""
+        if (hp["momentum"] > 0 or self.comm.active
+                or type(self).precondition is not KFAC.precondition
+                or type(self)._finish is not KFAC._finish or type(self)._due is not KFAC._due):
+            return super().update_many(stages, states, grads, stats, hp, step, scratch=scratch)
+        inv_every = hp["inv_every"]
+        out_states: list[list[State]] = []
+        out_dirs: list[list[Tensor]] = []
+        for stage, st, g, s in zip(stages, states, grads, stats):
+            head = st[0] if st else None
+            if (s is None and g and head is not None and "A_inv" in head
+                    and step % inv_every != 0 and self.kronecker(stage, hp)):
+                A_inv, G_inv = head["A_inv"], head["G_inv"]
+                dirs = []
+                for name, x, p in zip(stage.param_names, g, stage.params):
+                    if name == "weight":
+                        X = x if x.dim() == 2 else x.reshape(p.shape[0], -1)
+                        d = torch.mm(torch.mm(G_inv, X), A_inv)
+                        dirs.append(d if x.dim() == 2 else d.reshape(x.shape))
+                    else:
+                        dirs.append(x @ G_inv)
+                out_states.append([dict(x) for x in st])
+            else:
+                new, dirs = self.update(stage, st, g, stage.params, s, hp, step)
+                out_states.append(new)
+            out_dirs.append(dirs)
+        return out_states, out_dirs
 
     # -- stages holding Kronecker layers (an ODE block's field, docs/method.md section 12) ------
     def _refresh_layers(self, layers: list[tuple[str, Stage, list[int]]], states: list[State],
