@@ -257,10 +257,15 @@ class GraphBackend(Backend):
         # the columns first, keeping the graph for Qbar_u's product
         z_cols = [_vjp(final, factor[:, c], z_wrt, retain=True) for c in range(factor.shape[1])] \
             if z_wrt and factor is not None else []
-        grads = _vjp(final, terminal.V_x, wrt) if wrt else ()
-        found = [g for t, i, n in where for g in grads[i:i + n] if g is not None]
-        if found:  # (one call: the same divisions as g.div_(B))
-            torch._foreach_div_(found, scalar_arg(B, found))
+        if not vz_at and B & (B - 1) == 0:
+            # B a power of two and no V'_z read: 1/B in the seed, (V_x / B), is exact, and so
+            # is every product of the backward: the bits of dividing after, one pass less
+            grads = _vjp(final, terminal.V_x / B, wrt) if wrt else ()
+        else:
+            grads = _vjp(final, terminal.V_x, wrt) if wrt else ()
+            found = [g for t, i, n in where for g in grads[i:i + n] if g is not None]
+            if found:  # (one call: the same divisions as g.div_(B))
+                torch._foreach_div_(found, scalar_arg(B, found))
         # an expansion per step with Qbar_u or statistics; the others share an empty one
         # (nothing is formed for them, and the order-1 step reads nothing there)
         expansions = [_NOTHING] * T
