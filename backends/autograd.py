@@ -144,6 +144,18 @@ def _vjp(output: Tensor, cotangent: Tensor, inputs: Sequence[Tensor], retain: bo
                                allow_unused=True)
 
 
+def _player_lists(stages: Sequence[Stage]) -> tuple[list[tuple[int, int, int]], list[Tensor]]:
+    """(step, first index, count) of each player's parameters in the flat list of every
+    player's parameters, and that list."""
+    where: list[tuple[int, int, int]] = []
+    wrt: list[Tensor] = []
+    for t, stage in enumerate(stages):
+        if stage.has_control:
+            where.append((t, len(wrt), len(stage.params)))
+            wrt.extend(stage.params)
+    return where, wrt
+
+
 #: ``backward_connected``'s expansion of a step without Qbar_u or statistics (shared, read
 #: only), and its ``Q_args`` (not formed on the connected path)
 _NO_ARGS: list[Tensor | None] = []
@@ -241,7 +253,13 @@ class GraphBackend(Backend):
         vz_at: dict[int, int] = {}  # step -> index in wrt of V'_z (statistics)
         z_wrt: list[Tensor] = []  # outputs where the columns of the terminal factor are read
         z_at: dict[int, int] = {}  # step -> index in z_wrt
-        for t, stage in enumerate(stages):
+        plain = not skip_u and not any(need_stats)
+        if plain:  # Qbar_u of every player and nothing else: the same lists at every step
+            cached = self.__dict__.get("_plain_wrt")
+            if cached is None or cached[0] is not graph:
+                cached = self._plain_wrt = (graph, *_player_lists(stages))
+            where, wrt = cached[1], cached[2]
+        for t, stage in enumerate([] if plain else stages):
             if stage.has_control and not (skip_u and skip_u[t]):
                 where.append((t, len(wrt), len(stage.params)))
                 wrt.extend(stage.params)
