@@ -343,8 +343,8 @@ class GraphBackend(Backend):
             return Q_args, None
         Q_u = [torch.zeros_like(p) if g is None else g for g, p in zip(it, params)]
         found = [g for g in grads[len(wrt_x):] if g is not None]
-        if found:
-            torch._foreach_div_(found, B)  # (one call: the same divisions as g.div_(B))
+        if found:  # (one call: the same divisions as g.div_(B))
+            torch._foreach_div_(found, scalar_arg(B, found))
         return Q_args, Q_u
 
     def backward(self, graph: Graph, traj: Trajectory, terminal: Terminal, *,

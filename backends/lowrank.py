@@ -47,7 +47,7 @@ import torch.nn.modules.module as _module_mod
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from ocnopt.curvature.base import CurvatureModel, Solver, StageStatistics
+from ocnopt.curvature.base import CurvatureModel, Solver, StageStatistics, scalar_arg
 from ocnopt.derivatives.linear import LinearDerivatives
 from ocnopt.derivatives.ode import AdjointDerivatives
 from ocnopt.engine import Feedback, QExpansion, Terminal, Trajectory, ValueFunction, bound_blocks
@@ -181,7 +181,7 @@ def _closed_first_order(stage: Stage, traj: Trajectory, V_z: Tensor, B: int, *, 
         if not control:
             return [Q_x], None
         Q_u = [V_z.t().mm(x)] + ([V_z.sum(0)] if len(names) == 2 else [])
-        torch._foreach_div_(Q_u, B)  # (one call: the same divisions as g.div_(B))
+        torch._foreach_div_(Q_u, scalar_arg(B, Q_u))  # (one call: g.div_(B)'s bits)
         return [Q_x], Q_u
     if not x_leaf.requires_grad:
         return [None], None if not control else []

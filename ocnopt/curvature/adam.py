@@ -98,15 +98,16 @@ class Adam(DiagonalCurvature):
         beta1, beta2 = hp["betas"]
         wd, eps = hp["weight_decay"], hp["eps"]
         bc1, bc2_sqrt = 1 - beta1**k, math.sqrt(1 - beta2**k)
+        # (scalar_arg: the same results without a wrapped number per tensor on the CPU)
         m = list(torch._foreach_lerp([buffer_or_zeros(st, "exp_avg", g)
                                       for st, g in zip(states, grads)], grads, 1 - beta1))
-        v = list(torch._foreach_mul([buffer_or_zeros(st, "exp_avg_sq", g)
-                                     for st, g in zip(states, grads)], beta2))
+        v_old = [buffer_or_zeros(st, "exp_avg_sq", g) for st, g in zip(states, grads)]
+        v = list(torch._foreach_mul(v_old, scalar_arg(beta2, v_old)))
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        d = list(torch._foreach_div(m, bc1))
+        torch._foreach_div_(denom, scalar_arg(bc2_sqrt, denom))
+        foreach_add_scalar_(denom, eps)
+        d = list(torch._foreach_div(m, scalar_arg(bc1, m)))
         torch._foreach_div_(d, denom)
         if self.decoupled and wd != 0:
             torch._foreach_add_(d, list(params), alpha=wd)
