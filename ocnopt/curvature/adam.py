@@ -95,6 +95,19 @@ class Adam(DiagonalCurvature):
         if len(set(counts.values())) != 1:
             return None
         (k,) = set(counts.values())
+        m, v, denom, d = self._foreach_arithmetic(states, grads, params, hp, k)
+        step_t = torch.scalar_tensor(k)
+        new: list[State] = [{"step": step_t, "exp_avg": mi, "exp_avg_sq": vi} for mi, vi in zip(m, v)]
+        for st, den in zip(new, denom):
+            self.keep_denominator(st, hp, den)
+        return new, d
+
+    def _foreach_arithmetic(self, states: Sequence[State], grads: list[Tensor],
+                            params: Sequence[Tensor], hp: dict[str, Any], k: float
+                            ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``update``'s arithmetic at step count k over the tensors of ``grads`` with
+        multi-tensor ops (the same operations in the same order: the same results): the new
+        first and second moments, the denominators sqrt(vhat) + eps and the directions."""
         beta1, beta2 = hp["betas"]
         wd, eps = hp["weight_decay"], hp["eps"]
         bc1, bc2_sqrt = 1 - beta1**k, math.sqrt(1 - beta2**k)
@@ -104,18 +117,14 @@ class Adam(DiagonalCurvature):
         v_old = [buffer_or_zeros(st, "exp_avg_sq", g) for st, g in zip(states, grads)]
         v = list(torch._foreach_mul(v_old, scalar_arg(beta2, v_old)))
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
+        denom = list(torch._foreach_sqrt(v))
         torch._foreach_div_(denom, scalar_arg(bc2_sqrt, denom))
         foreach_add_scalar_(denom, eps)
         d = list(torch._foreach_div(m, scalar_arg(bc1, m)))
         torch._foreach_div_(d, denom)
         if self.decoupled and wd != 0:
             torch._foreach_add_(d, list(params), alpha=wd)
-        step_t = torch.scalar_tensor(k)
-        new: list[State] = [{"step": step_t, "exp_avg": mi, "exp_avg_sq": vi} for mi, vi in zip(m, v)]
-        for st, den in zip(new, denom):
-            self.keep_denominator(st, hp, den)
-        return new, d
+        return m, v, denom, d
 
     def update_many(self, stages: Sequence[Stage], states: Sequence[list[State]],
                     grads: Sequence[list[Tensor]], stats: Sequence[StageStatistics | None],
@@ -134,24 +143,14 @@ class Adam(DiagonalCurvature):
         wd = hp["weight_decay"]
         bc1, bc2_sqrt, eps = 1 - beta1**k, math.sqrt(1 - beta2 ** k), hp["eps"]
         params = [p for st in stages for p in st.params]
-        m_old = [buffer_or_zeros(st, "exp_avg", g) for st, g in zip(flat_states, flat_g)]
-        v_old = [buffer_or_zeros(st, "exp_avg_sq", g) for st, g in zip(flat_states, flat_g)]
         m: list[Tensor]
         v: list[Tensor]
         d: list[Tensor]
         if foreach_ready(flat_g):
-            # (scalar_arg: the same results without a wrapped number per tensor on the CPU)
-            m = list(torch._foreach_lerp(m_old, flat_g, 1 - beta1))
-            v = list(torch._foreach_mul(v_old, scalar_arg(beta2, v_old)))
-            torch._foreach_addcmul_(v, flat_g, flat_g, value=1 - beta2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, scalar_arg(bc2_sqrt, denom))
-            foreach_add_scalar_(denom, eps)
-            d = list(torch._foreach_div(m, scalar_arg(bc1, m)))
-            torch._foreach_div_(d, denom)
-            if self.decoupled and wd != 0:
-                torch._foreach_add_(d, params, alpha=wd)
+            m, v, _, d = self._foreach_arithmetic(flat_states, flat_g, params, hp, k)
         else:
+            m_old = [buffer_or_zeros(st, "exp_avg", g) for st, g in zip(flat_states, flat_g)]
+            v_old = [buffer_or_zeros(st, "exp_avg_sq", g) for st, g in zip(flat_states, flat_g)]
             m, v, d = [], [], []
             for i, (g, p, mo, vo) in enumerate(zip(flat_g, params, m_old, v_old)):
                 m.append(mo.lerp(g, 1 - beta1))
