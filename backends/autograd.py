@@ -144,6 +144,15 @@ def _vjp(output: Tensor, cotangent: Tensor, inputs: Sequence[Tensor], retain: bo
                                allow_unused=True)
 
 
+def _run_step(stage: Stage, xs: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+    """A step's nominal forward on the tensors it reads: (its output, its replay context);
+    ``TypeError`` when the step does not return one tensor."""
+    out, ctx = stage.forward(stage.handler_input(xs))
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{stage} returned {type(out).__name__}: a step must return one tensor")
+    return out, ctx
+
+
 def _player_lists(stages: Sequence[Stage]) -> tuple[list[tuple[int, int, int]], list[Tensor]]:
     """(step, first index, count) of each player's parameters in the flat list of every
     player's parameters, and that list."""
@@ -177,10 +186,7 @@ class GraphBackend(Backend):
             for stage in graph.stages:
                 leaves = tuple(states[j].detach().requires_grad_(True) if tracked[j] else states[j]
                                for j in stage.inputs)
-                out, ctx = stage.forward(leaves if stage.is_function else leaves[0])
-                if not isinstance(out, Tensor):
-                    raise TypeError(f"{stage} returned {type(out).__name__}: a step must return "
-                                    "one tensor")
+                out, ctx = _run_step(stage, leaves)
                 pieces.append((leaves, out))
                 contexts.append(ctx)
                 states.append(out.detach())
@@ -215,10 +221,7 @@ class GraphBackend(Backend):
             for stage in graph.stages:
                 inputs_ = stage.inputs
                 xs = (live[inputs_[0]],) if len(inputs_) == 1 else tuple(live[j] for j in inputs_)
-                out, ctx = stage.forward(xs if stage.is_function else xs[0])
-                if not isinstance(out, Tensor):
-                    raise TypeError(f"{stage} returned {type(out).__name__}: a step must return "
-                                    "one tensor")
+                out, ctx = _run_step(stage, xs)
                 pieces.append((xs, out))
                 contexts.append(ctx)
                 live.append(out)
